@@ -1,0 +1,45 @@
+"""Explicit KV-cache pytree with per-row lengths.
+
+Slots are written left to right per row; `lengths[b]` counts the valid slots of row b. Stale
+slots past a row's length are masked and overwritten later, so rolling back (speculative decoding)
+is only a matter of moving `lengths` back.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class KVCache:
+    k: jax.Array  # [L, B, Hkv, S, Dh]
+    v: jax.Array  # [L, B, Hkv, S, Dh]
+    lengths: jax.Array  # [B] int32, valid slots per row
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @staticmethod
+    def zeros(num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int, dtype) -> "KVCache":
+        shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+    def nbytes_per_sequence(self) -> int:
+        """KV bytes one sequence holds at full capacity."""
+        return 2 * self.k[:, 0].size * self.k.dtype.itemsize
+
+
+def write_kv(cache_kv: jax.Array, layer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:  # [L, B, Hkv, S, Dh]
+    """Write new [B, Hkv, T, Dh] into layer `layer` at per-row slot offsets start [B]."""
+
+    def one_row(c, u, s):  # c: [L, Hkv, S, Dh], u: [Hkv, T, Dh]
+        return jax.lax.dynamic_update_slice(c, u[None].astype(c.dtype), (layer, 0, s, 0))
+
+    return jax.vmap(one_row, in_axes=(1, 0, 0), out_axes=1)(cache_kv, new, start)

@@ -1,0 +1,178 @@
+"""LLaMA / Vicuna decoder with stacked layer weights.
+
+Layer weights live in arrays with a leading layer axis ([L, ...]) and layers run inside a
+`lax.fori_loop` that indexes them: one compiled layer body, weights streamed from memory once per
+step (unrolled Python loops over slices of a stacked array were measured several times slower).
+Any contiguous layer range [start, stop) can run on its own, which is what the twig's split of the
+network into trunk / pruned middle / text-only tail needs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from twig_jax.cache import write_kv
+from twig_jax.config import TextConfig
+from twig_jax.model.layers import ACTIVATIONS, apply_rope, attention, rms_norm, rope_cos_sin
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
+    return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
+
+
+class DecoderLayers(nnx.Module):
+    """`num_layers` LLaMA decoder layers with stacked weights (kernels stored [in, out])."""
+
+    def __init__(self, cfg: TextConfig, num_layers: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        n, d, i = num_layers, cfg.hidden_size, cfg.intermediate_size
+        hq, hkv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        self.cfg = cfg
+        self.num_layers = num_layers
+        self.attn_norm = nnx.Param(jnp.ones((n, d), dtype))
+        self.wq = _normal(rngs, (n, d, hq), dtype)
+        self.wk = _normal(rngs, (n, d, hkv), dtype)
+        self.wv = _normal(rngs, (n, d, hkv), dtype)
+        self.wo = _normal(rngs, (n, hq, d), dtype)
+        self.mlp_norm = nnx.Param(jnp.ones((n, d), dtype))
+        self.w_gate = _normal(rngs, (n, d, i), dtype)
+        self.w_up = _normal(rngs, (n, d, i), dtype)
+        self.w_down = _normal(rngs, (n, i, d), dtype)
+        if cfg.attention_bias:
+            self.bq = nnx.Param(jnp.zeros((n, hq), dtype))
+            self.bk = nnx.Param(jnp.zeros((n, hkv), dtype))
+            self.bv = nnx.Param(jnp.zeros((n, hkv), dtype))
+            self.bo = nnx.Param(jnp.zeros((n, d), dtype))
+        if cfg.mlp_bias:
+            self.b_gate = nnx.Param(jnp.zeros((n, i), dtype))
+            self.b_up = nnx.Param(jnp.zeros((n, i), dtype))
+            self.b_down = nnx.Param(jnp.zeros((n, d), dtype))
+
+    def weights(self) -> dict[str, jax.Array]:
+        """The stacked weight arrays by name."""
+        return {k: v.value for k, v in vars(self).items() if isinstance(v, nnx.Param)}
+
+
+class LayerOut(NamedTuple):
+    hidden: jax.Array  # [B, T, D]
+    k: jax.Array  # [L, B, Hkv, S, Dh] updated cache keys
+    v: jax.Array  # [L, B, Hkv, S, Dh]
+    attn_probs: jax.Array | None  # [B, H, T, S_att] of the last layer run, if asked for
+
+
+def _layer(cfg: TextConfig, w: dict, x, cos, sin, kv_read, mask, want_probs):
+    """One decoder layer on x [B, T, D]. `kv_read(k_new, v_new)` stores the new keys/values and
+    returns the keys/values to attend over ([B, Hkv, S, Dh])."""
+    b, t, _ = x.shape
+    dh = cfg.head_dim
+    h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
+    q, k, v = h @ w["wq"], h @ w["wk"], h @ w["wv"]
+    if "bq" in w:
+        q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
+    q = q.reshape(b, t, cfg.num_attention_heads, dh).transpose(0, 2, 1, 3)  # [B, H, T, Dh]
+    k = k.reshape(b, t, cfg.num_key_value_heads, dh).transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
+    v = v.reshape(b, t, cfg.num_key_value_heads, dh).transpose(0, 2, 1, 3)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_all, v_all = kv_read(k, v)
+    out, probs = attention(q, k_all, v_all, mask)
+    out = out @ w["wo"]
+    if "bo" in w:
+        out = out + w["bo"]
+    x = x + out
+    h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
+    gate, up = h @ w["w_gate"], h @ w["w_up"]
+    if "b_gate" in w:
+        gate, up = gate + w["b_gate"], up + w["b_up"]
+    h = ACTIVATIONS[cfg.hidden_act](gate) * up
+    h = h @ w["w_down"]
+    if "b_down" in w:
+        h = h + w["b_down"]
+    return x + h, (probs if want_probs else None)
+
+
+def run_layers(
+    cfg: TextConfig,
+    weights: dict[str, jax.Array],
+    x: jax.Array,  # [B, T, D]
+    positions: jax.Array,  # [B, T] RoPE positions
+    cache_k: jax.Array,  # [L, B, Hkv, S, Dh]
+    cache_v: jax.Array,
+    write_start: jax.Array,  # [B] slot where the T new entries go, per row
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    cache_offset: int = 0,
+    mask: jax.Array | None = None,  # [B, T, S] override (tree attention); default causal by slot
+    fresh: bool = False,
+    return_last_probs: bool = False,
+) -> LayerOut:
+    """Run stacked layers [start, stop) over x, writing K/V into cache layers start-cache_offset...
+
+    fresh=True means every row starts at slot 0 with nothing cached (prefill): attention then runs
+    over the T new entries only, not the whole cache capacity.
+    """
+    stop = weights["wq"].shape[0] if stop is None else stop
+    b, t, _ = x.shape
+    s_cap = cache_k.shape[3]
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+    if mask is None:
+        if fresh:
+            mask = jnp.tril(jnp.ones((t, t), bool))[None]  # [1, T, T]
+        else:
+            slot = jnp.arange(s_cap)[None, None, :]  # [1, 1, S]
+            q_slot = write_start[:, None, None] + jnp.arange(t)[None, :, None]  # [B, T, 1]
+            mask = slot <= q_slot  # [B, T, S]
+        mask = jnp.broadcast_to(mask, (b,) + mask.shape[1:])
+
+    def body(i, carry, want_probs=False):
+        x, ck, cv, _ = carry
+        w = {name: a[i] for name, a in weights.items()}
+        layer = i - cache_offset
+        kv = {}
+
+        def kv_read(k_new, v_new):
+            kv["k"] = write_kv(ck, layer, k_new, write_start)
+            kv["v"] = write_kv(cv, layer, v_new, write_start)
+            if fresh:
+                return k_new, v_new
+            return kv["k"][layer], kv["v"][layer]
+
+        x, probs = _layer(cfg, w, x, cos, sin, kv_read, mask, want_probs)
+        return x, kv["k"], kv["v"], probs
+
+    n = stop - start
+    if n <= 0:
+        return LayerOut(x, cache_k, cache_v, None)
+    probs = None
+    last = stop - 1 if return_last_probs else stop
+    if last > start:
+        zero_probs = None
+        x, cache_k, cache_v, _ = jax.lax.fori_loop(
+            start, last, lambda i, c: body(i, c)[:3] + (zero_probs,), (x, cache_k, cache_v, zero_probs))
+    if return_last_probs:
+        x, cache_k, cache_v, probs = body(jnp.asarray(stop - 1), (x, cache_k, cache_v, None), want_probs=True)
+    return LayerOut(x, cache_k, cache_v, probs)
+
+
+class LlamaModel(nnx.Module):
+    """Token embedding, stacked decoder layers, final RMSNorm and LM head."""
+
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.cfg = cfg
+        self.embed = _normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
+        self.layers = DecoderLayers(cfg, cfg.num_hidden_layers, rngs=rngs, dtype=dtype)
+        self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), dtype))
+        self.lm_head = None if cfg.tie_word_embeddings else _normal(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:  # [B, T, D]
+        return jnp.take(self.embed.value, tokens, axis=0)
+
+    def head_weight(self) -> jax.Array:  # [D, V]
+        return self.embed.value.T if self.lm_head is None else self.lm_head.value
+
+    def logits(self, x: jax.Array) -> jax.Array:  # [B, T, V] float32
+        x = rms_norm(x, self.final_norm.value, self.cfg.rms_norm_eps)
+        return jnp.einsum("btd,dv->btv", x, self.head_weight(), preferred_element_type=jnp.float32)
