@@ -1,0 +1,96 @@
+"""The twig: T decoder layers + own RMSNorm + own LM head, grown on base layer K (DESIGN.md s.2)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from twig_jax.config import LlavaConfig, TextConfig
+from twig_jax.model.layers import rms_norm
+from twig_jax.model.llama import DecoderLayers, _normal
+
+
+class TwigConfigError(ValueError):
+    """Invalid twig / pruning hyper-parameters."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TwigConfig:
+    K: int = 2  # the twig reads the hidden state entering base layer K
+    T: int = 3  # twig decoder layers
+    Kf: int = 24  # FinalWipe: base layers Kf..L-1 see text tokens only
+    R: int | None = None  # kept visual tokens; or give R_bar
+    R_bar: float | None = None  # average visual tokens per layer (paper's budget)
+    draft_len: int = 5  # delta: most tokens drafted per round
+    theta: float = 0.6  # stop drafting when the draft's top probability falls below this
+    score_rows: str = "last"  # "last": last prompt token's attention row; "text": sum over text rows
+
+    def kept_count(self, num_layers: int, num_visual: int) -> int:
+        """R, from R directly or from R_bar via R = ceil((L*R_bar - K*N) / (Kf - K))."""
+        if (self.R is None) == (self.R_bar is None):
+            raise TwigConfigError("give exactly one of R (kept visual tokens) and R_bar (average budget)")
+        if self.R is not None:
+            r = self.R
+        else:
+            r = math.ceil((num_layers * self.R_bar - self.K * num_visual) / (self.Kf - self.K))
+            if r < 1:
+                raise TwigConfigError(
+                    f"R_bar={self.R_bar} gives R={r} < 1 for L={num_layers}, K={self.K}, Kf={self.Kf}, "
+                    f"N={num_visual}: the budget is spent by the first K layers; give R directly")
+        if not 1 <= r <= num_visual:
+            raise TwigConfigError(f"R={r} must be in [1, {num_visual}] (the visual token count)")
+        return r
+
+    def validate(self, num_layers: int, num_visual: int) -> "TwigConfig":
+        if not 0 < self.K:
+            raise TwigConfigError(f"K={self.K} must be > 0")
+        if self.T < 1:
+            raise TwigConfigError(f"T={self.T} must be >= 1")
+        if self.K + self.T > num_layers:
+            raise TwigConfigError(f"K + T = {self.K + self.T} exceeds the base depth L={num_layers}")
+        if not self.K < self.Kf <= num_layers:
+            raise TwigConfigError(f"Kf={self.Kf} must satisfy K={self.K} < Kf <= L={num_layers}")
+        if self.draft_len < 1:
+            raise TwigConfigError(f"draft_len={self.draft_len} must be >= 1")
+        if not 0.0 <= self.theta <= 1.0:
+            raise TwigConfigError(f"theta={self.theta} must be in [0, 1]")
+        if self.score_rows not in ("last", "text"):
+            raise TwigConfigError(f"score_rows={self.score_rows!r} must be 'last' or 'text'")
+        self.kept_count(num_layers, num_visual)
+        return self
+
+
+class Twig(nnx.Module):
+    """T stacked decoder layers (same shapes as the base's), a final RMSNorm and an LM head."""
+
+    def __init__(self, text_cfg: TextConfig, twig_cfg: TwigConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.text_cfg = text_cfg
+        self.twig_cfg = twig_cfg
+        self.layers = DecoderLayers(text_cfg, twig_cfg.T, rngs=rngs, dtype=dtype)
+        self.norm = nnx.Param(jnp.ones((text_cfg.hidden_size,), dtype))
+        self.head = _normal(rngs, (text_cfg.hidden_size, text_cfg.vocab_size), dtype)
+
+    def logits(self, x: jax.Array) -> jax.Array:  # [B, T, V] float32
+        x = rms_norm(x, self.norm.value, self.text_cfg.rms_norm_eps)
+        return jnp.einsum("btd,dv->btv", x, self.head.value, preferred_element_type=jnp.float32)
+
+
+def init_twig_from_base(base, twig_cfg: TwigConfig) -> Twig:
+    """A twig initialised as copies of base layers K..K+T-1, the base final norm and LM head.
+
+    base: a `twig_jax.model.llava.Llava`.
+    """
+    cfg: LlavaConfig = base.cfg
+    twig_cfg.validate(cfg.text.num_hidden_layers, cfg.num_image_tokens)
+    k, t = twig_cfg.K, twig_cfg.T
+    dtype = base.text.embed.value.dtype
+    twig = nnx.eval_shape(lambda: Twig(cfg.text, twig_cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    for name, arr in base.text.layers.weights().items():
+        getattr(twig.layers, name).value = jnp.array(arr[k:k + t])  # a copy, not a view
+    twig.norm.value = jnp.array(base.text.final_norm.value)
+    twig.head.value = jnp.array(base.text.head_weight())
+    return twig
