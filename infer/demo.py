@@ -59,7 +59,7 @@ def random_demo_model(seed: int = 0):
     # Larger random text weights, so that the random answers vary instead of echoing one token.
     for name, w in model.text.layers.weights().items():
         if w.ndim == 3:
-            getattr(model.text.layers, name).value = w * 4.0
+            getattr(model.text.layers, name).set_value(w * 4.0)
     return model, tokenizer
 
 

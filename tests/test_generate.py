@@ -18,7 +18,7 @@ def model():
     # Larger weights than the 0.02 init so logits are far from uniform and comparisons mean something.
     for name, w in m.text.layers.weights().items():
         if w.ndim == 3:
-            getattr(m.text.layers, name).value = w * 5
+            getattr(m.text.layers, name).set_value(w * 5)
     return m
 
 

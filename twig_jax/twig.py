@@ -75,8 +75,8 @@ class Twig(nnx.Module):
         self.head = _normal(rngs, (text_cfg.hidden_size, text_cfg.vocab_size), dtype)
 
     def logits(self, x: jax.Array) -> jax.Array:  # [B, T, V] float32
-        x = rms_norm(x, self.norm.value, self.text_cfg.rms_norm_eps)
-        return jnp.einsum("btd,dv->btv", x, self.head.value, preferred_element_type=jnp.float32)
+        x = rms_norm(x, self.norm[...], self.text_cfg.rms_norm_eps)
+        return jnp.einsum("btd,dv->btv", x, self.head[...], preferred_element_type=jnp.float32)
 
 
 def init_twig_from_base(base, twig_cfg: TwigConfig) -> Twig:
@@ -87,10 +87,10 @@ def init_twig_from_base(base, twig_cfg: TwigConfig) -> Twig:
     cfg: LlavaConfig = base.cfg
     twig_cfg.validate(cfg.text.num_hidden_layers, cfg.num_image_tokens)
     k, t = twig_cfg.K, twig_cfg.T
-    dtype = base.text.embed.value.dtype
+    dtype = base.text.embed[...].dtype
     twig = nnx.eval_shape(lambda: Twig(cfg.text, twig_cfg, rngs=nnx.Rngs(0), dtype=dtype))
     for name, arr in base.text.layers.weights().items():
-        getattr(twig.layers, name).value = jnp.array(arr[k:k + t])  # a copy, not a view
-    twig.norm.value = jnp.array(base.text.final_norm.value)
-    twig.head.value = jnp.array(base.text.head_weight())
+        getattr(twig.layers, name).set_value(jnp.array(arr[k:k + t]))  # a copy, not a view
+    twig.norm.set_value(jnp.array(base.text.final_norm[...]))
+    twig.head.set_value(jnp.array(base.text.head_weight()))
     return twig

@@ -53,7 +53,7 @@ class DecoderLayers(nnx.Module):
 
     def weights(self) -> dict[str, jax.Array]:
         """The stacked weight arrays by name."""
-        return {k: v.value for k, v in vars(self).items() if isinstance(v, nnx.Param)}
+        return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
 
 
 class LayerOut(NamedTuple):
@@ -168,11 +168,11 @@ class LlamaModel(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else _normal(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:  # [B, T, D]
-        return jnp.take(self.embed.value, tokens, axis=0)
+        return jnp.take(self.embed[...], tokens, axis=0)
 
     def head_weight(self) -> jax.Array:  # [D, V]
-        return self.embed.value.T if self.lm_head is None else self.lm_head.value
+        return self.embed[...].T if self.lm_head is None else self.lm_head[...]
 
     def logits(self, x: jax.Array) -> jax.Array:  # [B, T, V] float32
-        x = rms_norm(x, self.final_norm.value, self.cfg.rms_norm_eps)
+        x = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
         return jnp.einsum("btd,dv->btv", x, self.head_weight(), preferred_element_type=jnp.float32)

@@ -24,12 +24,12 @@ class Projector(nnx.Module):
         self.b2 = nnx.Param(jnp.zeros((d,), dtype)) if cfg.projector_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, N, D]
-        x = x @ self.w1.value
+        x = x @ self.w1[...]
         if self.b1 is not None:
-            x = x + self.b1.value
-        x = ACTIVATIONS[self.act](x) @ self.w2.value
+            x = x + self.b1[...]
+        x = ACTIVATIONS[self.act](x) @ self.w2[...]
         if self.b2 is not None:
-            x = x + self.b2.value
+            x = x + self.b2[...]
         return x
 
 

@@ -29,7 +29,7 @@ class VisionBlocks(nnx.Module):
         self.b_fc2 = nnx.Param(jnp.zeros((n, d), dtype))
 
     def weights(self) -> dict[str, jax.Array]:
-        return {k: v.value for k, v in vars(self).items() if isinstance(v, nnx.Param)}
+        return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
 
 
 def _block(cfg: VisionConfig, w: dict, x: jax.Array) -> jax.Array:  # [B, P, D]
@@ -68,13 +68,13 @@ class VisionTower(nnx.Module):
         cfg = self.cfg
         b, c, hgt, wid = pixel_values.shape
         p, g = cfg.patch_size, cfg.image_size // cfg.patch_size
-        x = pixel_values.astype(self.patch_embed.value.dtype)
+        x = pixel_values.astype(self.patch_embed[...].dtype)
         # Non-overlapping patches in (C, P, P) order, matching the flattened conv kernel.
         x = x.reshape(b, c, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(b, g * g, c * p * p)
-        x = x @ self.patch_embed.value  # [B, P, D]
-        cls = jnp.broadcast_to(self.class_embed.value, (b, 1, cfg.hidden_size)).astype(x.dtype)
-        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.value[None]
-        x = layer_norm(x, self.pre_ln_scale.value, self.pre_ln_bias.value, cfg.layer_norm_eps)
+        x = x @ self.patch_embed[...]  # [B, P, D]
+        cls = jnp.broadcast_to(self.class_embed[...], (b, 1, cfg.hidden_size)).astype(x.dtype)
+        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...][None]
+        x = layer_norm(x, self.pre_ln_scale[...], self.pre_ln_bias[...], cfg.layer_norm_eps)
         weights = self.blocks.weights()
         deepest = max(feature_layers)
         if len(feature_layers) == 1:
