@@ -37,9 +37,18 @@ class KVCache:
 
 
 def write_kv(cache_kv: jax.Array, layer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:  # [L, B, Hkv, S, Dh]
-    """Write new [B, Hkv, T, Dh] into layer `layer` at per-row slot offsets start [B]."""
+    """Write new [B, Hkv, T, Dh] into layer `layer` at per-row slot offsets start [B].
 
-    def one_row(c, u, s):  # c: [L, Hkv, S, Dh], u: [Hkv, T, Dh]
-        return jax.lax.dynamic_update_slice(c, u[None].astype(c.dtype), (layer, 0, s, 0))
+    One scatter on the whole cache, which XLA performs in place inside the layer loop. (A vmap of
+    dynamic_update_slice over the batch axis made XLA re-lay-out and copy the entire cache for
+    every layer.)
+    """
+    b, _, t, _ = new.shape
+    rows = jnp.arange(b)[:, None]  # [B, 1]
+    slots = start[:, None] + jnp.arange(t)[None]  # [B, T]
+    return cache_kv.at[layer, rows, :, slots].set(new.transpose(0, 2, 1, 3).astype(cache_kv.dtype))
 
-    return jax.vmap(one_row, in_axes=(1, 0, 0), out_axes=1)(cache_kv, new, start)
+
+def write_kv_fresh(cache_kv: jax.Array, layer: jax.Array, new: jax.Array) -> jax.Array:  # [L, B, Hkv, S, Dh]
+    """Write new [B, Hkv, T, Dh] into slots [0, T) of every row (prefill): a plain slice update."""
+    return jax.lax.dynamic_update_slice(cache_kv, new[None].astype(cache_kv.dtype), (layer, 0, 0, 0, 0))

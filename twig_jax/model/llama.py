@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from twig_jax.cache import write_kv
+from twig_jax.cache import write_kv, write_kv_fresh
 from twig_jax.config import TextConfig
 from twig_jax.model.layers import ACTIVATIONS, apply_rope, attention, rms_norm, rope_cos_sin
 
@@ -134,10 +134,12 @@ def run_layers(
         kv = {}
 
         def kv_read(k_new, v_new):
+            if fresh:
+                kv["k"] = write_kv_fresh(ck, layer, k_new)
+                kv["v"] = write_kv_fresh(cv, layer, v_new)
+                return k_new, v_new
             kv["k"] = write_kv(ck, layer, k_new, write_start)
             kv["v"] = write_kv(cv, layer, v_new, write_start)
-            if fresh:
-                return k_new, v_new
             return kv["k"][layer], kv["v"][layer]
 
         x, probs = _layer(cfg, w, x, cos, sin, kv_read, mask, want_probs)
