@@ -23,7 +23,8 @@ from twig_jax.model.llava import Llava
 from twig_jax.sampling import SamplingConfig, sample_logits
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-PROMPT_BUCKETS = (64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096)
+# Every 128 tokens from 512 to 2048: a LLaVA prompt (576 visual tokens + text) wastes < 20% on padding.
+PROMPT_BUCKETS = (64, 128, 256, 384) + tuple(range(512, 2049, 128)) + (2560, 3072, 3584, 4096)
 NEW_TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
