@@ -1,0 +1,1 @@
+"""Training entry points (`twig-jax train` calls train.train.main)."""
