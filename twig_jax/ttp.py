@@ -1,0 +1,375 @@
+"""Twig-guided token pruning (TTP, DESIGN.md s.3) with four static-shape KV-cache groups.
+
+The network is split into the trunk (base layers 0..K-1, full prompt), the twig (T layers on the
+trunk's output, full prompt: it scores the visual tokens and later drafts), the middle (base
+layers K..Kf-1, text + R kept visual tokens) and the tail (base layers Kf..L-1, text only:
+FinalWipe). Each group has its own cache with its own capacity and per-row lengths, so pruning
+also shrinks KV memory. Every shape is a compile-time constant: prompts are right-padded to S,
+each row holds exactly N image placeholders, and pruning is a fixed-size keep-R gather (top-k,
+sorted indices, take_along_axis on hidden states and ORIGINAL position ids), never a boolean
+mask that changes a shape. Generated tokens continue at RoPE position = unpruned prompt length.
+
+Pruning methods share one code path and differ only in where the scores come from:
+  "twig"   last twig layer's attention (the paper's TTP),
+  "fastv"  attention of base layer K-1, the last trunk layer (FastV-style baseline, same R),
+  "random" uniform random scores from a key (random keep-R baseline),
+  "none"   no pruning: R = N and Kf = L (the unpruned model, computed through the same groups).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from twig_jax.cache import KVCache
+from twig_jax.config import LlavaConfig
+from twig_jax.model.llama import run_layers
+from twig_jax.model.llava import Llava
+from twig_jax.sampling import SamplingConfig, sample_logits
+from twig_jax.twig import Twig, TwigConfig, TwigConfigError
+
+METHODS = ("twig", "fastv", "random", "none")
+
+
+# ----------------------------------------------------------------------------------------------
+# Static plan
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunePlan:
+    """Resolved, validated pruning hyper-parameters (hashable: a static jit argument)."""
+
+    method: str
+    L: int  # base depth
+    N: int  # visual tokens per image
+    K: int  # trunk = base layers 0..K-1
+    T: int  # twig layers
+    Kf: int  # FinalWipe: base layers Kf..L-1 see text only
+    R: int  # kept visual tokens in base layers K..Kf-1
+    score_rows: str = "last"  # "last" or "text"
+    draft_len: int = 5  # delta (SSD)
+    theta: float = 0.6  # SSD early-stop threshold on the draft's top probability
+
+    def mid_len(self, prompt_len: int) -> int:
+        """Entries of the middle group for a prompt of prompt_len tokens (text + R visual)."""
+        return prompt_len - self.N + self.R
+
+    def tail_len(self, prompt_len: int) -> int:
+        """Entries of the tail group (text only)."""
+        return prompt_len - self.N
+
+
+def make_plan(cfg: LlavaConfig, twig_cfg: TwigConfig, method: str = "twig") -> PrunePlan:
+    """Validate twig_cfg against the base model and resolve R / Kf for `method`.
+
+    Raises TwigConfigError for bad K/T/Kf/R/R_bar (and an unknown method name).
+    """
+    if method not in METHODS:
+        raise TwigConfigError(f"pruning method {method!r} unknown; have {METHODS}")
+    L, N = cfg.text.num_hidden_layers, cfg.num_image_tokens
+    if method == "none":
+        # K and T still matter (trunk / twig split for drafting); R and Kf are fixed to "keep all".
+        twig_cfg = dataclasses.replace(twig_cfg, R=N, R_bar=None, Kf=L)
+    twig_cfg.validate(L, N)
+    return PrunePlan(method=method, L=L, N=N, K=twig_cfg.K, T=twig_cfg.T, Kf=twig_cfg.Kf,
+                     R=twig_cfg.kept_count(L, N), score_rows=twig_cfg.score_rows,
+                     draft_len=twig_cfg.draft_len, theta=float(twig_cfg.theta))
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache groups
+
+
+@flax.struct.dataclass
+class TwigCaches:
+    trunk: KVCache  # base layers 0..K-1; slot == RoPE position (full prompt + generated)
+    twig: KVCache | None  # twig layers; slot == RoPE position (None when no twig is run)
+    mid: KVCache  # base layers K..Kf-1; text + R kept visual + generated
+    tail: KVCache  # base layers Kf..L-1; text + generated (zero layers when Kf == L)
+
+    def groups(self) -> dict[str, KVCache]:
+        out = {"trunk": self.trunk, "twig": self.twig, "mid": self.mid, "tail": self.tail}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def group_capacities(plan: PrunePlan, prompt_len: int, extra: int) -> dict[str, int]:
+    """Static slot count per group for a padded prompt of prompt_len plus `extra` new slots."""
+    return {"trunk": prompt_len + extra, "twig": prompt_len + extra,
+            "mid": plan.mid_len(prompt_len) + extra, "tail": plan.tail_len(prompt_len) + extra}
+
+
+def kv_bytes(cfg: LlavaConfig, plan: PrunePlan, prompt_len: int, new_tokens: int, itemsize: int,
+             with_twig: bool = True) -> dict[str, int]:
+    """KV-cache bytes per sequence for each group and in total (K and V, all layers).
+
+    with_twig=False is the plain pruned model (the twig cache is only needed for drafting).
+    """
+    tc = cfg.text
+    per_slot_layer = 2 * tc.num_key_value_heads * tc.head_dim * itemsize
+    caps = group_capacities(plan, prompt_len, new_tokens)
+    layers = {"trunk": plan.K, "twig": plan.T if with_twig else 0, "mid": plan.Kf - plan.K,
+              "tail": plan.L - plan.Kf}
+    out = {g: layers[g] * caps[g] * per_slot_layer for g in caps}
+    out["total"] = sum(out.values())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Static gathers
+
+
+def visual_positions(is_image: jax.Array, n: int) -> jax.Array:  # [B, N] int32
+    """Sequence positions of the n image placeholders of each row, in order."""
+    return jax.vmap(lambda m: jnp.nonzero(m, size=n, fill_value=0)[0])(is_image).astype(jnp.int32)
+
+
+def scores_from_probs(probs: jax.Array, lengths: jax.Array, is_image: jax.Array, img_pos: jax.Array,
+                      score_rows: str) -> jax.Array:  # [B, N] float32
+    """Head-averaged attention onto the visual tokens.
+
+    probs: [B, H, S, S] one layer's attention probabilities over the (fresh) prompt.
+    "last": the row of the last prompt token (released TwigVLM code); "text": summed over every
+    valid text query row (the paper's equation).
+    """
+    s = probs.shape[-1]
+    if score_rows == "last":
+        row = jnp.take_along_axis(probs, (lengths - 1)[:, None, None, None], axis=2)  # [B, H, 1, S]
+        per_key = jnp.mean(row[:, :, 0].astype(jnp.float32), axis=1)  # [B, S]
+    elif score_rows == "text":
+        valid = (~is_image) & (jnp.arange(s)[None] < lengths[:, None])  # [B, S] query rows
+        per_key = jnp.einsum("bhts,bt->bs", probs.astype(jnp.float32), valid.astype(jnp.float32))
+        per_key = per_key / probs.shape[1]
+    else:
+        raise TwigConfigError(f"score_rows={score_rows!r} must be 'last' or 'text'")
+    return jnp.take_along_axis(per_key, img_pos, axis=1)  # [B, N]
+
+
+def select_visual(scores: jax.Array, r: int) -> jax.Array:  # [B, R] int32
+    """Top-r visual indices (into 0..N-1), sorted ascending so kept tokens keep their order."""
+    if r == scores.shape[1]:
+        return jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32)[None], scores.shape)
+    _, idx = jax.lax.top_k(scores, r)
+    return jnp.sort(idx, axis=1).astype(jnp.int32)
+
+
+def pruned_indices(is_image: jax.Array, img_pos: jax.Array, keep: jax.Array, size: int) -> jax.Array:  # [B, size]
+    """Sequence positions of text tokens + kept visual tokens, ascending (original order).
+
+    Right padding sits after every valid entry, so row b's first lengths[b] - N + R entries are
+    its real tokens. size = S - N + R.
+    """
+    kept_pos = jnp.take_along_axis(img_pos, keep, axis=1)  # [B, R]
+    rows = jnp.arange(is_image.shape[0])[:, None]
+    keep_seq = (~is_image).at[rows, kept_pos].set(True)  # [B, S], exactly size True per row
+    return jax.vmap(lambda m: jnp.nonzero(m, size=size, fill_value=0)[0])(keep_seq).astype(jnp.int32)
+
+
+def _gather_rows(x: jax.Array, idx: jax.Array) -> jax.Array:  # [B, M, ...]
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefill
+
+
+class TTPPrefill(NamedTuple):
+    caches: TwigCaches
+    logits: jax.Array  # [B, V] next-token logits of the pruned target
+    scores: jax.Array  # [B, N] pruning scores (zeros for "none")
+    keep: jax.Array  # [B, R] kept visual indices, ascending
+    draft_logits: jax.Array | None  # [B, V] twig logits at the last prompt token (None without twig)
+
+
+def _new_cache(tc, layers: int, b: int, capacity: int, dtype) -> KVCache:
+    return KVCache.zeros(layers, b, tc.num_key_value_heads, capacity, tc.head_dim, dtype)
+
+
+def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Array, lengths: jax.Array,
+                pixel_values: jax.Array, extra: int, key: jax.Array | None = None) -> TTPPrefill:
+    """Run the prompt through trunk, twig, pruned middle and text-only tail; fill all four caches.
+
+    tokens: [B, S] right-padded, each row with exactly N image placeholders (none in the
+    padding); lengths: [B]; pixel_values: [B, C, H, W]; extra: slots per group beyond the
+    prompt (new tokens + drafting headroom); key: only for method "random".
+    """
+    tc = model.cfg.text
+    b, s = tokens.shape
+    n, r = plan.N, plan.R
+    lengths = lengths.astype(jnp.int32)
+    base_w = model.text.layers.weights()
+    x = model.embed(tokens, model.image_features(pixel_values))  # [B, S, D]
+    dtype = x.dtype
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
+    zeros = jnp.zeros((b,), jnp.int32)
+    caps = group_capacities(plan, s, extra)
+
+    # Trunk: base layers 0..K-1 on the full prompt.
+    trunk = _new_cache(tc, plan.K, b, caps["trunk"], dtype)
+    out = run_layers(tc, base_w, x, positions, trunk.k, trunk.v, zeros, start=0, stop=plan.K, fresh=True,
+                     return_last_probs=plan.method == "fastv")
+    trunk = KVCache(out.k, out.v, lengths)
+    h_k = out.hidden  # [B, S, D] hidden state entering base layer K
+    probs = out.attn_probs  # [B, H, S, S] for fastv
+
+    # Twig: T layers on the trunk output (full prompt), for scores and the draft cache.
+    twig_cache, draft_logits = None, None
+    if plan.method == "twig" and twig is None:
+        raise TwigConfigError("method 'twig' needs a twig")
+    if twig is not None:
+        twig_cache = _new_cache(tc, plan.T, b, caps["twig"], dtype)
+        tout = run_layers(tc, twig.layers.weights(), h_k, positions, twig_cache.k, twig_cache.v, zeros,
+                          fresh=True, return_last_probs=plan.method == "twig")
+        twig_cache = KVCache(tout.k, tout.v, lengths)
+        last_t = _gather_rows(tout.hidden, (lengths - 1)[:, None])  # [B, 1, D]
+        draft_logits = twig.logits(last_t)[:, 0]
+        if plan.method == "twig":
+            probs = tout.attn_probs
+
+    # Scores and the kept set.
+    is_image = tokens == model.cfg.image_token_index  # [B, S]
+    img_pos = visual_positions(is_image, n)  # [B, N]
+    if plan.method in ("twig", "fastv"):
+        scores = scores_from_probs(probs, lengths, is_image, img_pos, plan.score_rows)
+    elif plan.method == "random":
+        if key is None:
+            raise TwigConfigError("method 'random' needs a PRNG key")
+        scores = jax.random.uniform(key, (b, n), jnp.float32)
+    else:
+        scores = jnp.zeros((b, n), jnp.float32)
+    keep = select_visual(scores, r)  # [B, R]
+
+    # Middle: base layers K..Kf-1 on text + kept visual tokens, original positions.
+    m = plan.mid_len(s)
+    idx = pruned_indices(is_image, img_pos, keep, m)  # [B, M]
+    mid = _new_cache(tc, plan.Kf - plan.K, b, caps["mid"], dtype)
+    mout = run_layers(tc, base_w, _gather_rows(h_k, idx), idx, mid.k, mid.v, zeros,
+                      start=plan.K, stop=plan.Kf, cache_offset=plan.K, fresh=True)
+    mid = KVCache(mout.k, mout.v, lengths - n + r)
+
+    # Tail (FinalWipe): base layers Kf..L-1 on the text entries only.
+    tl = plan.tail_len(s)
+    tail = _new_cache(tc, plan.L - plan.Kf, b, caps["tail"], dtype)
+    if plan.Kf < plan.L:
+        text_in_mid = jax.vmap(lambda m_: jnp.nonzero(m_, size=tl, fill_value=0)[0])(
+            ~jnp.take_along_axis(is_image, idx, axis=1))  # [B, S-N] indices into the middle sequence
+        tout2 = run_layers(tc, base_w, _gather_rows(mout.hidden, text_in_mid), _gather_rows(idx, text_in_mid),
+                           tail.k, tail.v, zeros, start=plan.Kf, stop=plan.L, cache_offset=plan.Kf, fresh=True)
+        tail = KVCache(tout2.k, tout2.v, lengths - n)
+        last = _gather_rows(tout2.hidden, jnp.maximum(lengths - n - 1, 0)[:, None])  # [B, 1, D]
+    else:
+        tail = KVCache(tail.k, tail.v, lengths - n)
+        last = _gather_rows(mout.hidden, jnp.maximum(lengths - n + r - 1, 0)[:, None])  # [B, 1, D]
+    logits = model.text.logits(last)[:, 0]  # [B, V]
+    return TTPPrefill(TwigCaches(trunk, twig_cache, mid, tail), logits, scores, keep, draft_logits)
+
+
+# ----------------------------------------------------------------------------------------------
+# Incremental steps (tokens appended at each group's per-row length)
+
+
+def trunk_step(model: Llava, plan: PrunePlan, cache: KVCache, tokens: jax.Array) -> tuple[KVCache, jax.Array]:
+    """Append tokens [B, T] to the trunk; return it and the layer-K hidden states.  # [B, T, D]
+
+    The trunk's slot equals the RoPE position, so positions = lengths + arange(T).
+    """
+    t = tokens.shape[1]
+    x = model.text.embed_tokens(tokens)
+    positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]  # [B, T]
+    out = run_layers(model.cfg.text, model.text.layers.weights(), x, positions, cache.k, cache.v, cache.lengths,
+                     start=0, stop=plan.K)
+    return KVCache(out.k, out.v, cache.lengths + t), out.hidden
+
+
+def twig_step(twig: Twig, cache: KVCache, h_k: jax.Array, positions: jax.Array) -> tuple[KVCache, jax.Array]:
+    """Append layer-K hidden states [B, T, D] to the twig; return it and draft logits.  # [B, T, V]"""
+    t = h_k.shape[1]
+    out = run_layers(twig.text_cfg, twig.layers.weights(), h_k, positions, cache.k, cache.v, cache.lengths)
+    return KVCache(out.k, out.v, cache.lengths + t), twig.logits(out.hidden)
+
+
+def target_step(model: Llava, plan: PrunePlan, mid: KVCache, tail: KVCache, h_k: jax.Array,
+                positions: jax.Array) -> tuple[KVCache, KVCache, jax.Array]:
+    """Run base layers K..L-1 on new layer-K hidden states [B, T, D] (all text entries).
+
+    Returns the middle and tail caches and target logits [B, T, V]; causal by slot, so T>1 is
+    the verification pass of speculative decoding.
+    """
+    tc = model.cfg.text
+    t = h_k.shape[1]
+    w = model.text.layers.weights()
+    out = run_layers(tc, w, h_k, positions, mid.k, mid.v, mid.lengths, start=plan.K, stop=plan.Kf,
+                     cache_offset=plan.K)
+    mid = KVCache(out.k, out.v, mid.lengths + t)
+    h = out.hidden
+    if plan.Kf < plan.L:
+        out = run_layers(tc, w, h, positions, tail.k, tail.v, tail.lengths, start=plan.Kf, stop=plan.L,
+                         cache_offset=plan.Kf)
+        h = out.hidden
+        tail = KVCache(out.k, out.v, tail.lengths + t)
+    else:
+        tail = KVCache(tail.k, tail.v, tail.lengths + t)
+    return mid, tail, model.text.logits(h)
+
+
+def pruned_decode_step(model: Llava, plan: PrunePlan, caches: TwigCaches,
+                       tokens: jax.Array) -> tuple[TwigCaches, jax.Array]:
+    """Target-only step for tokens [B, T] through trunk, middle and tail.  # caches, [B, T, V]"""
+    positions = caches.trunk.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    trunk, h_k = trunk_step(model, plan, caches.trunk, tokens)
+    mid, tail, logits = target_step(model, plan, caches.mid, caches.tail, h_k, positions)
+    return caches.replace(trunk=trunk, mid=mid, tail=tail), logits
+
+
+def pruned_decode_loop(model: Llava, plan: PrunePlan, caches: TwigCaches, logits: jax.Array, active: jax.Array,
+                       key: jax.Array, max_new_tokens: jax.Array, *, out_len: int, sampling: SamplingConfig,
+                       eos_ids: tuple[int, ...], pad_id: int) -> tuple[jax.Array, jax.Array, TwigCaches]:
+    """Plain one-token-per-step decode of the pruned target in one while_loop (the SSD oracle).
+
+    Same contract as generate.decode_loop: returns tokens [B, out_len], counts [B], caches.
+    The twig cache is left untouched (only drafting needs it).
+    """
+    b = logits.shape[0]
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+    def pick(logits, key, done):
+        tok = jnp.where(done, pad_id, sample_logits(logits, key, sampling))
+        return tok, done | jnp.isin(tok, eos)
+
+    key, sub = jax.random.split(key)
+    done0 = ~active
+    tok, done = pick(logits, sub, done0)
+    out = jnp.full((b, out_len), pad_id, jnp.int32).at[:, 0].set(tok)
+    count = (~done0).astype(jnp.int32)
+
+    def cond(state):
+        i, _, _, _, done, _, _ = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        i, tok, caches, out, done, count, key = state
+        caches, logits = pruned_decode_step(model, plan, caches, tok[:, None])
+        key, sub = jax.random.split(key)
+        new, new_done = pick(logits[:, 0], sub, done)
+        out = jax.lax.dynamic_update_slice(out, new[:, None], (0, i))
+        return i + 1, new, caches, out, new_done, count + (~done).astype(jnp.int32), key
+
+    state = (jnp.int32(1), tok, caches, out, done, count, key)
+    _, _, caches, out, _, count, _ = jax.lax.while_loop(cond, body, state)
+    return out, count, caches
+
+
+def pruned_generate(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Array, lengths: jax.Array,
+                    pixel_values: jax.Array, active: jax.Array, key: jax.Array, max_new_tokens: jax.Array, *,
+                    out_len: int, sampling: SamplingConfig = SamplingConfig(), eos_ids: tuple[int, ...] = (),
+                    pad_id: int = 0) -> tuple[jax.Array, jax.Array, TTPPrefill]:
+    """TTP prefill + plain pruned decode: tokens [B, out_len], counts [B], and the prefill result."""
+    key_prune, key_dec = jax.random.split(key)
+    pre = ttp_prefill(model, twig if plan.method == "twig" else None, plan, tokens, lengths, pixel_values,
+                      extra=out_len + 1, key=key_prune)
+    out, count, _ = pruned_decode_loop(model, plan, pre.caches, pre.logits, active, key_dec, max_new_tokens,
+                                       out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
+    return out, count, pre
