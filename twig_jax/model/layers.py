@@ -44,20 +44,24 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:  # [B
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+              keys_transposed: bool = False) -> tuple[jax.Array, jax.Array]:
     """Grouped-query attention.
 
-    q: [B, H, T, Dh]; k, v: [B, Hkv, S, Dh]; mask: [B, T, S] bool (True = attend) or None.
+    q: [B, H, T, Dh]; k: [B, Hkv, S, Dh] (or [B, Hkv, Dh, S] with keys_transposed, the cache
+    layout); v: [B, Hkv, S, Dh]; mask: [B, T, S] bool (True = attend) or None.
     Returns the output [B, T, H*Dh] and the probabilities [B, H, T, S] (float32; XLA drops them
     when unused).
     """
     b, h, t, dh = q.shape
-    hkv = k.shape[1]
+    hkv = v.shape[1]
     qg = q.reshape(b, hkv, h // hkv, t, dh)  # [B, Hkv, G, T, Dh]
-    scores = jnp.einsum("bkgtd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    spec = "bkgtd,bkds->bkgts" if keys_transposed else "bkgtd,bksd->bkgts"
+    scores = jnp.einsum(spec, qg, k, preferred_element_type=jnp.float32)
     scores = scores * (dh ** -0.5)
     if mask is not None:
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)  # [B, Hkv, G, T, S]
-    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v)  # [B, T, Hkv, G, Dh]
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v)  # [B, Hkv, G, T, Dh]
+    out = out.transpose(0, 3, 1, 2, 4)  # [B, T, Hkv, G, Dh]
     return out.reshape(b, t, h * dh), probs.reshape(b, h, t, -1)

@@ -58,14 +58,15 @@ class DecoderLayers(nnx.Module):
 
 class LayerOut(NamedTuple):
     hidden: jax.Array  # [B, T, D]
-    k: jax.Array  # [L, B, Hkv, S, Dh] updated cache keys
+    k: jax.Array  # [L, B, Hkv, Dh, S] updated cache keys
     v: jax.Array  # [L, B, Hkv, S, Dh]
     attn_probs: jax.Array | None  # [B, H, T, S_att] of the last layer run, if asked for
 
 
-def _layer(cfg: TextConfig, w: dict, x, cos, sin, kv_read, mask, want_probs):
+def _layer(cfg: TextConfig, w: dict, x, cos, sin, kv_read, mask, want_probs, keys_transposed=False):
     """One decoder layer on x [B, T, D]. `kv_read(k_new, v_new)` stores the new keys/values and
-    returns the keys/values to attend over ([B, Hkv, S, Dh])."""
+    returns the keys/values to attend over ([B, Hkv, S, Dh]; keys [B, Hkv, Dh, S] when
+    keys_transposed, as the cache holds them)."""
     b, t, _ = x.shape
     dh = cfg.head_dim
     h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
@@ -77,7 +78,7 @@ def _layer(cfg: TextConfig, w: dict, x, cos, sin, kv_read, mask, want_probs):
     v = v.reshape(b, t, cfg.num_key_value_heads, dh).transpose(0, 2, 1, 3)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_all, v_all = kv_read(k, v)
-    out, probs = attention(q, k_all, v_all, mask)
+    out, probs = attention(q, k_all, v_all, mask, keys_transposed)
     out = out @ w["wo"]
     if "bo" in w:
         out = out + w["bo"]
@@ -98,8 +99,8 @@ def run_layers(
     weights: dict[str, jax.Array],
     x: jax.Array,  # [B, T, D]
     positions: jax.Array,  # [B, T] RoPE positions
-    cache_k: jax.Array,  # [L, B, Hkv, S, Dh]
-    cache_v: jax.Array,
+    cache_k: jax.Array,  # [L, B, Hkv, Dh, S]
+    cache_v: jax.Array,  # [L, B, Hkv, S, Dh]
     write_start: jax.Array,  # [B] slot where the T new entries go, per row
     *,
     start: int = 0,
@@ -116,7 +117,7 @@ def run_layers(
     """
     stop = weights["wq"].shape[0] if stop is None else stop
     b, t, _ = x.shape
-    s_cap = cache_k.shape[3]
+    s_cap = cache_v.shape[3]
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
     if mask is None:
         if fresh:
@@ -135,14 +136,14 @@ def run_layers(
 
         def kv_read(k_new, v_new):
             if fresh:
-                kv["k"] = write_kv_fresh(ck, layer, k_new)
+                kv["k"] = write_kv_fresh(ck, layer, k_new, keys=True)
                 kv["v"] = write_kv_fresh(cv, layer, v_new)
                 return k_new, v_new
-            kv["k"] = write_kv(ck, layer, k_new, write_start)
+            kv["k"] = write_kv(ck, layer, k_new, write_start, keys=True)
             kv["v"] = write_kv(cv, layer, v_new, write_start)
             return kv["k"][layer], kv["v"][layer]
 
-        x, probs = _layer(cfg, w, x, cos, sin, kv_read, mask, want_probs)
+        x, probs = _layer(cfg, w, x, cos, sin, kv_read, mask, want_probs, keys_transposed=not fresh)
         return x, kv["k"], kv["v"], probs
 
     n = stop - start

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from twig_jax.cache import KVCache
 from twig_jax.config import LlavaConfig
 from twig_jax.model.layers import ACTIVATIONS
 from twig_jax.model.llama import LlamaModel, _normal, run_layers
@@ -70,6 +71,7 @@ class Llava(nnx.Module):
         b, s = tokens.shape
         tc = self.cfg.text
         positions = jnp.broadcast_to(jnp.arange(s)[None], (b, s))
-        ck = jnp.zeros((tc.num_hidden_layers, b, tc.num_key_value_heads, s, tc.head_dim), x.dtype)
-        out = run_layers(tc, self.text.layers.weights(), x, positions, ck, ck, jnp.zeros((b,), jnp.int32), fresh=True)
+        cache = KVCache.zeros(tc.num_hidden_layers, b, tc.num_key_value_heads, s, tc.head_dim, x.dtype)
+        out = run_layers(tc, self.text.layers.weights(), x, positions, cache.k, cache.v, jnp.zeros((b,), jnp.int32),
+                         fresh=True)
         return self.text.logits(out.hidden)
