@@ -1,0 +1,1 @@
+"""Runnable inference entry points (`python -m infer.bench`, ...)."""
