@@ -153,11 +153,11 @@ def time_ours(gen, prompts, pixels, new_tokens: int, repeats: int, log, budget_s
         t0 = time.perf_counter()
         gen.check_inputs(prompts, pixels, new_tokens)
         tokens, lengths, active, pv, out_len, capacity = gen.pad_inputs(prompts, pixels, new_tokens)
-        cache, logits = gen._prefill(gen.state, tokens, lengths, pv, capacity=capacity)
+        cache, logits = gen.run_prefill(tokens, lengths, pv, capacity)
         jax.block_until_ready((cache, logits))
         t1 = time.perf_counter()
-        out, count, _ = gen._decode(gen.state, cache, logits, active, jax.random.key(0), jnp.int32(steps),
-                                    out_len=out_len, sampling=SamplingConfig(), eos_ids=(), pad_id=int(pad_id))
+        out, count, _ = gen.run_decode(cache, logits, active, jax.random.key(0), jnp.int32(steps),
+                                       out_len=out_len, sampling=SamplingConfig(), eos_ids=(), pad_id=int(pad_id))
         out, count = np.asarray(out), np.asarray(count)
         t2 = time.perf_counter()
         n = len(prompts)

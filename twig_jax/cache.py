@@ -16,27 +16,40 @@ import jax.numpy as jnp
 class KVCache:
     # Keys are stored transposed so both attention matmuls read the cache in the layout XLA's dot
     # wants; otherwise XLA transposes a copy of each layer's keys and values on every step.
-    k: jax.Array  # [L, B, Hkv, Dh, S]
-    v: jax.Array  # [L, B, Hkv, S, Dh]
+    # Either one stacked array (k: [L, B, Hkv, Dh, S]) or, per_layer, a tuple of L arrays
+    # ([B, Hkv, Dh, S] each): the unrolled decode reads and writes those in place, where slicing a
+    # stacked cache costs a copy of the layer's K/V per step.
+    k: jax.Array | tuple[jax.Array, ...]  # [L, B, Hkv, Dh, S]
+    v: jax.Array | tuple[jax.Array, ...]  # [L, B, Hkv, S, Dh]
     lengths: jax.Array  # [B] int32, valid slots per row
 
     @property
     def capacity(self) -> int:
-        return self.v.shape[3]
+        return self.layer_v_shape()[-2]
 
     @property
     def batch_size(self) -> int:
-        return self.v.shape[1]
+        return self.lengths.shape[0]
+
+    def layer_v_shape(self) -> tuple[int, ...]:
+        """Shape of one layer's value cache [B, Hkv, S, Dh]."""
+        return (self.v[0] if isinstance(self.v, tuple) else self.v[0]).shape
 
     @staticmethod
-    def zeros(num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int, dtype) -> "KVCache":
-        k_shape = (num_layers, batch, num_kv_heads, head_dim, capacity)
-        v_shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
-        return KVCache(jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype), jnp.zeros((batch,), jnp.int32))
+    def zeros(num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int, dtype,
+              per_layer: bool = False) -> "KVCache":
+        k_shape = (batch, num_kv_heads, head_dim, capacity)
+        v_shape = (batch, num_kv_heads, capacity, head_dim)
+        lengths = jnp.zeros((batch,), jnp.int32)
+        if per_layer:
+            return KVCache(tuple(jnp.zeros(k_shape, dtype) for _ in range(num_layers)),
+                           tuple(jnp.zeros(v_shape, dtype) for _ in range(num_layers)), lengths)
+        return KVCache(jnp.zeros((num_layers,) + k_shape, dtype), jnp.zeros((num_layers,) + v_shape, dtype), lengths)
 
     def nbytes_per_sequence(self) -> int:
         """KV bytes one sequence holds at full capacity."""
-        return 2 * self.k[:, 0].size * self.k.dtype.itemsize
+        arrays = list(self.k) + list(self.v) if isinstance(self.k, tuple) else [self.k, self.v]
+        return sum(a.size * a.dtype.itemsize for a in arrays) // self.batch_size
 
 
 def write_kv(cache_kv: jax.Array, layer: jax.Array, new: jax.Array, start: jax.Array,

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from twig_jax.cache import KVCache
-from twig_jax.model.llama import run_layers
+from twig_jax.model.llama import run_layers, unstack_layers
 from twig_jax.model.llava import Llava
 from twig_jax.sampling import SamplingConfig, sample_logits
 
@@ -44,36 +44,39 @@ def bucket(n: int, buckets: Sequence[int], what: str) -> int:
 
 
 def prefill(model: Llava, tokens: jax.Array, lengths: jax.Array, pixel_values: jax.Array | None,
-            capacity: int) -> tuple[KVCache, jax.Array]:
+            capacity: int, layer_weights=None) -> tuple[KVCache, jax.Array]:
     """Run the prompt; return the cache and the next-token logits.  # cache, [B, V]
 
     tokens: [B, S] right-padded; lengths: [B]; pixel_values: [B, C, H, W] or None.
+    layer_weights: per-layer decoder weights (llama.unstack_layers) to use instead of the
+    model's stacked ones.
     """
     tc = model.cfg.text
     b, s = tokens.shape
     feats = None if pixel_values is None else model.image_features(pixel_values)
     x = model.embed(tokens, feats)  # [B, S, D]
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
-    cache = KVCache.zeros(tc.num_hidden_layers, b, tc.num_key_value_heads, capacity, tc.head_dim, x.dtype)
-    out = run_layers(tc, model.text.layers.weights(), x, positions, cache.k, cache.v,
+    cache = KVCache.zeros(tc.num_hidden_layers, b, tc.num_key_value_heads, capacity, tc.head_dim, x.dtype,
+                          per_layer=layer_weights is not None)
+    out = run_layers(tc, layer_weights or model.text.layers.weights(), x, positions, cache.k, cache.v,
                      jnp.zeros((b,), jnp.int32), fresh=True)
     last = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
     return KVCache(out.k, out.v, lengths.astype(jnp.int32)), model.text.logits(last)[:, 0]
 
 
-def decode_step(model: Llava, cache: KVCache, tokens: jax.Array) -> tuple[KVCache, jax.Array]:
+def decode_step(model: Llava, cache: KVCache, tokens: jax.Array, layer_weights=None) -> tuple[KVCache, jax.Array]:
     """Append tokens [B, T] at each row's length; return the cache and logits.  # [B, T, V]"""
     tc = model.cfg.text
     t = tokens.shape[1]
     x = model.text.embed_tokens(tokens)
     positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]  # [B, T]
-    out = run_layers(tc, model.text.layers.weights(), x, positions, cache.k, cache.v, cache.lengths)
+    out = run_layers(tc, layer_weights or model.text.layers.weights(), x, positions, cache.k, cache.v, cache.lengths)
     return KVCache(out.k, out.v, cache.lengths + t), model.text.logits(out.hidden)
 
 
 def decode_loop(model: Llava, cache: KVCache, logits: jax.Array, active: jax.Array, key: jax.Array,
                 max_new_tokens: jax.Array, *, out_len: int, sampling: SamplingConfig,
-                eos_ids: tuple[int, ...], pad_id: int) -> tuple[jax.Array, jax.Array, KVCache]:
+                eos_ids: tuple[int, ...], pad_id: int, layer_weights=None) -> tuple[jax.Array, jax.Array, KVCache]:
     """Generate up to max_new_tokens (<= out_len) tokens per row in one while_loop.
 
     logits: [B, V] next-token logits after the prompt; active: [B] bool (False = padding row).
@@ -100,7 +103,7 @@ def decode_loop(model: Llava, cache: KVCache, logits: jax.Array, active: jax.Arr
 
     def body(state):
         i, tok, cache, out, done, count, key = state
-        cache, logits = decode_step(model, cache, tok[:, None])
+        cache, logits = decode_step(model, cache, tok[:, None], layer_weights)
         key, sub = jax.random.split(key)
         new, new_done = pick(logits[:, 0], sub, done)
         out = jax.lax.dynamic_update_slice(out, new[:, None], (0, i))
@@ -129,6 +132,9 @@ class Generator:
                  new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS):
         self.cfg = model.cfg
         self.graphdef, self.state = nnx.split(model)
+        # Decoder weights as separate per-layer buffers (see llama.unstack_layers). They are a
+        # second copy of the decoder weights while the caller also keeps the stacked model.
+        self.layer_weights = unstack_layers(model.text.layers.weights())
         self.max_cache_len = max_cache_len or self.cfg.text.max_position_embeddings
         self.batch_buckets = tuple(batch_buckets)
         self.prompt_buckets = tuple(prompt_buckets)
@@ -138,12 +144,14 @@ class Generator:
                                donate_argnames=("cache",))
 
     # jitted bodies: the model is rebuilt from (static graphdef, traced state) inside the trace
-    def _prefill_impl(self, state, tokens, lengths, pixel_values, *, capacity):
-        return prefill(nnx.merge(self.graphdef, state), tokens, lengths, pixel_values, capacity)
+    def _prefill_impl(self, state, layer_weights, tokens, lengths, pixel_values, *, capacity):
+        return prefill(nnx.merge(self.graphdef, state), tokens, lengths, pixel_values, capacity, layer_weights)
 
-    def _decode_impl(self, state, cache, logits, active, key, max_new_tokens, *, out_len, sampling, eos_ids, pad_id):
+    def _decode_impl(self, state, layer_weights, cache, logits, active, key, max_new_tokens, *, out_len, sampling,
+                     eos_ids, pad_id):
         return decode_loop(nnx.merge(self.graphdef, state), cache, logits, active, key, max_new_tokens,
-                           out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
+                           out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
+                           layer_weights=layer_weights)
 
     # --- input checks -------------------------------------------------------------------------
     def check_inputs(self, prompts: Sequence[Sequence[int]], pixel_values, max_new_tokens: int) -> None:
@@ -199,6 +207,16 @@ class Generator:
         return tokens, lengths, active, pv, new, capacity
 
     # --- entry points ---------------------------------------------------------------------------
+    def run_prefill(self, tokens, lengths, pixel_values, capacity: int) -> tuple[KVCache, jax.Array]:
+        """The compiled prefill on already padded arrays (benchmarks time it on its own)."""
+        return self._prefill(self.state, self.layer_weights, tokens, lengths, pixel_values, capacity=capacity)
+
+    def run_decode(self, cache: KVCache, logits, active, key, max_new_tokens, *, out_len: int,
+                   sampling: SamplingConfig = SamplingConfig(), eos_ids: tuple[int, ...] = (), pad_id: int = 0):
+        """The compiled decode loop (donates `cache`); returns tokens [B, out_len], counts [B], cache."""
+        return self._decode(self.state, self.layer_weights, cache, logits, active, key, max_new_tokens,
+                            out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
+
     def generate(self, prompts: Sequence[Sequence[int]], pixel_values=None, *, max_new_tokens: int = 128,
                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
                  eos_ids: Sequence[int] | None = None) -> GenerationOutput:
@@ -208,10 +226,10 @@ class Generator:
         if eos_ids is None:
             eos_ids = () if self.cfg.text.eos_token_id is None else (self.cfg.text.eos_token_id,)
         pad_id = self.cfg.text.pad_token_id if self.cfg.text.pad_token_id is not None else 0
-        cache, logits = self._prefill(self.state, tokens, lengths, pv, capacity=capacity)
-        out, count, _ = self._decode(self.state, cache, logits, active, jax.random.key(seed),
-                                  jnp.int32(max_new_tokens), out_len=out_len, sampling=sampling,
-                                  eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id))
+        cache, logits = self.run_prefill(tokens, lengths, pv, capacity)
+        out, count, _ = self.run_decode(cache, logits, active, jax.random.key(seed), jnp.int32(max_new_tokens),
+                                        out_len=out_len, sampling=sampling,
+                                        eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id))
         out, count = np.asarray(out), np.asarray(count)
         n = len(prompts)
         return GenerationOutput([out[i, :count[i]].tolist() for i in range(n)], count[:n])

@@ -9,7 +9,7 @@ network into trunk / pruned middle / text-only tail needs.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -94,13 +94,24 @@ def _layer(cfg: TextConfig, w: dict, x, cos, sin, kv_read, mask, want_probs, key
     return x + h, (probs if want_probs else None)
 
 
+def unstack_layers(weights: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], ...]:
+    """Per-layer copies of stacked weights ({name: [L, ...]} -> L dicts of separate arrays).
+
+    Called outside jit, so each layer's weights become buffers of their own. XLA on CPU copies a
+    slice of a stacked array (dynamic or static) before every matmul, which roughly tripled the
+    weight traffic of a memory-bound decode step; separate buffers are read in place.
+    """
+    n = next(iter(weights.values())).shape[0]
+    return tuple({name: jnp.array(a[i]) for name, a in weights.items()} for i in range(n))
+
+
 def run_layers(
     cfg: TextConfig,
-    weights: dict[str, jax.Array],
+    weights: dict[str, jax.Array] | Sequence[dict[str, jax.Array]],
     x: jax.Array,  # [B, T, D]
     positions: jax.Array,  # [B, T] RoPE positions
-    cache_k: jax.Array,  # [L, B, Hkv, Dh, S]
-    cache_v: jax.Array,  # [L, B, Hkv, S, Dh]
+    cache_k: jax.Array | tuple,  # [L, B, Hkv, Dh, S], or per layer (KVCache.zeros(per_layer=True))
+    cache_v: jax.Array | tuple,  # [L, B, Hkv, S, Dh]
     write_start: jax.Array,  # [B] slot where the T new entries go, per row
     *,
     start: int = 0,
@@ -110,14 +121,19 @@ def run_layers(
     fresh: bool = False,
     return_last_probs: bool = False,
 ) -> LayerOut:
-    """Run stacked layers [start, stop) over x, writing K/V into cache layers start-cache_offset...
+    """Run layers [start, stop) over x, writing K/V into cache layers start-cache_offset...
 
+    weights: stacked ({name: [L, ...]}, run in a fori_loop: one compiled layer body) or per-layer
+    (a sequence of L dicts, from unstack_layers: an unrolled loop that reads each layer's own
+    buffers, the faster choice for decoding).
     fresh=True means every row starts at slot 0 with nothing cached (prefill): attention then runs
     over the T new entries only, not the whole cache capacity.
     """
-    stop = weights["wq"].shape[0] if stop is None else stop
+    per_layer = not isinstance(weights, dict)
+    if stop is None:
+        stop = len(weights) if per_layer else weights["wq"].shape[0]
     b, t, _ = x.shape
-    s_cap = cache_v.shape[3]
+    s_cap = (cache_v[0] if isinstance(cache_v, tuple) else cache_v[0]).shape[2]
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
     if mask is None:
         if fresh:
@@ -130,11 +146,18 @@ def run_layers(
 
     def body(i, carry, want_probs=False):
         x, ck, cv, _ = carry
-        w = {name: a[i] for name, a in weights.items()}
+        w = weights[i] if per_layer else {name: a[i] for name, a in weights.items()}
         layer = i - cache_offset
         kv = {}
 
         def kv_read(k_new, v_new):
+            if isinstance(ck, tuple):  # per-layer cache (static layer index): update in place
+                start = jnp.zeros_like(write_start) if fresh else write_start
+                k_l = write_kv(ck[layer][None], 0, k_new, start, keys=True)[0]
+                v_l = write_kv(cv[layer][None], 0, v_new, start)[0]
+                kv["k"] = ck[:layer] + (k_l,) + ck[layer + 1:]
+                kv["v"] = cv[:layer] + (v_l,) + cv[layer + 1:]
+                return (k_new, v_new) if fresh else (k_l, v_l)
             if fresh:
                 kv["k"] = write_kv_fresh(ck, layer, k_new, keys=True)
                 kv["v"] = write_kv_fresh(cv, layer, v_new)
@@ -150,6 +173,13 @@ def run_layers(
     if n <= 0:
         return LayerOut(x, cache_k, cache_v, None)
     probs = None
+    if isinstance(cache_k, tuple) and not per_layer:
+        raise ValueError("a per-layer KV cache needs per-layer weights (llama.unstack_layers)")
+    if per_layer:
+        carry = (x, cache_k, cache_v, None)
+        for i in range(start, stop):
+            carry = body(i, carry, want_probs=return_last_probs and i == stop - 1)
+        return LayerOut(*carry)
     last = stop - 1 if return_last_probs else stop
     if last > start:
         zero_probs = None
