@@ -14,10 +14,8 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
-import numpy as np
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 

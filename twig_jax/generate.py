@@ -9,7 +9,6 @@ reuse one executable.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 import jax

@@ -416,19 +416,12 @@ class Checkpointer:
 # FLOPs / benchmark
 
 
-def measure_matmul_flops(dtype=jnp.float32, n: int | None = None, iters: int = 5) -> float:
-    """Measured matmul rate (FLOP/s) of one device: a jitted n x n x n matmul, median of `iters`."""
-    if n is None:
-        n = 1024 if jax.default_backend() == "cpu" else 8192
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        f(a, a).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2.0 * n ** 3 / float(np.median(times))
+def measure_matmul_flops(dtype=jnp.float32) -> float:
+    """Measured matmul rate (FLOP/s) of one device; the same measurement as the inference
+    benchmark's prefill floor (best of jitted 2048^3 and 4096^3 products), so MFU figures compare."""
+    from twig_jax.bench_floors import measure_matmul
+
+    return float(measure_matmul(dtype=dtype)["flops_per_s"])
 
 
 def _layer_flops_per_token(tc, seq: int) -> float:
