@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.experimental
 import jax.numpy as jnp
 
 from twig_jax.model.llava import Llava
@@ -91,11 +92,15 @@ def rejection_sample(p: jax.Array, q: jax.Array, drafts: jax.Array, n_draft: jax
 
 def ssd_loop(model: Llava, twig: Twig, plan: PrunePlan, caches: TwigCaches, logits: jax.Array, active: jax.Array,
              key: jax.Array, max_new_tokens: jax.Array, *, out_len: int, sampling: SamplingConfig,
-             eos_ids: tuple[int, ...], pad_id: int) -> SSDOutput:
+             eos_ids: tuple[int, ...], pad_id: int, on_round=None) -> SSDOutput:
     """Generate up to max_new_tokens (<= out_len) per row by draft/verify rounds.
 
     caches: from ttp_prefill with the twig (its capacities need ssd_extra_slots headroom);
     logits: [B, V] target next-token logits after the prompt; active: [B] (False = padding row).
+    on_round: optional host function (streaming, twig_jax.stream), called through an ordered
+    `io_callback` as on_round(tokens [B, delta+1], n_emit [B], n_accepted [B]) with the first
+    token and then every round's emitted tokens (the first min(n_accepted, n_emit) are accepted
+    drafts). Static: None (the default) traces no callback at all.
     """
     if caches.twig is None:
         raise TwigConfigError("SSD needs the twig cache: run ttp_prefill with a twig")
@@ -113,6 +118,8 @@ def ssd_loop(model: Llava, twig: Twig, plan: PrunePlan, caches: TwigCaches, logi
     done = done | jnp.isin(t0, eos) | (count >= max_new_tokens)
     out = jnp.full((b, out_len + delta + 1), pad_id, jnp.int32).at[:, 0].set(t0)
     zeros = jnp.zeros((b,), jnp.int32)
+    if on_round is not None:
+        jax.experimental.io_callback(on_round, None, out[:, :delta + 1], count, zeros, ordered=True)
 
     def draft(trunk, twig_cache, t0, live, key):
         """Steps j = 0..max m through trunk + twig.  # hs [B, delta+1, D], drafts [B, delta+1], q, n_draft [B]"""
@@ -177,6 +184,8 @@ def ssd_loop(model: Llava, twig: Twig, plan: PrunePlan, caches: TwigCaches, logi
         vals = jnp.where(slots[None] < n_emit[:, None], emit, pad_id)
         out = jax.vmap(lambda o, x, s: jax.lax.dynamic_update_slice(o, x, (s,)))(out, vals, count)
         hit_eos = jnp.any(is_eos & (slots[None] < n_emit[:, None]), axis=1)
+        if on_round is not None:
+            jax.experimental.io_callback(on_round, None, vals, n_emit, jnp.where(done, 0, a), ordered=True)
         live = ~done
         count = count + n_emit
         new_done = done | hit_eos | (count >= max_new_tokens)

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import flax.struct
 import jax
+import jax.experimental
 import jax.numpy as jnp
 
 from twig_jax.cache import KVCache
@@ -326,11 +327,13 @@ def pruned_decode_step(model: Llava, plan: PrunePlan, caches: TwigCaches,
 
 def pruned_decode_loop(model: Llava, plan: PrunePlan, caches: TwigCaches, logits: jax.Array, active: jax.Array,
                        key: jax.Array, max_new_tokens: jax.Array, *, out_len: int, sampling: SamplingConfig,
-                       eos_ids: tuple[int, ...], pad_id: int) -> tuple[jax.Array, jax.Array, TwigCaches]:
+                       eos_ids: tuple[int, ...], pad_id: int, on_token=None) -> tuple[jax.Array, jax.Array, TwigCaches]:
     """Plain one-token-per-step decode of the pruned target in one while_loop (the SSD oracle).
 
     Same contract as generate.decode_loop: returns tokens [B, out_len], counts [B], caches.
-    The twig cache is left untouched (only drafting needs it).
+    The twig cache is left untouched (only drafting needs it). on_token: optional host function
+    (streaming), called through an ordered io_callback as on_token(tokens [B, 1], n [B] (0/1),
+    zeros [B]) for every token; static, None (the default) traces no callback.
     """
     b = logits.shape[0]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
@@ -344,6 +347,8 @@ def pruned_decode_loop(model: Llava, plan: PrunePlan, caches: TwigCaches, logits
     tok, done = pick(logits, sub, done0)
     out = jnp.full((b, out_len), pad_id, jnp.int32).at[:, 0].set(tok)
     count = (~done0).astype(jnp.int32)
+    if on_token is not None:
+        jax.experimental.io_callback(on_token, None, tok[:, None], count, jnp.zeros_like(count), ordered=True)
 
     def cond(state):
         i, _, _, _, done, _, _ = state
@@ -354,6 +359,9 @@ def pruned_decode_loop(model: Llava, plan: PrunePlan, caches: TwigCaches, logits
         caches, logits = pruned_decode_step(model, plan, caches, tok[:, None])
         key, sub = jax.random.split(key)
         new, new_done = pick(logits[:, 0], sub, done)
+        if on_token is not None:
+            n = (~done).astype(jnp.int32)
+            jax.experimental.io_callback(on_token, None, new[:, None], n, jnp.zeros_like(n), ordered=True)
         out = jax.lax.dynamic_update_slice(out, new[:, None], (0, i))
         return i + 1, new, caches, out, new_done, count + (~done).astype(jnp.int32), key
 
