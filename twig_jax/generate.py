@@ -12,6 +12,7 @@ import dataclasses
 from typing import Sequence
 
 import jax
+import jax.experimental
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -73,28 +74,34 @@ def decode_step(model: Llava, cache: KVCache, tokens: jax.Array, layer_weights=N
     return KVCache(out.k, out.v, cache.lengths + t), model.text.logits(out.hidden)
 
 
-def decode_loop(model: Llava, cache: KVCache, logits: jax.Array, active: jax.Array, key: jax.Array,
-                max_new_tokens: jax.Array, *, out_len: int, sampling: SamplingConfig,
-                eos_ids: tuple[int, ...], pad_id: int, layer_weights=None) -> tuple[jax.Array, jax.Array, KVCache]:
-    """Generate up to max_new_tokens (<= out_len) tokens per row in one while_loop.
+def token_loop(step, cache, logits: jax.Array, active: jax.Array, key: jax.Array, max_new_tokens: jax.Array, *,
+               out_len: int, sampling: SamplingConfig, eos_ids: tuple[int, ...], pad_id: int, on_token=None):
+    """One-token-per-step generation in one while_loop, for any cache and step function.
 
-    logits: [B, V] next-token logits after the prompt; active: [B] bool (False = padding row).
-    Returns tokens [B, out_len] (pad after a row stops), the generated count per row [B] and the
-    cache (holding every generated token but the last), so the donated cache buffer is reused.
+    step(cache, tokens [B, 1]) -> (cache, logits [B, 1, V]). logits: [B, V] next-token logits after
+    the prompt; active: [B] bool (False = padding row). Returns tokens [B, out_len] (pad after a
+    row stops), the generated count per row [B] and the final cache (holding every generated token
+    but the last), so a donated cache buffer is reused. on_token (streaming; static, None traces
+    no callback): a host function called through an ordered io_callback as
+    on_token(tokens [B, 1], n [B] (1 where the row emitted a token), zeros [B]).
     """
     b = logits.shape[0]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
     def pick(logits, key, done):
-        tok = sample_logits(logits, key, sampling)
-        tok = jnp.where(done, pad_id, tok)
+        tok = jnp.where(done, pad_id, sample_logits(logits, key, sampling))
         return tok, done | jnp.isin(tok, eos)
+
+    def emit(tok, n):
+        if on_token is not None:
+            jax.experimental.io_callback(on_token, None, tok[:, None], n, jnp.zeros_like(n), ordered=True)
 
     key, sub = jax.random.split(key)
     done0 = ~active
     tok, done = pick(logits, sub, done0)
     out = jnp.full((b, out_len), pad_id, jnp.int32).at[:, 0].set(tok)
     count = (~done0).astype(jnp.int32)
+    emit(tok, count)
 
     def cond(state):
         i, _, _, _, done, _, _ = state
@@ -102,15 +109,27 @@ def decode_loop(model: Llava, cache: KVCache, logits: jax.Array, active: jax.Arr
 
     def body(state):
         i, tok, cache, out, done, count, key = state
-        cache, logits = decode_step(model, cache, tok[:, None], layer_weights)
+        cache, logits = step(cache, tok[:, None])
         key, sub = jax.random.split(key)
         new, new_done = pick(logits[:, 0], sub, done)
+        emit(new, (~done).astype(jnp.int32))
         out = jax.lax.dynamic_update_slice(out, new[:, None], (0, i))
         return i + 1, new, cache, out, new_done, count + (~done).astype(jnp.int32), key
 
     state = (jnp.int32(1), tok, cache, out, done, count, key)
     _, _, cache, out, _, count, _ = jax.lax.while_loop(cond, body, state)
     return out, count, cache
+
+
+def decode_loop(model: Llava, cache: KVCache, logits: jax.Array, active: jax.Array, key: jax.Array,
+                max_new_tokens: jax.Array, *, out_len: int, sampling: SamplingConfig,
+                eos_ids: tuple[int, ...], pad_id: int, layer_weights=None) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Plain decoding of up to max_new_tokens (<= out_len) per row: token_loop over decode_step.
+
+    Returns tokens [B, out_len], counts [B] and the cache (see token_loop).
+    """
+    return token_loop(lambda c, t: decode_step(model, c, t, layer_weights), cache, logits, active, key,
+                      max_new_tokens, out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,14 +23,14 @@ from typing import NamedTuple
 
 import flax.struct
 import jax
-import jax.experimental
 import jax.numpy as jnp
 
 from twig_jax.cache import KVCache
 from twig_jax.config import LlavaConfig
+from twig_jax.generate import token_loop
 from twig_jax.model.llama import run_layers
 from twig_jax.model.llava import Llava
-from twig_jax.sampling import SamplingConfig, sample_logits
+from twig_jax.sampling import SamplingConfig
 from twig_jax.twig import Twig, TwigConfig, TwigConfigError
 
 METHODS = ("twig", "fastv", "random", "none")
@@ -335,39 +335,9 @@ def pruned_decode_loop(model: Llava, plan: PrunePlan, caches: TwigCaches, logits
     (streaming), called through an ordered io_callback as on_token(tokens [B, 1], n [B] (0/1),
     zeros [B]) for every token; static, None (the default) traces no callback.
     """
-    b = logits.shape[0]
-    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-
-    def pick(logits, key, done):
-        tok = jnp.where(done, pad_id, sample_logits(logits, key, sampling))
-        return tok, done | jnp.isin(tok, eos)
-
-    key, sub = jax.random.split(key)
-    done0 = ~active
-    tok, done = pick(logits, sub, done0)
-    out = jnp.full((b, out_len), pad_id, jnp.int32).at[:, 0].set(tok)
-    count = (~done0).astype(jnp.int32)
-    if on_token is not None:
-        jax.experimental.io_callback(on_token, None, tok[:, None], count, jnp.zeros_like(count), ordered=True)
-
-    def cond(state):
-        i, _, _, _, done, _, _ = state
-        return (i < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
-        i, tok, caches, out, done, count, key = state
-        caches, logits = pruned_decode_step(model, plan, caches, tok[:, None])
-        key, sub = jax.random.split(key)
-        new, new_done = pick(logits[:, 0], sub, done)
-        if on_token is not None:
-            n = (~done).astype(jnp.int32)
-            jax.experimental.io_callback(on_token, None, new[:, None], n, jnp.zeros_like(n), ordered=True)
-        out = jax.lax.dynamic_update_slice(out, new[:, None], (0, i))
-        return i + 1, new, caches, out, new_done, count + (~done).astype(jnp.int32), key
-
-    state = (jnp.int32(1), tok, caches, out, done, count, key)
-    _, _, caches, out, _, count, _ = jax.lax.while_loop(cond, body, state)
-    return out, count, caches
+    return token_loop(lambda c, t: pruned_decode_step(model, plan, c, t), caches, logits, active, key,
+                      max_new_tokens, out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
+                      on_token=on_token)
 
 
 def pruned_generate(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Array, lengths: jax.Array,
