@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", default=None, help="loss-curve PNG (default: CKPT_DIR/loss.png)")
     r.add_argument("--out", default=None, help="export the trained twig here (orbax + MILVLG safetensors)")
     r.add_argument("--benchmark", action="store_true", help="report tokens/s, step time and MFU")
+    r.add_argument("--distributed", choices=["auto", "on", "off"], default="auto",
+                   help="jax.distributed.initialize() for multi-process runs (auto: when JAX_COORDINATOR_ADDRESS "
+                        "is set or a multi-host TPU slice is detected)")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--kill-after-checkpoint", type=int, default=None, help=argparse.SUPPRESS)  # test hook
     return p
@@ -74,10 +77,21 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+def wants_distributed(mode: str, env) -> bool:
+    """Whether to join a multi-process run: forced on/off, or auto-detected from the environment."""
+    if mode != "auto":
+        return mode == "on"
+    multi_host_tpu = "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    return bool(env.get("JAX_COORDINATOR_ADDRESS")) or multi_host_tpu
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import jax
     from flax import nnx
+
+    if wants_distributed(args.distributed, os.environ):
+        jax.distributed.initialize()  # coordinator, process count and id from the environment / TPU metadata
 
     from twig_jax.data import DataConfig, make_train_iterator
     from twig_jax.losses import LossConfig

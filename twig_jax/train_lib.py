@@ -486,6 +486,20 @@ class Progress:
             self.stream.flush()
 
 
+def tensorboard_writer(log_dir: str | None):
+    """A TensorBoard SummaryWriter on process 0 when a TensorBoard writer package is installed
+    (tensorboardX, or torch's with the tensorboard package), else None: metrics always go to JSONL."""
+    if log_dir is None or jax.process_index() != 0:
+        return None
+    for mod in ("tensorboardX", "torch.utils.tensorboard"):
+        try:
+            writer_cls = __import__(mod, fromlist=["SummaryWriter"]).SummaryWriter
+        except Exception:  # not installed (or torch without tensorboard)
+            continue
+        return writer_cls(log_dir)
+    return None
+
+
 def plot_loss(metrics: list[dict], path: str) -> None:
     import matplotlib
 
@@ -534,6 +548,8 @@ def train(base: Llava, cfg: TrainConfig, data_iter: Iterator[dict[str, np.ndarra
             bad_report.load(meta["bad_samples"])
         log(f"resumed from {cfg.ckpt_dir} at step {start}")
     metrics_f = open(cfg.metrics_path, "a") if cfg.metrics_path else None
+    tb = tensorboard_writer(os.path.join(os.path.dirname(cfg.metrics_path) or ".", "tensorboard")
+                            if cfg.metrics_path else None)
     seq = None
     step_flops = None
     peak = None
@@ -575,6 +591,10 @@ def train(base: Llava, cfg: TrainConfig, data_iter: Iterator[dict[str, np.ndarra
             if metrics_f is not None and jax.process_index() == 0:
                 metrics_f.write(json.dumps(rec) + "\n")
                 metrics_f.flush()
+            if tb is not None:
+                for k, v in rec.items():
+                    if isinstance(v, float):
+                        tb.add_scalar(f"train/{k}", v, step + 1)
             prog.update(step + 1, rec["loss"], rec["tokens_per_s"])
             if ckpt is not None:
                 data_state = data_iter.get_state() if hasattr(data_iter, "get_state") else None
@@ -588,6 +608,8 @@ def train(base: Llava, cfg: TrainConfig, data_iter: Iterator[dict[str, np.ndarra
         prog.close()
         if metrics_f is not None:
             metrics_f.close()
+        if tb is not None:
+            tb.close()
     if ckpt is not None:
         if history and last_saved != history[-1]["step"]:  # always checkpoint the end
             ckpt.save(history[-1]["step"], trainer.state, data_iter.get_state() if hasattr(data_iter, "get_state")
