@@ -145,6 +145,8 @@ class GenerationOutput:
 class Generator:
     """Batched generation with compiled prefill and decode loop, cached per shape bucket."""
 
+    per_layer_decode = True  # decode from per-layer weight copies (faster on XLA CPU, 2x decoder memory)
+
     def __init__(self, model: Llava, *, max_cache_len: int | None = None,
                  batch_buckets: Sequence[int] = BATCH_BUCKETS, prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
                  new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS):
@@ -152,7 +154,8 @@ class Generator:
         self.graphdef, self.state = nnx.split(model)
         # Decoder weights as separate per-layer buffers (see llama.unstack_layers). They are a
         # second copy of the decoder weights while the caller also keeps the stacked model.
-        self.layer_weights = unstack_layers(model.text.layers.weights())
+        # None: subclasses whose compiled paths read the stacked weights skip the copy.
+        self.layer_weights = unstack_layers(model.text.layers.weights()) if self.per_layer_decode else None
         self.max_cache_len = max_cache_len or self.cfg.text.max_position_embeddings
         self.batch_buckets = tuple(batch_buckets)
         self.prompt_buckets = tuple(prompt_buckets)

@@ -53,6 +53,8 @@ def ssd_stats(count: np.ndarray, rounds: np.ndarray, drafted: np.ndarray, accept
 class TwigGenerator(Generator):
     """Batched TwigVLM generation: method in ("twig", "fastv", "random", "none"), ssd on/off."""
 
+    per_layer_decode = False  # ttp/ssd read the model's stacked weights: no per-layer copy to hold
+
     def __init__(self, base_model: Llava, twig: Twig | None, twig_cfg: TwigConfig, method: str = "twig",
                  ssd: bool = True, *, max_cache_len: int | None = None,
                  batch_buckets: Sequence[int] = BATCH_BUCKETS, prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
