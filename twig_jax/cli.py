@@ -262,8 +262,23 @@ def _train(argv) -> int:
     return main(argv) or 0
 
 
+def _eval(argv) -> int:
+    from twig_jax.eval import eval_main
+
+    return eval_main(argv)
+
+
+def _data(argv) -> int:
+    if not argv or argv[0] != "shapes":
+        print("usage: twig-jax data shapes --out DIR --n N [--n-eval M] [--seed S]", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from twig_jax.data.shapes import main
+
+    return main(argv[1:])
+
+
 COMMANDS = {"convert": _convert, "generate": _generate, "demo": _demo, "bench": _bench, "train": _train,
-            "prune-viz": _prune_viz, "bench-twig": _bench_twig}
+            "prune-viz": _prune_viz, "bench-twig": _bench_twig, "eval": _eval, "data": _data}
 
 
 def main(argv=None) -> int:
