@@ -1,0 +1,198 @@
+"""Accuracy kept after pruning: twig (TTP), FastV and random at 88.9%, 77.8% and 66.7% of the
+visual tokens pruned (R = N/9, 2N/9, 3N/9), short answers (exact match) and descriptions
+(object-level F1) separately, each relative to the unpruned model.
+
+    python -m infer.accuracy_table [--model DIR] [--twig DIR] [--questions FILE --images DIR --answers FILE]
+                                   [--data DIR] [--limit N] [--out-json FILE] [--out-md FILE]
+
+One unpruned run (method none) and one run per (method, R), all greedy without SSD (greedy SSD is
+token-identical to the pruned model's greedy decode, so it cannot change accuracy). FastV and
+random prune at the twig's K and Kf. Each (method, R) generator is compiled once (one batch
+shape per category) and serves both categories; images are read once for all runs.
+
+Eval data: --questions/--images/--answers, or --data DIR (a `twig-jax data shapes` output:
+DIR/eval/{questions,answers}.jsonl, DIR/images), or by default the shapes world's eval split
+for --seed/--n-eval, generated into a temporary directory (deterministic per seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+from twig_jax.eval import (DEFAULT_MODEL, DEFAULT_TWIG, DESCRIPTION, SHORT, EvalConfig, accuracy,
+                           attach_categories, build_generator, json_safe, read_answers, read_questions, run_eval)
+
+PRUNED_NINTHS = (1, 2, 3)  # R = k N / 9 kept: 88.9%, 77.8%, 66.7% pruned
+METHODS = ("twig", "fastv", "random")
+LABELS = {"twig": "TwigVLM (TTP)", "fastv": "FastV", "random": "random", "none": "unpruned"}
+
+
+def kept_for(n_visual: int, k: int) -> int:
+    return max(1, round(n_visual * k / 9))
+
+
+def ratio(a: float, b: float) -> float:
+    if a is None or b is None or math.isnan(a) or math.isnan(b) or b == 0:
+        return float("nan")
+    return a / b
+
+
+def _pct(x: float) -> str:
+    return "-" if x is None or math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def _f3(x: float) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:.3f}"
+
+
+def markdown(result: dict) -> str:
+    """The issue's table: rows = methods, columns = pruning ratio, per category; cells are
+    accuracy kept (method accuracy / unpruned accuracy) with the accuracy itself in brackets."""
+    runs, base = result["runs"], result["unpruned"]
+    n = result["N"]
+    ninths = sorted({r["ninths"] for r in runs})
+    r_of = {r["ninths"]: r["R"] for r in runs}
+    cats = [c for c in (SHORT, DESCRIPTION) if base["accuracy"].get(c) is not None]
+    cname = {SHORT: "short (EM)", DESCRIPTION: "descriptions (F1)"}
+    head = ["method"] + [f"{cname[c]}, {100 * (1 - k / 9):.1f}% pruned (R={r_of[k]})" for c in cats for k in ninths]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines.append("| unpruned (accuracy) | " + " | ".join(
+        _pct(base["accuracy"][c]) if c == SHORT else _f3(base["accuracy"][c]) for c in cats for _ in ninths) + " |")
+    for m in [m for m in METHODS if any(r["method"] == m for r in runs)]:
+        cells = []
+        for c in cats:
+            for k in ninths:
+                r = next((r for r in runs if r["method"] == m and r["ninths"] == k), None)
+                if r is None:
+                    cells.append("-")
+                    continue
+                acc = r["accuracy"][c]
+                acc_s = _pct(acc) if c == SHORT else _f3(acc)
+                cells.append(f"**{_pct(r['kept'][c])}** ({acc_s})")
+        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+    q = result["questions"]
+    lines.append("")
+    lines.append(f"Accuracy kept = method accuracy / unpruned accuracy (accuracy in brackets); N = {n} visual tokens, "
+                 f"K = {result['K']}, Kf = {result['Kf']} of L = {result['L']}; {q[SHORT]} short questions, "
+                 f"{q[DESCRIPTION]} descriptions; greedy, no SSD.")
+    return "\n".join(lines)
+
+
+def eval_files(args, tmp: str) -> tuple[str, str, str]:
+    if args.questions or args.answers:
+        if not (args.questions and args.answers and args.images):
+            raise SystemExit("give --questions, --answers and --images together")
+        return args.questions, args.images, args.answers
+    if args.data:
+        return (os.path.join(args.data, "eval", "questions.jsonl"), os.path.join(args.data, "images"),
+                os.path.join(args.data, "eval", "answers.jsonl"))
+    from twig_jax.data.shapes import generate_dataset
+
+    print(f"generating the shapes eval split (seed {args.seed}, {args.n_eval} images) in {tmp}", file=sys.stderr)
+    generate_dataset(tmp, 0, args.n_eval, args.seed)
+    return os.path.join(tmp, "eval", "questions.jsonl"), os.path.join(tmp, "images"), \
+        os.path.join(tmp, "eval", "answers.jsonl")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=DEFAULT_MODEL, help="converted LLaVA dir (default: the bundled shapes LLaVA)")
+    p.add_argument("--twig", default=DEFAULT_TWIG, help="twig dir (default: the bundled twig)")
+    p.add_argument("--questions")
+    p.add_argument("--images")
+    p.add_argument("--answers")
+    p.add_argument("--data", help="a `twig-jax data shapes` output dir (its eval split)")
+    p.add_argument("--seed", type=int, default=0, help="shapes eval split seed (without --questions/--data)")
+    p.add_argument("--n-eval", type=int, default=200, help="shapes eval images (without --questions/--data)")
+    p.add_argument("--limit", type=int, help="first N questions only")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list of twig, fastv, random")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--max-new-short", type=int, default=16)
+    p.add_argument("--max-new-description", type=int, default=128)
+    p.add_argument("--out-json", help="write all runs' metrics here")
+    p.add_argument("--out-md", help="write the markdown table here")
+    p.add_argument("--preds-dir", help="write each run's answer JSONL into this folder")
+    args = p.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        p.error(f"unknown method(s) {bad}; have {list(METHODS)}")
+
+    import jax.numpy as jnp
+
+    from twig_jax.convert import load_model
+    from twig_jax.pipeline import image_preprocessor_for, load_tokenizer, load_twig_any
+
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="shapes_eval_") as tmp:
+        qpath, images, apath = eval_files(args, tmp)
+        answers = read_answers(apath)
+        questions = attach_categories(read_questions(qpath), answers, qpath, apath)
+        if args.limit:
+            questions = questions[:args.limit]
+        keys = {q.key for q in questions}
+        answers = {k: v for k, v in answers.items() if k in keys}
+
+        model = load_model(args.model, dtype=jnp.float32)
+        tokenizer = load_tokenizer(args.model)
+        improc = image_preprocessor_for(model, args.model)
+        twig = None
+        if args.twig and os.path.exists(args.twig):
+            twig, _ = load_twig_any(args.twig, model.cfg.text, dtype=model.text.embed[...].dtype)
+        elif "twig" in methods:
+            p.error(f"twig dir not found: {args.twig} (give --twig, or leave twig out of --methods)")
+        L, N = model.cfg.text.num_hidden_layers, model.cfg.num_image_tokens
+        max_new = {SHORT: args.max_new_short, DESCRIPTION: args.max_new_description}
+        counts = {c: sum(q.category == c for q in questions) for c in (SHORT, DESCRIPTION)}
+        bucket = (min(args.batch, max(counts.values())),)
+        image_cache: dict = {}
+        model_id = os.path.basename(os.path.normpath(args.model))
+
+        def one(method: str, R: int | None):
+            cfg = EvalConfig(method=method, R=R, ssd=False, batch_size=args.batch, max_new_tokens=max_new)
+            gen = build_generator(model, twig, cfg, batch_buckets=bucket)  # compiled once, serves both categories
+            out = os.path.join(args.preds_dir, f"{method}_R{R or N}.jsonl") if args.preds_dir else None
+            t0 = time.perf_counter()
+            _, m = run_eval(model, tokenizer, questions, cfg, images_dir=images, twig=twig, image_processor=improc,
+                            answers=answers, model_id=model_id, out_path=out, generator=gen, image_cache=image_cache)
+            acc = {c: (accuracy(m, c) if counts[c] else None) for c in (SHORT, DESCRIPTION)}
+            d = acc[DESCRIPTION]
+            print(f"{method:>7} R={m['R']:>4}: short EM {_pct(acc[SHORT])}, description F1 "
+                  f"{_f3(d)} ({time.perf_counter() - t0:.1f} s)",
+                  file=sys.stderr, flush=True)
+            return m, acc
+
+        base_m, base_acc = one("none", None)
+        K = Kf = None
+        runs = []
+        for method in methods:
+            for k in PRUNED_NINTHS:
+                R = kept_for(N, k)
+                m, acc = one(method, R)
+                K, Kf = m["K"], m["Kf"]
+                kept = {c: (ratio(acc[c], base_acc[c]) if acc[c] is not None else None) for c in acc}
+                runs.append({"method": method, "ninths": k, "R": R, "pruned_fraction": 1 - R / N, "K": m["K"],
+                             "Kf": m["Kf"], "accuracy": acc, "kept": kept, "metrics": m})
+    result = {"model": args.model, "twig": args.twig if twig is not None else None, "L": L, "N": N, "K": K, "Kf": Kf,
+              "questions": counts, "unpruned": {"accuracy": base_acc, "metrics": base_m}, "runs": runs,
+              "seconds": time.perf_counter() - t_all}
+    md = markdown(result)
+    result["markdown"] = md
+    print(md)
+    if args.out_json:
+        with open(args.out_json, "w") as f:
+            json.dump(json_safe(result), f, indent=2)
+    if args.out_md:
+        with open(args.out_md, "w") as f:
+            f.write(md + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
