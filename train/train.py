@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     r.add_argument("--metrics", default=None, help="JSONL metrics (default: CKPT_DIR/metrics.jsonl)")
     r.add_argument("--plot", default=None, help="loss-curve PNG (default: CKPT_DIR/loss.png)")
-    r.add_argument("--out", default=None, help="export the trained twig here (orbax + MILVLG safetensors)")
+    r.add_argument("--out", default=None, help="export the trained twig here (orbax + MILVLG safetensors); with "
+                   "--train-all, the trained model as a converted model dir (+ tokenizer)")
     r.add_argument("--benchmark", action="store_true", help="report tokens/s, step time and MFU")
     r.add_argument("--distributed", choices=["auto", "on", "off"], default="auto",
                    help="jax.distributed.initialize() for multi-process runs (auto: when JAX_COORDINATOR_ADDRESS "
@@ -156,6 +157,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         twig_io.save_twig(twig_mod, args.out, overwrite=True)
         twig_io.export_milvlg(twig_mod, os.path.join(args.out, "model.safetensors"))
         print(f"twig saved to {args.out}", file=sys.stderr)
+    if args.out and jax.process_index() == 0 and args.train_all:
+        from twig_jax.pipeline import save_converted_model
+
+        trainer = out["trainer"]
+        trained, _ = trainer.model.modules(jax.device_get(trainer.state["params"]), {})
+        save_converted_model(trained, args.out, tokenizer if hasattr(tokenizer, "save_pretrained") else None)
+        print(f"model saved to {args.out}", file=sys.stderr)
     if out["benchmark"]:
         print(json.dumps(out["benchmark"]))
     return 0
