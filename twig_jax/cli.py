@@ -1,4 +1,4 @@
-"""`twig-jax` command line: convert, generate, demo, bench, bench-twig, prune-viz, train."""
+"""`twig-jax` command line: convert, generate, demo, bench, bench-twig, prune-viz, train, eval, data."""
 
 from __future__ import annotations
 
