@@ -1,11 +1,21 @@
-"""The main job: batch inference on the bundled demo set.
+"""The main job: batch inference with the bundled shapes-world LLaVA + twig (TTP + SSD) on the
+bundled demo set, with answers, reference answers and speed against plain decoding.
 
-    python -m infer.demo [--model DIR] [--questions FILE] [--images DIR] [--max-new-tokens N]
+    python -m infer.demo [--bundle DIR] [--model DIR [--twig DIR]] [--questions FILE --images DIR
+                         [--answers FILE]] [--R N] [--Kf N] [--max-new-tokens N] [--dtype float32|bfloat16]
+                         [--out FILE]
 
-With --model, runs a converted or Hugging Face LLaVA checkpoint directory. Without it, the trained
-demo model does not exist yet, so a small randomly initialised LLaVA (and a word-level tokenizer)
-is built in place: the answers are random words, but every stage runs for real (image pipeline,
-prompt template, placeholder expansion, batched prefill, one compiled decode loop).
+By default it loads infer/assets/shapes-llava (base + twig, see scripts/bundle_shapes.py) and
+answers infer/assets/demo (8 eval images of the shapes world, seed 0: a short question and
+"describe the image ." each). Every configuration runs twice per question category: a warm-up
+call that compiles, then the timed call. It prints each question, the TTP + SSD answer (and the
+plain one where it differs), the reference answer when known, accuracy, and speed: tokens/s of
+TTP + SSD vs plain decoding (generated tokens / (prefill + decode time)), SSD acceptance rate and
+mean tokens per round.
+
+--model DIR runs any converted or Hugging Face LLaVA dir instead, with plain decoding only unless
+--twig DIR is given. Without --model and without a bundle, a randomly initialised shapes-llava
+with a copy-initialised twig stands in (the answers are then meaningless; it says so loudly).
 """
 
 from __future__ import annotations
@@ -18,6 +28,9 @@ import time
 
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+DEMO_DIR = os.path.join(ASSETS, "demo")  # questions.jsonl, answers.jsonl, images/
+DEMO_IMAGES = os.path.join(DEMO_DIR, "images")
+BUNDLE = os.path.join(ASSETS, "shapes-llava")  # the bundled model: base/ + twig/
 
 DEMO_WORDS = (
     "a an the is are of in on to and yes no what which where how many colour color shape image "
@@ -28,7 +41,7 @@ DEMO_WORDS = (
 
 
 def random_demo_model(seed: int = 0):
-    """A small random LLaVA and a matching word-level tokenizer, built in a temp dir."""
+    """A small random LLaVA and a matching word-level tokenizer (tests and train.demo_data use it)."""
     from flax import nnx
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -61,67 +74,212 @@ def random_demo_model(seed: int = 0):
     return model, tokenizer
 
 
-def read_questions(path: str) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for i, line in enumerate(f):
-            if line.strip():
-                row = json.loads(line)
-                if "image" not in row or "text" not in row:
-                    raise ValueError(f"{path}:{i + 1}: each line needs 'image' and 'text' keys, got {sorted(row)}")
-                rows.append(row)
-    return rows
+def random_shapes_model(seed: int = 0):
+    """Stand-in when no bundle exists: a random shapes-llava (the bundled architecture), the
+    shapes-world tokenizer and a twig initialised from base layers 2..3 (K=2, T=2, Kf=6, R=16)."""
+    from flax import nnx
+
+    from twig_jax.config import load_preset
+    from twig_jax.data.shapes import build_tokenizer
+    from twig_jax.model.llava import Llava
+    from twig_jax.twig import TwigConfig, init_twig_from_base
+
+    model = Llava(load_preset("shapes-llava"), rngs=nnx.Rngs(seed))
+    twig = init_twig_from_base(model, TwigConfig(K=2, T=2, Kf=6, R=16))
+    return model, build_tokenizer(), twig
+
+
+def load_questions(questions_path: str, answers_path: str | None):
+    """(questions with a category each, {key: Reference} or None). Categories come from the
+    question file, else the answer file, else "all"."""
+    import dataclasses
+
+    from twig_jax.eval import read_answers, read_questions
+
+    questions = read_questions(questions_path)
+    refs = read_answers(answers_path) if answers_path else None
+    out = []
+    for q in questions:
+        cat = q.category or (refs[q.key].category if refs and q.key in refs else "all")
+        out.append(dataclasses.replace(q, category=cat))
+    return out, refs
+
+
+def _rel(path: str) -> str:
+    """path relative to the working directory when under it, else as given."""
+    rel = os.path.relpath(os.path.abspath(path))
+    return path if rel.startswith("..") else rel
+
+
+def _twig_desc(tc, n_visual: int) -> str:
+    return (f"K={tc.K}, T={tc.T}, Kf={tc.Kf}, R={tc.R} of {n_visual} visual tokens "
+            f"({100 * (1 - tc.R / n_visual):.1f}% pruned), draft_len={tc.draft_len}, theta={tc.theta}")
+
+
+def _sum_stats(stats: dict) -> dict:
+    s = {k: sum(st.get(k, 0) or 0 for st in stats.values()) for k in ("seconds", "generated_tokens", "rounds",
+                                                                       "drafted", "accepted")}
+    s["tokens_per_s"] = s["generated_tokens"] / max(s["seconds"], 1e-9)
+    if s["rounds"]:
+        s["acceptance_rate"] = s["accepted"] / s["drafted"] if s["drafted"] else float("nan")
+        # tokens emitted by rounds (all but each row's first, which the prefill gives) per round
+        n_rows = sum(st.get("rows", 0) for st in stats.values())
+        s["mean_tokens_per_round"] = (s["generated_tokens"] - n_rows) / s["rounds"]
+    return s
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="converted or HF LLaVA dir (default: a random demo model built in place)")
-    p.add_argument("--questions", default=os.path.join(ASSETS, "demo_questions.jsonl"),
-                   help="LLaVA question file: JSONL of {question_id, image, text}")
-    p.add_argument("--images", default=ASSETS, help="folder the question file's images are relative to")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--answers", help="write LLaVA-style answer JSONL here")
+    p.add_argument("--bundle", default=BUNDLE, help="bundled model dir: base/ + twig/ (default %(default)s)")
+    p.add_argument("--model", help="converted or HF LLaVA dir instead of the bundle (plain decoding unless --twig)")
+    p.add_argument("--twig", help="twig checkpoint for --model (orbax dir or MILVLG safetensors): TTP + SSD")
+    p.add_argument("--questions", help="LLaVA question file: JSONL of {question_id, image, text[, category]} "
+                                       "(default: the bundled demo set)")
+    p.add_argument("--images", help="folder the question file's images are relative to")
+    p.add_argument("--answers", help="reference answers JSONL {question_id, answer, category} (optional)")
+    p.add_argument("--R", type=int, help="kept visual tokens (default: the twig's)")
+    p.add_argument("--Kf", type=int, help="FinalWipe layer (default: the twig's)")
+    p.add_argument("--max-new-tokens", type=int,
+                   help="for every category (default: 16 for short answers, 128 for descriptions, 128 otherwise)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype (weights are cast on load; default %(default)s)")
+    p.add_argument("--out", help="write the TTP + SSD (or plain) answers as LLaVA answer JSONL here")
     args = p.parse_args(argv)
+    if args.twig and not args.model:
+        p.error("--twig goes with --model (the bundle brings its own twig)")
+    if args.questions is None:
+        if args.images or args.answers:
+            p.error("--images/--answers go with --questions")
+        args.questions = os.path.join(DEMO_DIR, "questions.jsonl")
+        args.images = DEMO_IMAGES
+        args.answers = os.path.join(DEMO_DIR, "answers.jsonl")
+    elif args.images is None:
+        args.images = os.path.dirname(os.path.abspath(args.questions))
 
-    from twig_jax.pipeline import Pipeline, image_preprocessor_for, load_tokenizer
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from twig_jax.bundle import accuracy_of, run_questions
+    from twig_jax.pipeline import image_preprocessor_for, load_tokenizer, load_twig_any, make_generator
 
     t0 = time.perf_counter()
+    dtype = jnp.dtype(args.dtype)
     if args.model:
-        import jax.numpy as jnp
-
         from twig_jax.convert import load_model
 
-        model = load_model(args.model, dtype=getattr(jnp, args.dtype))
-        tokenizer = load_tokenizer(args.model)
-        pipe = Pipeline(model, tokenizer, image_preprocessor_for(model, args.model))
-        print(f"loaded {args.model}", file=sys.stderr)
+        model = load_model(args.model, dtype=dtype)
+        tokenizer, processor = load_tokenizer(args.model), image_preprocessor_for(model, args.model)
+        twig = load_twig_any(args.twig, model.cfg.text, dtype=dtype)[0] if args.twig else None
+        what = args.model + (f" + twig {args.twig}" if twig is not None else " (no --twig: plain decoding only)")
+    elif os.path.isdir(os.path.join(args.bundle, "base")):
+        from twig_jax.bundle import load_bundle
+
+        b = load_bundle(args.bundle, dtype=dtype)
+        model, tokenizer, processor, twig = b.model, b.tokenizer, b.image_processor, b.twig
+        what = f"bundled shapes-world LLaVA {_rel(args.bundle)} (run in {args.dtype})"
     else:
-        model, tokenizer = random_demo_model()
-        pipe = Pipeline(model, tokenizer)
-        print("no --model given: using a randomly initialised demo LLaVA (answers are random words)",
-              file=sys.stderr)
+        bar = "!" * 100
+        print(f"{bar}\n!! NO BUNDLED MODEL at {args.bundle}: using a RANDOMLY INITIALISED shapes-llava and twig.\n"
+              f"!! The answers below are random words; every stage still runs for real. Build the bundle with\n"
+              f"!!   python scripts/bundle_shapes.py --base DIR --twig DIR --measure\n{bar}", file=sys.stderr)
+        model, tokenizer, twig = random_shapes_model()
+        processor = image_preprocessor_for(model, None)
+        what = "RANDOM shapes-llava + random twig (no bundle found)"
+    twig_cfg = None
+    if twig is not None:
+        over = {k: v for k, v in (("R", args.R), ("Kf", args.Kf)) if v is not None}
+        twig_cfg = dataclasses.replace(twig.twig_cfg, **over, **({"R_bar": None} if "R" in over else {}))
+        twig_cfg.validate(model.cfg.text.num_hidden_layers, model.cfg.num_image_tokens)
+    elif args.R or args.Kf:
+        p.error("--R/--Kf need a twig")
     load_s = time.perf_counter() - t0
 
-    rows = read_questions(args.questions)
-    images = [os.path.join(args.images, r["image"]) for r in rows]
-    questions = [r["text"] for r in rows]
-    # First call compiles; the second one shows the steady-state speed of the compiled loop.
-    t0 = time.perf_counter()
-    pipe.answer(images, questions, max_new_tokens=args.max_new_tokens)
-    compile_s = time.perf_counter() - t0
-    answers, stats = pipe.answer(images, questions, max_new_tokens=args.max_new_tokens)
+    questions, refs = load_questions(args.questions, args.answers)
+    max_new = {c: args.max_new_tokens for c in {q.category for q in questions}} if args.max_new_tokens else {}
+    max_new.setdefault("all", 128)
+    n_images = len({q.image for q in questions})
+    print(f"model: {what}")
+    if twig_cfg is not None:
+        print(f"twig:  {_twig_desc(twig_cfg, model.cfg.num_image_tokens)}")
+    print(f"data:  {len(questions)} questions on {n_images} images ({_rel(args.questions)}); "
+          f"load {load_s:.1f} s")
 
-    for r, a in zip(rows, answers):
-        print(f"[{r.get('question_id', '')}] {r['image']}: {a.question!r}\n    -> {a.text!r} "
-              f"({len(a.tokens)} tokens, prompt {a.prompt_tokens})")
-    print(f"batch {len(rows)}: {stats['generated_tokens']} tokens in {stats['seconds']:.3f} s = "
-          f"{stats['tokens_per_s']:.1f} tokens/s (load {load_s:.1f} s, first call incl. compile {compile_s:.1f} s)")
-    if args.answers:
-        with open(args.answers, "w") as f:
-            for r, a in zip(rows, answers):
-                f.write(json.dumps({"question_id": r.get("question_id"), "prompt": r["text"], "text": a.text,
-                                    "model_id": args.model or "random-demo"}) + "\n")
+    runs = [("plain", "none", False)]
+    if twig is not None:
+        runs.insert(0, ("TTP+SSD", "twig", True))
+    results, cache = {}, {}
+    for label, method, ssd in runs:
+        gen = make_generator(model, twig if ssd or method == "twig" else None, twig_cfg, method=method, ssd=ssd)
+        kw = dict(twig=twig, twig_cfg=twig_cfg, method=method, ssd=ssd, max_new_tokens=max_new, generator=gen,
+                  image_cache=cache)
+        t0 = time.perf_counter()
+        run_questions(model, tokenizer, processor, questions, args.images, **kw)  # warm-up: compiles
+        warm = time.perf_counter() - t0
+        answers, stats = run_questions(model, tokenizer, processor, questions, args.images, **kw)
+        for cat, st in stats.items():
+            st["rows"] = sum(q.category == cat for q in questions)
+        results[label] = (answers, stats, warm)
+        print(f"{label}: warm-up call (compiles) {warm:.1f} s, timed call {sum(s['seconds'] for s in stats.values()):.2f} s",
+              file=sys.stderr)
+
+    main_label = runs[0][0]
+    answers = results[main_label][0]
+    print()
+    for q in questions:
+        a = answers[q.key]
+        print(f"[{q.question_id}] {q.image}: {q.text}")
+        print(f"    {main_label:8s} {a.text}")
+        if main_label != "plain":
+            other = results["plain"][0][q.key].text
+            print(f"    {'plain':8s} {'(same)' if other == a.text else other}")
+        if refs and q.key in refs:
+            from twig_jax.eval import exact_match, object_score
+
+            r = refs[q.key]
+            if r.category == "short":
+                mark = "correct" if exact_match(a.text, r.answer) else "WRONG"
+            else:
+                mark = f"object F1 {object_score(a.text, r.answer).f1:.2f}"
+            print(f"    {'reference':8s} {r.answer}   [{mark}]")
+
+    if refs:
+        print()
+        for label, (ans, _, _) in results.items():
+            acc = accuracy_of(ans, refs)
+            f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+            print(f"accuracy {label:8s} short exact match {f(acc['short_em'])}, description object F1 "
+                  f"{f(acc['description_f1'])}")
+
+    print("\nspeed (timed call after a warm-up compile; tokens/s = generated tokens / (prefill + decode) time):")
+    cats = list(dict.fromkeys(q.category for q in questions))
+    head = f"  {'category':12s} {'rows':>4s} " + " ".join(f"{lbl + ' tok/s':>14s}" for lbl, _, _ in runs)
+    if len(runs) > 1:
+        head += f" {'speed-up':>9s} {'acceptance':>10s} {'tokens/round':>12s}"
+    print(head)
+    for cat in cats + ["all"]:
+        per = {lbl: (_sum_stats(results[lbl][1]) if cat == "all" else _sum_stats({cat: results[lbl][1][cat]}))
+               for lbl, _, _ in runs}
+        rows = sum(q.category == cat for q in questions) if cat != "all" else len(questions)
+        line = f"  {cat:12s} {rows:4d} " + " ".join(
+            f"{per[lbl]['tokens_per_s']:14.1f}" for lbl, _, _ in runs)
+        if len(runs) > 1:
+            m, pl = per[main_label], per["plain"]
+            line += (f" {m['tokens_per_s'] / max(pl['tokens_per_s'], 1e-9):8.2f}x {m['acceptance_rate']:10.1%} "
+                     f"{m['mean_tokens_per_round']:12.2f}")
+        print(line)
+    if len(runs) > 1:
+        tot = {lbl: _sum_stats(results[lbl][1]) for lbl, _, _ in runs}
+        print(f"  ({main_label}: {tot[main_label]['generated_tokens']} tokens in {tot[main_label]['seconds']:.2f} s, "
+              f"{tot[main_label]['rounds']} draft/verify rounds, {tot[main_label]['accepted']} of "
+              f"{tot[main_label]['drafted']} drafted tokens accepted; plain: {tot['plain']['generated_tokens']} "
+              f"tokens in {tot['plain']['seconds']:.2f} s)")
+
+    if args.out:
+        with open(args.out, "w") as f:
+            for q in questions:
+                f.write(json.dumps({"question_id": q.question_id, "prompt": q.text, "text": answers[q.key].text,
+                                    "model_id": what, "metadata": {"method": main_label}}) + "\n")
     return 0
 
 

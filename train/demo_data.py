@@ -1,4 +1,4 @@
-"""A small LLaVA-format dataset over the bundled demo images, for smoke runs and the training benchmark.
+"""A small LLaVA-format dataset over the bundled demo images (infer/assets/demo/images), for smoke runs and the training benchmark.
 
     python -m train.demo_data --out DIR [--n 64] [--answer-words 40]
 
@@ -16,14 +16,14 @@ import shutil
 
 import numpy as np
 
-from infer.demo import ASSETS, DEMO_WORDS, random_demo_model
+from infer.demo import DEMO_IMAGES, DEMO_WORDS, random_demo_model
 
 
 def write_demo_data(out: str, n: int = 64, answer_words: int = 40, seed: int = 0) -> str:
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    images = sorted(f for f in os.listdir(ASSETS) if f.endswith(".png"))
+    images = sorted(f for f in os.listdir(DEMO_IMAGES) if f.endswith(".png"))
     for f in images:
-        shutil.copy(os.path.join(ASSETS, f), os.path.join(out, "images", f))
+        shutil.copy(os.path.join(DEMO_IMAGES, f), os.path.join(out, "images", f))
     _, tokenizer = random_demo_model()
     tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
     rng = np.random.RandomState(seed)
