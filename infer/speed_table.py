@@ -1,0 +1,198 @@
+"""End-to-end speed of TwigVLM on the bundled shapes model: FastV, TTP, SSD, TTP + SSD against
+plain decoding, on descriptions (long answers), at batch 1 and batch 8.
+
+    python -m infer.speed_table [--model DIR] [--twig DIR] [--R 16] [--images N] [--repeats 3]
+                                [--out-json F] [--out-md F]
+
+Speed = generated tokens / (prefill + decode time) of `generate()` on preprocessed inputs (image
+decoding excluded, the same for every method), summed over the batches of a pass. Every variant
+is compiled by a warm-up pass first; then passes run round-robin over the variants `--repeats`
+times and the median pass counts, so a noisy machine slows every variant alike. The ratio column
+is speed / plain decoding's speed in the same run. "plain" is `generate.Generator` (the fast
+per-layer decoder, no pruning); "ssd" drafts with the twig but keeps every visual token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+VARIANTS = {  # name -> (method, ssd)
+    "plain": ("none", False),
+    "fastv": ("fastv", False),
+    "ttp": ("twig", False),
+    "ssd": ("none", True),
+    "ttp+ssd": ("twig", True),
+}
+
+
+def description_inputs(pipe, questions, images_dir: str, n: int):
+    """Token prompts and pixels of the first n description questions.  # prompts, [n, 3, H, W]"""
+    desc = [q for q in questions if q.category == "description"][:n]
+    if len(desc) < n:
+        raise ValueError(f"only {len(desc)} description questions in the question file, need {n}")
+    prompts = pipe.encode([q.text for q in desc])
+    pixels = pipe.image_processor([os.path.join(images_dir, q.image) for q in desc])
+    return prompts, pixels
+
+
+def run_pass(gen, prompts, pixels, batch: int, max_new_tokens: int, eos_ids) -> dict:
+    """All inputs in batches of `batch`; seconds, tokens and SSD counters summed."""
+    import numpy as np
+
+    secs, toks, rounds, drafted, accepted, emitted = 0.0, 0, 0, 0, 0, 0
+    outs = []
+    for i in range(0, len(prompts), batch):
+        t0 = time.perf_counter()
+        out = gen.generate(prompts[i:i + batch], pixels[i:i + batch], max_new_tokens=max_new_tokens,
+                           eos_ids=eos_ids)
+        secs += time.perf_counter() - t0
+        toks += int(np.sum(out.num_generated))
+        outs.extend(out.tokens)
+        st = getattr(out, "stats", None) or {}
+        if st:
+            rounds += st["rounds"]
+            drafted += st["drafted"]
+            accepted += st["accepted"]
+            emitted += int(np.maximum(np.asarray(out.num_generated) - 1, 0).sum())
+    return dict(seconds=secs, tokens=toks, rounds=rounds, drafted=drafted, accepted=accepted, emitted=emitted,
+                outputs=outs)
+
+
+def measure_speed(model, tokenizer, twig, twig_cfg, prompts, pixels, *, batches=(1, 8), repeats: int = 3,
+                  max_new_tokens: int = 128, variants=tuple(VARIANTS), log=print) -> list[dict]:
+    """Rows of the speed table, one per (batch, variant); plain decoding is the reference."""
+    from twig_jax.pipeline import make_generator
+
+    eos_ids = (tokenizer.eos_token_id,)
+    gens = {}
+    for name in variants:
+        method, ssd = VARIANTS[name]
+        gens[name] = make_generator(model, twig, twig_cfg, method=method, ssd=ssd)
+    rows = []
+    for batch in batches:
+        if len(prompts) % batch:
+            raise ValueError(f"{len(prompts)} inputs is not a multiple of batch {batch}")
+        for name, g in gens.items():  # warm-up: compile every shape this batch size uses
+            run_pass(g, prompts, pixels, batch, max_new_tokens, eos_ids)
+        passes = {name: [] for name in gens}
+        for _ in range(repeats):
+            for name, g in gens.items():
+                passes[name].append(run_pass(g, prompts, pixels, batch, max_new_tokens, eos_ids))
+        plain_tokens = None
+        for name in gens:
+            ps = passes[name]
+            med = sorted(ps, key=lambda p: p["seconds"])[len(ps) // 2]
+            speed = med["tokens"] / med["seconds"]
+            row = dict(batch=batch, variant=name, seconds=med["seconds"], tokens=med["tokens"],
+                       tokens_per_s=speed, all_seconds=[p["seconds"] for p in ps])
+            if med["rounds"]:
+                row.update(acceptance_rate=med["accepted"] / max(med["drafted"], 1),
+                           mean_tokens_per_round=med["emitted"] / med["rounds"], rounds=med["rounds"])
+            if name == "plain":
+                plain_tokens, plain_speed = med["outputs"], speed
+            rows.append(row)
+        # Greedy SSD is lossless: it must reproduce its non-speculative counterpart token for token.
+        outs = {name: passes[name][0]["outputs"] for name in gens}
+        for spec, ref in (("ssd", "plain"), ("ttp+ssd", "ttp")):
+            if spec in outs and ref in outs:
+                same = outs[spec] == outs[ref]
+                next(r for r in rows if r["batch"] == batch and r["variant"] == spec)["same_tokens_as_" + ref] = same
+                if not same:
+                    log(f"WARNING: batch {batch}: {spec} tokens differ from {ref}")
+        for row in rows:
+            if row["batch"] == batch:
+                row["speedup"] = row["tokens_per_s"] / plain_speed
+        if plain_tokens is not None:
+            log(f"batch {batch}: " + ", ".join(f"{r['variant']} {r['speedup']:.2f}x" for r in rows
+                                                if r["batch"] == batch))
+    return rows
+
+
+def make_generator_plan_R(model, twig_cfg) -> int:
+    """The kept count R the generators use (R, or R from the R-bar budget)."""
+    from twig_jax.ttp import make_plan
+
+    return make_plan(model.cfg, twig_cfg, "twig").R
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    head = ("| batch | method | tokens | seconds | tokens/s | speed vs plain | acceptance | tokens/round |\n"
+            "|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        acc = f"{r['acceptance_rate']:.1%}" if "acceptance_rate" in r else "-"
+        tpr = f"{r['mean_tokens_per_round']:.2f}" if "mean_tokens_per_round" in r else "-"
+        lines.append(f"| {r['batch']} | {r['variant']} | {r['tokens']} | {r['seconds']:.2f} | "
+                     f"{r['tokens_per_s']:.1f} | **{r['speedup']:.2f}x** | {acc} | {tpr} |")
+    lines.append("")
+    lines.append(f"R = {meta['R']} of N = {meta['N']} visual tokens, K = {meta['K']}, Kf = {meta['Kf']}, "
+                 f"draft_len = {meta['draft_len']}, theta = {meta['theta']}; {meta['n_inputs']} descriptions, "
+                 f"max {meta['max_new_tokens']} new tokens; median of {meta['repeats']} passes.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from twig_jax.eval import DEFAULT_MODEL, DEFAULT_TWIG
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--twig", default=DEFAULT_TWIG)
+    p.add_argument("--data", default=None, help="shapes dataset dir (eval/questions.jsonl + images/); "
+                                                "default: the eval split generated for seed 0 in a temp dir")
+    p.add_argument("--R", type=int, default=None, help="kept visual tokens (default: the twig's, N/9 when bundled)")
+    p.add_argument("--images", type=int, default=16, help="descriptions per pass (a multiple of 8)")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--out-json", default=None)
+    p.add_argument("--out-md", default=None)
+    args = p.parse_args(argv)
+
+    import dataclasses
+    import tempfile
+
+    from twig_jax.convert import load_model
+    from twig_jax.eval import read_questions
+    from twig_jax.pipeline import Pipeline, image_preprocessor_for, load_tokenizer, load_twig_any
+
+    model = load_model(args.model)
+    tokenizer = load_tokenizer(args.model)
+    twig, twig_cfg = load_twig_any(args.twig, model.cfg.text, dtype=model.text.embed[...].dtype)
+    if args.R is not None:
+        twig_cfg = dataclasses.replace(twig_cfg, R=args.R, R_bar=None)
+    pipe = Pipeline(model, tokenizer, image_preprocessor_for(model, args.model))
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data
+        if data is None:
+            from twig_jax.data.shapes import generate_dataset
+
+            data = tmp
+            generate_dataset(tmp, 0, args.images, seed=0)
+        questions = read_questions(os.path.join(data, "eval", "questions.jsonl"))
+        prompts, pixels = description_inputs(pipe, questions, os.path.join(data, "images"), args.images)
+    batches = tuple(int(b) for b in args.batches.split(","))
+    rows = measure_speed(model, tokenizer, twig, twig_cfg, prompts, pixels, batches=batches, repeats=args.repeats,
+                         max_new_tokens=args.max_new_tokens, log=lambda s: print(s, file=sys.stderr))
+    N = model.cfg.num_image_tokens
+    R = make_generator_plan_R(model, twig_cfg)
+    meta = dict(model=args.model, twig=args.twig, R=R, N=N, K=twig_cfg.K, Kf=twig_cfg.Kf,
+                draft_len=twig_cfg.draft_len, theta=twig_cfg.theta, n_inputs=args.images,
+                max_new_tokens=args.max_new_tokens, repeats=args.repeats)
+    md = markdown(rows, meta)
+    print(md)
+    if args.out_json:
+        with open(args.out_json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    if args.out_md:
+        with open(args.out_md, "w") as f:
+            f.write(md + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
