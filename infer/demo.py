@@ -220,8 +220,8 @@ def main(argv=None) -> int:
         for cat, st in stats.items():
             st["rows"] = sum(q.category == cat for q in questions)
         results[label] = (answers, stats, warm)
-        print(f"{label}: warm-up call (compiles) {warm:.1f} s, timed call {sum(s['seconds'] for s in stats.values()):.2f} s",
-              file=sys.stderr)
+        timed = sum(s["seconds"] for s in stats.values())
+        print(f"{label}: warm-up call (compiles) {warm:.1f} s, timed call {timed:.2f} s", file=sys.stderr)
 
     main_label = runs[0][0]
     answers = results[main_label][0]

@@ -357,7 +357,8 @@ def check_agreement(base_dir: str, twig_dir: str, out: str, *, n_images: int = 8
                 failures.append(f"{label}: {100 * frac:.1f}% < {100 * min_agreement:.0f}%")
         _update_info(out, agreement=result)
         if failures:
-            raise BundleError("the bundle's greedy answers disagree with the float32 source's: " + "; ".join(failures))
+            raise BundleError(f"the bundle's greedy answers disagree with the float32 source's: {'; '.join(failures)} "
+                              f"(the bundle is left in {out} for inspection: do not commit it as is)")
         return result
 
 
