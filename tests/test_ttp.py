@@ -205,6 +205,66 @@ def test_pruned_decode_matches_reference(setup, method, score_rows):
     assert list(out.num_generated) == [NEW] * len(prompts)
 
 
+@pytest.mark.parametrize("method,score_rows", [("twig", "last"), ("twig", "text"), ("fastv", "last")])
+def test_per_layer_prefill_equals_stacked(setup, method, score_rows):
+    """ttp_prefill with per-layer weights (per-layer caches, what TwigGenerator runs) computes what
+    the stacked-weight path does: same scores, kept set, logits and cached keys/values."""
+    from twig_jax.ttp import LayerWeights
+
+    cfg, model, prompts, pixels = setup
+    tc = TwigConfig(K=1, T=2, Kf=3, R=5, score_rows=score_rows)
+    twig = Twig(cfg.text, tc, rngs=nnx.Rngs(7))
+    _sharpen(twig.layers)
+    plan = make_plan(cfg, tc, method)
+    tokens = np.zeros((len(prompts), 32), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+
+    @nnx.jit
+    def run(model, twig, weights, tokens, lengths, pixels):
+        return ttp_prefill(model, twig, plan, tokens, lengths, pixels, extra=4, weights=weights)
+
+    args = (jnp.asarray(tokens), lengths, jnp.asarray(pixels))
+    stacked = run(model, twig, None, *args)
+    per = run(model, twig, LayerWeights.of(model, twig), *args)
+    np.testing.assert_allclose(np.asarray(per.scores), np.asarray(stacked.scores), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(per.keep), np.asarray(stacked.keep))
+    np.testing.assert_allclose(np.asarray(per.logits), np.asarray(stacked.logits), rtol=1e-4, atol=1e-5)
+    for name, g in stacked.caches.groups().items():
+        pg = per.caches.groups()[name]
+        assert isinstance(pg.k, tuple) and len(pg.k) == g.k.shape[0], name
+        np.testing.assert_allclose(np.stack(pg.k), np.asarray(g.k), rtol=1e-4, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(np.stack(pg.v), np.asarray(g.v), rtol=1e-4, atol=1e-5, err_msg=name)
+        np.testing.assert_array_equal(np.asarray(pg.lengths), np.asarray(g.lengths))
+
+
+def test_probs_query_rows(setup):
+    """run_layers(probs_query=...) returns [B, H, S] rows of the full [B, H, S, S] probabilities:
+    one picked query row per batch row, or the rows summed with weights."""
+    from twig_jax.cache import KVCache
+    from twig_jax.model.llama import run_layers
+
+    cfg, model, _, _ = setup
+    tc = cfg.text
+    b, s = 2, 12
+    x = jax.random.normal(jax.random.key(0), (b, s, tc.hidden_size))
+    pos = jnp.broadcast_to(jnp.arange(s)[None], (b, s))
+    cache = KVCache.zeros(tc.num_hidden_layers, b, tc.num_key_value_heads, s, tc.head_dim, jnp.float32)
+    w = model.text.layers.weights()
+
+    def probs(query):
+        return np.asarray(run_layers(tc, w, x, pos, cache.k, cache.v, jnp.zeros((b,), jnp.int32), stop=2, fresh=True,
+                                     return_last_probs=True, probs_query=query).attn_probs)
+
+    full = probs(None)
+    assert full.shape == (b, tc.num_attention_heads, s, s)
+    rows = jnp.asarray([5, 11], jnp.int32)
+    np.testing.assert_allclose(probs(rows), full[np.arange(b), :, np.asarray(rows)], rtol=1e-6)
+    wts = np.random.default_rng(0).random((b, s)).astype(np.float32)
+    np.testing.assert_allclose(probs(jnp.asarray(wts)), np.einsum("bhts,bt->bhs", full, wts), rtol=1e-5, atol=1e-7)
+
+
 def test_prune_scores_and_random_method(setup):
     """Random keep-R: sorted, distinct, in range, reproducible per seed; prune_scores shapes."""
     cfg, model, prompts, pixels = setup

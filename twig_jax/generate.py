@@ -149,13 +149,20 @@ class Generator:
 
     def __init__(self, model: Llava, *, max_cache_len: int | None = None,
                  batch_buckets: Sequence[int] = BATCH_BUCKETS, prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
-                 new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS):
+                 new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS, layer_weights=None):
         self.cfg = model.cfg
         self.graphdef, self.state = nnx.split(model)
         # Decoder weights as separate per-layer buffers (see llama.unstack_layers). They are a
-        # second copy of the decoder weights while the caller also keeps the stacked model.
-        # None: subclasses whose compiled paths read the stacked weights skip the copy.
-        self.layer_weights = unstack_layers(model.text.layers.weights()) if self.per_layer_decode else None
+        # second copy of the decoder weights while the caller also keeps the stacked model;
+        # generators on the same model can share one copy (pass another's .layer_weights).
+        if not self.per_layer_decode:
+            layer_weights = None
+        elif layer_weights is None:
+            layer_weights = unstack_layers(model.text.layers.weights())
+        elif len(layer_weights) != self.cfg.text.num_hidden_layers:
+            raise ValueError(f"layer_weights has {len(layer_weights)} layers; the model has "
+                             f"{self.cfg.text.num_hidden_layers}")
+        self.layer_weights = layer_weights
         self.max_cache_len = max_cache_len or self.cfg.text.max_position_embeddings
         self.batch_buckets = tuple(batch_buckets)
         self.prompt_buckets = tuple(prompt_buckets)

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 
 from twig_jax.model.llava import Llava
 from twig_jax.sampling import SamplingConfig, filtered_logits, sample_logits
-from twig_jax.ttp import PrunePlan, TTPPrefill, TwigCaches, target_step, trunk_step, ttp_prefill, twig_step
+from twig_jax.ttp import (LayerWeights, PrunePlan, TTPPrefill, TwigCaches, target_step, trunk_step, ttp_prefill,
+                          twig_step)
 from twig_jax.twig import Twig, TwigConfigError
 
 
@@ -92,7 +93,7 @@ def rejection_sample(p: jax.Array, q: jax.Array, drafts: jax.Array, n_draft: jax
 
 def ssd_loop(model: Llava, twig: Twig, plan: PrunePlan, caches: TwigCaches, logits: jax.Array, active: jax.Array,
              key: jax.Array, max_new_tokens: jax.Array, *, out_len: int, sampling: SamplingConfig,
-             eos_ids: tuple[int, ...], pad_id: int, on_round=None) -> SSDOutput:
+             eos_ids: tuple[int, ...], pad_id: int, on_round=None, weights: LayerWeights | None = None) -> SSDOutput:
     """Generate up to max_new_tokens (<= out_len) per row by draft/verify rounds.
 
     caches: from ttp_prefill with the twig (its capacities need ssd_extra_slots headroom);
@@ -100,7 +101,8 @@ def ssd_loop(model: Llava, twig: Twig, plan: PrunePlan, caches: TwigCaches, logi
     on_round: optional host function (streaming, twig_jax.stream), called through an ordered
     `io_callback` as on_round(tokens [B, delta+1], n_emit [B], n_accepted [B]) with the first
     token and then every round's emitted tokens (the first min(n_accepted, n_emit) are accepted
-    drafts). Static: None (the default) traces no callback at all.
+    drafts). Static: None (the default) traces no callback at all. weights: per-layer base / twig
+    weights matching the caches' layout (ttp.LayerWeights; None: the stacked arrays).
     """
     if caches.twig is None:
         raise TwigConfigError("SSD needs the twig cache: run ttp_prefill with a twig")
@@ -124,7 +126,7 @@ def ssd_loop(model: Llava, twig: Twig, plan: PrunePlan, caches: TwigCaches, logi
     def draft(trunk, twig_cache, t0, live, key):
         """Steps j = 0..max m through trunk + twig.  # hs [B, delta+1, D], drafts [B, delta+1], q, n_draft [B]"""
         cur = trunk.lengths
-        hs = jnp.zeros((b, delta + 1, d_model), model.text.embed.value.dtype)
+        hs = jnp.zeros((b, delta + 1, d_model), model.text.embed[...].dtype)
         drafts = jnp.zeros((b, delta + 1), jnp.int32)
         qs = jnp.zeros((b, delta + 1, v), jnp.float32) if not greedy else jnp.zeros((b, 0, v), jnp.float32)
 
@@ -135,8 +137,8 @@ def ssd_loop(model: Llava, twig: Twig, plan: PrunePlan, caches: TwigCaches, logi
 
         def body(st):
             j, x, trunk, tw, hs, drafts, qs, n_draft, stopped = st
-            trunk, h = trunk_step(model, plan, trunk, x[:, None])  # h: [B, 1, D]
-            tw, lq = twig_step(twig, tw, h, (cur + j)[:, None])
+            trunk, h = trunk_step(model, plan, trunk, x[:, None], weights)  # h: [B, 1, D]
+            tw, lq = twig_step(twig, tw, h, (cur + j)[:, None], weights)
             q = _probs(lq[:, 0], sampling)  # [B, V]
             if greedy:
                 d = jnp.argmax(lq[:, 0], axis=-1).astype(jnp.int32)
@@ -164,7 +166,7 @@ def ssd_loop(model: Llava, twig: Twig, plan: PrunePlan, caches: TwigCaches, logi
         trunk, tw, hs, drafts, qs, n_draft = draft(caches.trunk, caches.twig, t0, ~done, k_draft)
 
         positions = cur[:, None] + slots[None]  # [B, delta+1]
-        mid, tail, lp = target_step(model, plan, caches.mid, caches.tail, hs, positions)  # lp: [B, delta+1, V]
+        mid, tail, lp = target_step(model, plan, caches.mid, caches.tail, hs, positions, weights)  # [B, delta+1, V]
         if greedy:
             y = jnp.argmax(lp, axis=-1).astype(jnp.int32)  # [B, delta+1]
             match = (drafts[:, :delta] == y[:, :delta]) & (slots[None, :delta] < n_draft[:, None])
@@ -208,11 +210,11 @@ def ssd_loop(model: Llava, twig: Twig, plan: PrunePlan, caches: TwigCaches, logi
 def ssd_generate(model: Llava, twig: Twig, plan: PrunePlan, tokens: jax.Array, lengths: jax.Array,
                  pixel_values: jax.Array, active: jax.Array, key: jax.Array, max_new_tokens: jax.Array, *,
                  out_len: int, sampling: SamplingConfig = SamplingConfig(), eos_ids: tuple[int, ...] = (),
-                 pad_id: int = 0) -> tuple[SSDOutput, TTPPrefill]:
+                 pad_id: int = 0, weights: LayerWeights | None = None) -> tuple[SSDOutput, TTPPrefill]:
     """TTP prefill (with the twig cache) + SSD rounds; the prefill result carries scores / keep."""
     key_prune, key_dec = jax.random.split(key)
     pre = ttp_prefill(model, twig, plan, tokens, lengths, pixel_values, extra=ssd_extra_slots(plan, out_len),
-                      key=key_prune)
+                      key=key_prune, weights=weights)
     out = ssd_loop(model, twig, plan, pre.caches, pre.logits, active, key_dec, max_new_tokens, out_len=out_len,
-                   sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
+                   sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, weights=weights)
     return out, pre

@@ -52,7 +52,7 @@ def _as_twig_generator(gen) -> TwigGenerator:
         tc = TwigConfig(K=1, T=1, Kf=gen.cfg.text.num_hidden_layers, R=gen.cfg.num_image_tokens)
         twin = TwigGenerator(model, None, tc, method="none", ssd=False, max_cache_len=gen.max_cache_len,
                              batch_buckets=gen.batch_buckets, prompt_buckets=gen.prompt_buckets,
-                             new_token_buckets=gen.new_token_buckets)
+                             new_token_buckets=gen.new_token_buckets, layer_weights=gen.layer_weights)
         gen._stream_twin = twin
     return twin
 
@@ -62,21 +62,21 @@ def _stream_fn(gen: TwigGenerator):
     if fn is not None:
         return fn
 
-    def impl(state, twig_state, tokens, lengths, pv, active, key, max_new_tokens, *, out_len, sampling, eos_ids,
-             pad_id):
+    def impl(state, twig_state, weights, tokens, lengths, pv, active, key, max_new_tokens, *, out_len, sampling,
+             eos_ids, pad_id):
         # Mirrors ssd_generate / pruned_generate (same key splits), with the host hook set.
         model, twig = nnx.merge(gen.graphdef, state), gen._twig(twig_state)
         plan = gen.plan
-        kw = dict(out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
+        kw = dict(out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, weights=weights)
         key_prune, key_dec = jax.random.split(key)
         if gen.ssd:
             pre = ttp_prefill(model, twig, plan, tokens, lengths, pv, extra=ssd_extra_slots(plan, out_len),
-                              key=key_prune)
+                              key=key_prune, weights=weights)
             out = ssd_loop(model, twig, plan, pre.caches, pre.logits, active, key_dec, max_new_tokens,
                            on_round=_dispatch, **kw)
             return out.tokens, out.count, out.rounds, out.drafted, out.accepted, pre.keep
         pre = ttp_prefill(model, twig if plan.method == "twig" else None, plan, tokens, lengths, pv,
-                          extra=out_len + 1, key=key_prune)
+                          extra=out_len + 1, key=key_prune, weights=weights)
         out, count, _ = pruned_decode_loop(model, plan, pre.caches, pre.logits, active, key_dec, max_new_tokens,
                                            on_token=_dispatch, **kw)
         z = count * 0
@@ -103,7 +103,7 @@ def stream_generate(generator, prompt: Sequence[int], pixel_values, on_chunk: Ca
     with _LOCK:
         _SINK[0] = on_chunk
         try:
-            res = fn(gen.state, gen.twig_state, tokens, lengths, pv, active, jax.random.key(seed),
+            res = fn(gen.state, gen.twig_state, gen.weights, tokens, lengths, pv, active, jax.random.key(seed),
                      np.int32(max_new_tokens), out_len=out_len, sampling=sampling,
                      eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id))
             out, count, rounds, drafted, accepted, keep = (np.asarray(x) for x in res)

@@ -9,6 +9,13 @@ each row holds exactly N image placeholders, and pruning is a fixed-size keep-R 
 sorted indices, take_along_axis on hidden states and ORIGINAL position ids), never a boolean
 mask that changes a shape. Generated tokens continue at RoPE position = unpruned prompt length.
 
+Every function takes optional `weights` (LayerWeights): per-layer copies of the base decoder's
+and the twig's layer weights (llama.unstack_layers), made once by the caller outside jit. With
+them, layers run unrolled over their own buffers and every cache group is created per layer (a
+tuple of [B, Hkv, ., .] arrays written in place), as generate.Generator decodes: XLA on CPU
+copies each slice of a stacked [L, ...] array before its matmul. Without them (None), the
+modules' stacked weights and stacked caches are used (one compiled layer body in a fori_loop).
+
 Pruning methods share one code path and differ only in where the scores come from:
   "twig"   last twig layer's attention (the paper's TTP),
   "fastv"  attention of base layer K-1, the last trunk layer (FastV-style baseline, same R),
@@ -28,7 +35,7 @@ import jax.numpy as jnp
 from twig_jax.cache import KVCache
 from twig_jax.config import LlavaConfig
 from twig_jax.generate import token_loop
-from twig_jax.model.llama import run_layers
+from twig_jax.model.llama import run_layers, unstack_layers
 from twig_jax.model.llava import Llava
 from twig_jax.sampling import SamplingConfig
 from twig_jax.twig import Twig, TwigConfig, TwigConfigError
@@ -82,6 +89,35 @@ def make_plan(cfg: LlavaConfig, twig_cfg: TwigConfig, method: str = "twig") -> P
 
 
 # ----------------------------------------------------------------------------------------------
+# Weights
+
+
+class LayerWeights(NamedTuple):
+    """Per-layer decoder weights for the TwigVLM paths (a pytree: pass it into jit as an argument).
+
+    base: L dicts (llama.unstack_layers of the base decoder) or None (use the stacked arrays);
+    twig: T dicts for the twig's layers or None.
+    """
+
+    base: tuple[dict[str, jax.Array], ...] | None = None
+    twig: tuple[dict[str, jax.Array], ...] | None = None
+
+    @staticmethod
+    def of(model: Llava | None, twig: Twig | None = None) -> "LayerWeights":
+        """Per-layer copies of the model's (and the twig's) layer weights; call outside jit."""
+        return LayerWeights(None if model is None else unstack_layers(model.text.layers.weights()),
+                            None if twig is None else unstack_layers(twig.layers.weights()))
+
+
+def _base_weights(model: Llava, weights: LayerWeights | None):
+    return model.text.layers.weights() if weights is None or weights.base is None else weights.base
+
+
+def _twig_weights(twig: Twig, weights: LayerWeights | None):
+    return twig.layers.weights() if weights is None or weights.twig is None else weights.twig
+
+
+# ----------------------------------------------------------------------------------------------
 # Cache groups
 
 
@@ -128,24 +164,25 @@ def visual_positions(is_image: jax.Array, n: int) -> jax.Array:  # [B, N] int32
     return jax.vmap(lambda m: jnp.nonzero(m, size=n, fill_value=0)[0])(is_image).astype(jnp.int32)
 
 
-def scores_from_probs(probs: jax.Array, lengths: jax.Array, is_image: jax.Array, img_pos: jax.Array,
-                      score_rows: str) -> jax.Array:  # [B, N] float32
+def score_query(lengths: jax.Array, is_image: jax.Array, score_rows: str) -> jax.Array:
+    """Which query rows the scores read, as run_layers' probs_query: "last": the row of the last
+    prompt token, [B] int (released TwigVLM code); "text": every valid text row, [B, S] weights
+    (the paper's equation)."""
+    if score_rows == "last":
+        return (lengths - 1).astype(jnp.int32)
+    if score_rows == "text":
+        s = is_image.shape[1]
+        return ((~is_image) & (jnp.arange(s)[None] < lengths[:, None])).astype(jnp.float32)  # [B, S]
+    raise TwigConfigError(f"score_rows={score_rows!r} must be 'last' or 'text'")
+
+
+def scores_from_probs(row_probs: jax.Array, img_pos: jax.Array) -> jax.Array:  # [B, N] float32
     """Head-averaged attention onto the visual tokens.
 
-    probs: [B, H, S, S] one layer's attention probabilities over the (fresh) prompt.
-    "last": the row of the last prompt token (released TwigVLM code); "text": summed over every
-    valid text query row (the paper's equation).
+    row_probs: [B, H, S] one layer's attention probabilities over the (fresh) prompt, already
+    reduced to the query rows of score_query (run_layers(..., probs_query=...)).
     """
-    s = probs.shape[-1]
-    if score_rows == "last":
-        row = jnp.take_along_axis(probs, (lengths - 1)[:, None, None, None], axis=2)  # [B, H, 1, S]
-        per_key = jnp.mean(row[:, :, 0].astype(jnp.float32), axis=1)  # [B, S]
-    elif score_rows == "text":
-        valid = (~is_image) & (jnp.arange(s)[None] < lengths[:, None])  # [B, S] query rows
-        per_key = jnp.einsum("bhts,bt->bs", probs.astype(jnp.float32), valid.astype(jnp.float32))
-        per_key = per_key / probs.shape[1]
-    else:
-        raise TwigConfigError(f"score_rows={score_rows!r} must be 'last' or 'text'")
+    per_key = jnp.mean(row_probs.astype(jnp.float32), axis=1)  # [B, S]
     return jnp.take_along_axis(per_key, img_pos, axis=1)  # [B, N]
 
 
@@ -185,45 +222,51 @@ class TTPPrefill(NamedTuple):
     draft_logits: jax.Array | None  # [B, V] twig logits at the last prompt token (None without twig)
 
 
-def _new_cache(tc, layers: int, b: int, capacity: int, dtype) -> KVCache:
-    return KVCache.zeros(layers, b, tc.num_key_value_heads, capacity, tc.head_dim, dtype)
+def _new_cache(tc, layers: int, b: int, capacity: int, dtype, per_layer: bool) -> KVCache:
+    return KVCache.zeros(layers, b, tc.num_key_value_heads, capacity, tc.head_dim, dtype, per_layer=per_layer)
 
 
 def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Array, lengths: jax.Array,
-                pixel_values: jax.Array, extra: int, key: jax.Array | None = None) -> TTPPrefill:
+                pixel_values: jax.Array, extra: int, key: jax.Array | None = None, *,
+                weights: LayerWeights | None = None) -> TTPPrefill:
     """Run the prompt through trunk, twig, pruned middle and text-only tail; fill all four caches.
 
     tokens: [B, S] right-padded, each row with exactly N image placeholders (none in the
     padding); lengths: [B]; pixel_values: [B, C, H, W]; extra: slots per group beyond the
-    prompt (new tokens + drafting headroom); key: only for method "random".
+    prompt (new tokens + drafting headroom); key: only for method "random"; weights: per-layer
+    weights (then every cache group is per layer) or None (stacked).
     """
     tc = model.cfg.text
     b, s = tokens.shape
     n, r = plan.N, plan.R
     lengths = lengths.astype(jnp.int32)
-    base_w = model.text.layers.weights()
+    base_w = _base_weights(model, weights)
+    base_pl = not isinstance(base_w, dict)  # per-layer weights -> per-layer caches
     x = model.embed(tokens, model.image_features(pixel_values))  # [B, S, D]
     dtype = x.dtype
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
     zeros = jnp.zeros((b,), jnp.int32)
     caps = group_capacities(plan, s, extra)
+    is_image = tokens == model.cfg.image_token_index  # [B, S]
+    query = score_query(lengths, is_image, plan.score_rows)  # the attention rows the scores read
 
     # Trunk: base layers 0..K-1 on the full prompt.
-    trunk = _new_cache(tc, plan.K, b, caps["trunk"], dtype)
+    trunk = _new_cache(tc, plan.K, b, caps["trunk"], dtype, base_pl)
     out = run_layers(tc, base_w, x, positions, trunk.k, trunk.v, zeros, start=0, stop=plan.K, fresh=True,
-                     return_last_probs=plan.method == "fastv")
+                     return_last_probs=plan.method == "fastv", probs_query=query)
     trunk = KVCache(out.k, out.v, lengths)
     h_k = out.hidden  # [B, S, D] hidden state entering base layer K
-    probs = out.attn_probs  # [B, H, S, S] for fastv
+    probs = out.attn_probs  # [B, H, S] (the score rows) for fastv
 
     # Twig: T layers on the trunk output (full prompt), for scores and the draft cache.
     twig_cache, draft_logits = None, None
     if plan.method == "twig" and twig is None:
         raise TwigConfigError("method 'twig' needs a twig")
     if twig is not None:
-        twig_cache = _new_cache(tc, plan.T, b, caps["twig"], dtype)
-        tout = run_layers(tc, twig.layers.weights(), h_k, positions, twig_cache.k, twig_cache.v, zeros,
-                          fresh=True, return_last_probs=plan.method == "twig")
+        twig_w = _twig_weights(twig, weights)
+        twig_cache = _new_cache(tc, plan.T, b, caps["twig"], dtype, not isinstance(twig_w, dict))
+        tout = run_layers(tc, twig_w, h_k, positions, twig_cache.k, twig_cache.v, zeros,
+                          fresh=True, return_last_probs=plan.method == "twig", probs_query=query)
         twig_cache = KVCache(tout.k, tout.v, lengths)
         last_t = _gather_rows(tout.hidden, (lengths - 1)[:, None])  # [B, 1, D]
         draft_logits = twig.logits(last_t)[:, 0]
@@ -231,10 +274,9 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
             probs = tout.attn_probs
 
     # Scores and the kept set.
-    is_image = tokens == model.cfg.image_token_index  # [B, S]
     img_pos = visual_positions(is_image, n)  # [B, N]
     if plan.method in ("twig", "fastv"):
-        scores = scores_from_probs(probs, lengths, is_image, img_pos, plan.score_rows)
+        scores = scores_from_probs(probs, img_pos)
     elif plan.method == "random":
         if key is None:
             raise TwigConfigError("method 'random' needs a PRNG key")
@@ -246,14 +288,14 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
     # Middle: base layers K..Kf-1 on text + kept visual tokens, original positions.
     m = plan.mid_len(s)
     idx = pruned_indices(is_image, img_pos, keep, m)  # [B, M]
-    mid = _new_cache(tc, plan.Kf - plan.K, b, caps["mid"], dtype)
+    mid = _new_cache(tc, plan.Kf - plan.K, b, caps["mid"], dtype, base_pl)
     mout = run_layers(tc, base_w, _gather_rows(h_k, idx), idx, mid.k, mid.v, zeros,
                       start=plan.K, stop=plan.Kf, cache_offset=plan.K, fresh=True)
     mid = KVCache(mout.k, mout.v, lengths - n + r)
 
     # Tail (FinalWipe): base layers Kf..L-1 on the text entries only.
     tl = plan.tail_len(s)
-    tail = _new_cache(tc, plan.L - plan.Kf, b, caps["tail"], dtype)
+    tail = _new_cache(tc, plan.L - plan.Kf, b, caps["tail"], dtype, base_pl)
     if plan.Kf < plan.L:
         text_in_mid = jax.vmap(lambda m_: jnp.nonzero(m_, size=tl, fill_value=0)[0])(
             ~jnp.take_along_axis(is_image, idx, axis=1))  # [B, S-N] indices into the middle sequence
@@ -272,7 +314,8 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
 # Incremental steps (tokens appended at each group's per-row length)
 
 
-def trunk_step(model: Llava, plan: PrunePlan, cache: KVCache, tokens: jax.Array) -> tuple[KVCache, jax.Array]:
+def trunk_step(model: Llava, plan: PrunePlan, cache: KVCache, tokens: jax.Array,
+               weights: LayerWeights | None = None) -> tuple[KVCache, jax.Array]:
     """Append tokens [B, T] to the trunk; return it and the layer-K hidden states.  # [B, T, D]
 
     The trunk's slot equals the RoPE position, so positions = lengths + arange(T).
@@ -280,20 +323,21 @@ def trunk_step(model: Llava, plan: PrunePlan, cache: KVCache, tokens: jax.Array)
     t = tokens.shape[1]
     x = model.text.embed_tokens(tokens)
     positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]  # [B, T]
-    out = run_layers(model.cfg.text, model.text.layers.weights(), x, positions, cache.k, cache.v, cache.lengths,
+    out = run_layers(model.cfg.text, _base_weights(model, weights), x, positions, cache.k, cache.v, cache.lengths,
                      start=0, stop=plan.K)
     return KVCache(out.k, out.v, cache.lengths + t), out.hidden
 
 
-def twig_step(twig: Twig, cache: KVCache, h_k: jax.Array, positions: jax.Array) -> tuple[KVCache, jax.Array]:
+def twig_step(twig: Twig, cache: KVCache, h_k: jax.Array, positions: jax.Array,
+              weights: LayerWeights | None = None) -> tuple[KVCache, jax.Array]:
     """Append layer-K hidden states [B, T, D] to the twig; return it and draft logits.  # [B, T, V]"""
     t = h_k.shape[1]
-    out = run_layers(twig.text_cfg, twig.layers.weights(), h_k, positions, cache.k, cache.v, cache.lengths)
+    out = run_layers(twig.text_cfg, _twig_weights(twig, weights), h_k, positions, cache.k, cache.v, cache.lengths)
     return KVCache(out.k, out.v, cache.lengths + t), twig.logits(out.hidden)
 
 
 def target_step(model: Llava, plan: PrunePlan, mid: KVCache, tail: KVCache, h_k: jax.Array,
-                positions: jax.Array) -> tuple[KVCache, KVCache, jax.Array]:
+                positions: jax.Array, weights: LayerWeights | None = None) -> tuple[KVCache, KVCache, jax.Array]:
     """Run base layers K..L-1 on new layer-K hidden states [B, T, D] (all text entries).
 
     Returns the middle and tail caches and target logits [B, T, V]; causal by slot, so T>1 is
@@ -301,7 +345,7 @@ def target_step(model: Llava, plan: PrunePlan, mid: KVCache, tail: KVCache, h_k:
     """
     tc = model.cfg.text
     t = h_k.shape[1]
-    w = model.text.layers.weights()
+    w = _base_weights(model, weights)
     out = run_layers(tc, w, h_k, positions, mid.k, mid.v, mid.lengths, start=plan.K, stop=plan.Kf,
                      cache_offset=plan.K)
     mid = KVCache(out.k, out.v, mid.lengths + t)
@@ -316,18 +360,19 @@ def target_step(model: Llava, plan: PrunePlan, mid: KVCache, tail: KVCache, h_k:
     return mid, tail, model.text.logits(h)
 
 
-def pruned_decode_step(model: Llava, plan: PrunePlan, caches: TwigCaches,
-                       tokens: jax.Array) -> tuple[TwigCaches, jax.Array]:
+def pruned_decode_step(model: Llava, plan: PrunePlan, caches: TwigCaches, tokens: jax.Array,
+                       weights: LayerWeights | None = None) -> tuple[TwigCaches, jax.Array]:
     """Target-only step for tokens [B, T] through trunk, middle and tail.  # caches, [B, T, V]"""
     positions = caches.trunk.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    trunk, h_k = trunk_step(model, plan, caches.trunk, tokens)
-    mid, tail, logits = target_step(model, plan, caches.mid, caches.tail, h_k, positions)
+    trunk, h_k = trunk_step(model, plan, caches.trunk, tokens, weights)
+    mid, tail, logits = target_step(model, plan, caches.mid, caches.tail, h_k, positions, weights)
     return caches.replace(trunk=trunk, mid=mid, tail=tail), logits
 
 
 def pruned_decode_loop(model: Llava, plan: PrunePlan, caches: TwigCaches, logits: jax.Array, active: jax.Array,
                        key: jax.Array, max_new_tokens: jax.Array, *, out_len: int, sampling: SamplingConfig,
-                       eos_ids: tuple[int, ...], pad_id: int, on_token=None) -> tuple[jax.Array, jax.Array, TwigCaches]:
+                       eos_ids: tuple[int, ...], pad_id: int, on_token=None,
+                       weights: LayerWeights | None = None) -> tuple[jax.Array, jax.Array, TwigCaches]:
     """Plain one-token-per-step decode of the pruned target in one while_loop (the SSD oracle).
 
     Same contract as generate.decode_loop: returns tokens [B, out_len], counts [B], caches.
@@ -335,7 +380,7 @@ def pruned_decode_loop(model: Llava, plan: PrunePlan, caches: TwigCaches, logits
     (streaming), called through an ordered io_callback as on_token(tokens [B, 1], n [B] (0/1),
     zeros [B]) for every token; static, None (the default) traces no callback.
     """
-    return token_loop(lambda c, t: pruned_decode_step(model, plan, c, t), caches, logits, active, key,
+    return token_loop(lambda c, t: pruned_decode_step(model, plan, c, t, weights), caches, logits, active, key,
                       max_new_tokens, out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
                       on_token=on_token)
 
@@ -343,11 +388,12 @@ def pruned_decode_loop(model: Llava, plan: PrunePlan, caches: TwigCaches, logits
 def pruned_generate(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Array, lengths: jax.Array,
                     pixel_values: jax.Array, active: jax.Array, key: jax.Array, max_new_tokens: jax.Array, *,
                     out_len: int, sampling: SamplingConfig = SamplingConfig(), eos_ids: tuple[int, ...] = (),
-                    pad_id: int = 0) -> tuple[jax.Array, jax.Array, TTPPrefill]:
+                    pad_id: int = 0, weights: LayerWeights | None = None) -> tuple[jax.Array, jax.Array, TTPPrefill]:
     """TTP prefill + plain pruned decode: tokens [B, out_len], counts [B], and the prefill result."""
     key_prune, key_dec = jax.random.split(key)
     pre = ttp_prefill(model, twig if plan.method == "twig" else None, plan, tokens, lengths, pixel_values,
-                      extra=out_len + 1, key=key_prune)
+                      extra=out_len + 1, key=key_prune, weights=weights)
     out, count, _ = pruned_decode_loop(model, plan, pre.caches, pre.logits, active, key_dec, max_new_tokens,
-                                       out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
+                                       out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
+                                       weights=weights)
     return out, count, pre

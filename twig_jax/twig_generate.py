@@ -20,7 +20,8 @@ from twig_jax.generate import BATCH_BUCKETS, NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, 
 from twig_jax.model.llava import Llava
 from twig_jax.sampling import SamplingConfig
 from twig_jax.ssd import ssd_extra_slots, ssd_generate
-from twig_jax.ttp import kv_bytes, make_plan, pruned_generate, ttp_prefill
+from twig_jax.model.llama import unstack_layers
+from twig_jax.ttp import LayerWeights, kv_bytes, make_plan, pruned_generate, ttp_prefill
 from twig_jax.twig import Twig, TwigConfig, TwigConfigError
 
 
@@ -53,23 +54,38 @@ def ssd_stats(count: np.ndarray, rounds: np.ndarray, drafted: np.ndarray, accept
 class TwigGenerator(Generator):
     """Batched TwigVLM generation: method in ("twig", "fastv", "random", "none"), ssd on/off."""
 
-    per_layer_decode = False  # ttp/ssd read the model's stacked weights: no per-layer copy to hold
+    # Prefill and decode read per-layer copies of the base decoder's and the twig's layer weights
+    # (ttp.LayerWeights, made once here) and keep every cache group per layer, as Generator does.
+    per_layer_decode = True
 
     def __init__(self, base_model: Llava, twig: Twig | None, twig_cfg: TwigConfig, method: str = "twig",
                  ssd: bool = True, *, max_cache_len: int | None = None,
                  batch_buckets: Sequence[int] = BATCH_BUCKETS, prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
-                 new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS):
+                 new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS, layer_weights=None):
+        """layer_weights: per-layer base decoder weights to share with another generator on the same
+        model (its .layer_weights), instead of making a copy."""
         super().__init__(base_model, max_cache_len=max_cache_len, batch_buckets=batch_buckets,
-                         prompt_buckets=prompt_buckets, new_token_buckets=new_token_buckets)
+                         prompt_buckets=prompt_buckets, new_token_buckets=new_token_buckets,
+                         layer_weights=layer_weights)
         self.plan = make_plan(base_model.cfg, twig_cfg, method)
         self.method, self.ssd = method, ssd
         if twig is None and (ssd or method == "twig"):
             raise TwigConfigError(f"method={method!r}, ssd={ssd} needs a twig")
         self.twig_graphdef, self.twig_state = nnx.split(twig) if twig is not None else (None, None)
-        self.itemsize = jnp.dtype(base_model.text.embed.value.dtype).itemsize
+        self.twig_layer_weights = None if twig is None else self._unstack_twig(twig)
+        self.itemsize = jnp.dtype(base_model.text.embed[...].dtype).itemsize
         self._last_shapes: tuple[int, int] | None = None
         self._gen = jax.jit(self._gen_impl, static_argnames=("out_len", "sampling", "eos_ids", "pad_id"))
         self._score = jax.jit(self._score_impl)
+        self._prefill_only = jax.jit(self._prefill_only_impl, static_argnames=("extra",))
+
+    def _unstack_twig(self, twig: Twig):
+        return unstack_layers(twig.layers.weights()) if self.per_layer_decode else None
+
+    @property
+    def weights(self) -> LayerWeights:
+        """The per-layer weights the compiled functions read (a pytree argument)."""
+        return LayerWeights(self.layer_weights, self.twig_layer_weights)
 
     def set_twig(self, twig: Twig) -> None:
         """Swap in other twig weights of the same structure, keeping the compiled executables."""
@@ -78,15 +94,16 @@ class TwigGenerator(Generator):
         if self.twig_state is None or shapes(state) != shapes(self.twig_state):
             raise TwigConfigError("set_twig needs a twig with the same structure (T, shapes, dtype)")
         self.twig_state = state
+        self.twig_layer_weights = self._unstack_twig(twig)
 
     # --- jitted bodies -------------------------------------------------------------------------
     def _twig(self, twig_state):
         return None if twig_state is None else nnx.merge(self.twig_graphdef, twig_state)
 
-    def _gen_impl(self, state, twig_state, tokens, lengths, pixel_values, active, key, max_new_tokens, *,
+    def _gen_impl(self, state, twig_state, weights, tokens, lengths, pixel_values, active, key, max_new_tokens, *,
                   out_len, sampling, eos_ids, pad_id):
         model, twig = nnx.merge(self.graphdef, state), self._twig(twig_state)
-        kw = dict(out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
+        kw = dict(out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, weights=weights)
         if self.ssd:
             out, pre = ssd_generate(model, twig, self.plan, tokens, lengths, pixel_values, active, key,
                                     max_new_tokens, **kw)
@@ -96,11 +113,18 @@ class TwigGenerator(Generator):
         z = jnp.zeros_like(count)
         return out, count, z, z, z, pre.keep
 
-    def _score_impl(self, state, twig_state, tokens, lengths, pixel_values, key):
+    def _score_impl(self, state, twig_state, weights, tokens, lengths, pixel_values, key):
         model, twig = nnx.merge(self.graphdef, state), self._twig(twig_state)
         pre = ttp_prefill(model, twig if self.plan.method == "twig" else None, self.plan, tokens, lengths,
-                          pixel_values, extra=1, key=key)
+                          pixel_values, extra=1, key=key, weights=weights)
         return pre.scores, pre.keep
+
+    def _prefill_only_impl(self, state, twig_state, weights, tokens, lengths, pixel_values, key, *, extra):
+        model, twig = nnx.merge(self.graphdef, state), self._twig(twig_state)
+        use = twig if (self.ssd or self.plan.method == "twig") else None
+        pre = ttp_prefill(model, use, self.plan, tokens, lengths, pixel_values, extra=extra, key=key,
+                          weights=weights)
+        return pre.caches, pre.logits
 
     # --- inputs --------------------------------------------------------------------------------
     def _prepare(self, prompts, pixel_values, max_new_tokens):
@@ -127,7 +151,7 @@ class TwigGenerator(Generator):
             eos_ids = () if self.cfg.text.eos_token_id is None else (self.cfg.text.eos_token_id,)
         pad_id = self.cfg.text.pad_token_id if self.cfg.text.pad_token_id is not None else 0
         self._last_shapes = (tokens.shape[1], out_len)
-        res = self._gen(self.state, self.twig_state, tokens, lengths, pv, active, jax.random.key(seed),
+        res = self._gen(self.state, self.twig_state, self.weights, tokens, lengths, pv, active, jax.random.key(seed),
                         jnp.int32(max_new_tokens), out_len=out_len, sampling=sampling,
                         eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id))
         out, count, rounds, drafted, accepted, keep = (np.asarray(x) for x in res)
@@ -139,9 +163,18 @@ class TwigGenerator(Generator):
                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Pruning scores [B, N] over the visual tokens and the kept indices [B, R] (for pictures)."""
         tokens, lengths, _, pv, _ = self._prepare(prompts, pixel_values, 1)
-        scores, keep = self._score(self.state, self.twig_state, tokens, lengths, pv, jax.random.key(seed))
+        scores, keep = self._score(self.state, self.twig_state, self.weights, tokens, lengths, pv, jax.random.key(seed))
         n = len(prompts)
         return np.asarray(scores)[:n], np.asarray(keep)[:n]
+
+    def prefill_only(self, prompts: Sequence[Sequence[int]], pixel_values, max_new_tokens: int = 128,
+                     seed: int = 0):
+        """The compiled TTP prefill alone, with the caches generate() would decode from (benchmarks
+        time it on its own); returns (TwigCaches, target next-token logits [B, V])."""
+        tokens, lengths, _, pv, out_len = self._prepare(prompts, pixel_values, max_new_tokens)
+        extra = ssd_extra_slots(self.plan, out_len) if self.ssd else out_len + 1
+        return self._prefill_only(self.state, self.twig_state, self.weights, tokens, lengths, pv,
+                                  jax.random.key(seed), extra=extra)
 
     def kv_bytes_per_sequence(self, prompt_len: int | None = None, max_new_tokens: int | None = None) -> dict[str, int]:
         """KV-cache bytes per sequence per group ("trunk", "twig", "mid", "tail") and "total".

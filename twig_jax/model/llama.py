@@ -60,13 +60,24 @@ class LayerOut(NamedTuple):
     hidden: jax.Array  # [B, T, D]
     k: jax.Array  # [L, B, Hkv, Dh, S] updated cache keys
     v: jax.Array  # [L, B, Hkv, S, Dh]
-    attn_probs: jax.Array | None  # [B, H, T, S_att] of the last layer run, if asked for
+    # Attention probabilities of the last layer run, if asked for: [B, H, T, S_att], or [B, H, S_att]
+    # when run_layers got probs_query (one query row per batch row, or a weighted sum of rows).
+    attn_probs: jax.Array | None
 
 
-def _layer(cfg: TextConfig, w: dict, x, cos, sin, kv_read, mask, want_probs, keys_transposed=False):
+def reduce_query_rows(probs: jax.Array, query: jax.Array) -> jax.Array:  # [B, H, S] float32
+    """Probabilities [B, H, T, S] down to [B, H, S]: query [B] int picks row query[b] of batch row b;
+    query [B, T] float sums the query rows with those weights."""
+    if jnp.issubdtype(query.dtype, jnp.integer):
+        return jnp.take_along_axis(probs, query[:, None, None, None], axis=2)[:, :, 0].astype(jnp.float32)
+    return jnp.einsum("bhts,bt->bhs", probs.astype(jnp.float32), query.astype(jnp.float32))
+
+
+def _layer(cfg: TextConfig, w: dict, x, cos, sin, kv_read, mask, want_probs, keys_transposed=False,
+           probs_query=None):
     """One decoder layer on x [B, T, D]. `kv_read(k_new, v_new)` stores the new keys/values and
     returns the keys/values to attend over ([B, Hkv, S, Dh]; keys [B, Hkv, Dh, S] when
-    keys_transposed, as the cache holds them)."""
+    keys_transposed, as the cache holds them). probs_query: see run_layers."""
     b, t, _ = x.shape
     dh = cfg.head_dim
     h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
@@ -91,7 +102,9 @@ def _layer(cfg: TextConfig, w: dict, x, cos, sin, kv_read, mask, want_probs, key
     h = h @ w["w_down"]
     if "b_down" in w:
         h = h + w["b_down"]
-    return x + h, (probs if want_probs else None)
+    if not want_probs:
+        return x + h, None
+    return x + h, (probs if probs_query is None else reduce_query_rows(probs, probs_query))
 
 
 def unstack_layers(weights: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], ...]:
@@ -120,6 +133,7 @@ def run_layers(
     mask: jax.Array | None = None,  # [B, T, S] override (tree attention); default causal by slot
     fresh: bool = False,
     return_last_probs: bool = False,
+    probs_query: jax.Array | None = None,  # [B] int or [B, T] float: see below
 ) -> LayerOut:
     """Run layers [start, stop) over x, writing K/V into cache layers start-cache_offset...
 
@@ -128,6 +142,10 @@ def run_layers(
     buffers, the faster choice for decoding).
     fresh=True means every row starts at slot 0 with nothing cached (prefill): attention then runs
     over the T new entries only, not the whole cache capacity.
+    return_last_probs: also return the last layer's attention probabilities, [B, H, T, S_att];
+    with probs_query only the rows asked for, [B, H, S_att] (query [B] int: that query row of
+    each batch row; [B, T] float: the rows summed with those weights), so a prompt-long prefill
+    does not hand a [B, H, S, S] array to its caller.
     """
     per_layer = not isinstance(weights, dict)
     if stop is None:
@@ -166,7 +184,8 @@ def run_layers(
             kv["v"] = write_kv(cv, layer, v_new, write_start)
             return kv["k"][layer], kv["v"][layer]
 
-        x, probs = _layer(cfg, w, x, cos, sin, kv_read, mask, want_probs, keys_transposed=not fresh)
+        x, probs = _layer(cfg, w, x, cos, sin, kv_read, mask, want_probs, keys_transposed=not fresh,
+                          probs_query=probs_query)
         return x, kv["k"], kv["v"], probs
 
     n = stop - start
