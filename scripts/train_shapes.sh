@@ -15,7 +15,7 @@ mkdir -p "$W"
 twig-jax data shapes --out "$W/data" --n 24000 --n-eval 300 --seed 0
 python -m train.pretrain_vision --data "$W/data" --out "$W/init" --images 12000 --steps 1000 --lr 7e-4
 twig-jax train --base "$W/init" --train-all --data "$W/data/train.json" --images "$W/data/images" \
-    --max-len 352 --on-too-long truncate --batch 8 --steps "${BASE_STEPS:-1100}" --lr 1e-3 --warmup-ratio 0.03 \
+    --max-len 352 --on-too-long truncate --batch 8 --steps "${BASE_STEPS:-1100}" --lr 7e-4 --warmup-ratio 0.05 \
     --seed 0 --ckpt-dir "$W/base" --every 200 --keep 2 --out "$W/base/final" --no-progress
 twig-jax train --base "$W/base/final" --twig-k 2 --twig-t 2 --data "$W/data/train.json" --images "$W/data/images" \
     --max-len 352 --on-too-long truncate --batch 8 --steps "${TWIG_STEPS:-300}" --lr 5e-4 --alpha 0.1 \

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The issue-5 tables and pictures for the bundled shapes model (infer/assets/shapes-llava):
+#   bash scripts/measure_shapes.sh [DATA_DIR]
+# DATA_DIR: a `twig-jax data shapes --seed 0` output (its 300-image eval split); default: generated.
+# Writes bench_results/shapes_{accuracy,speed}.{json,md} and infer/assets/pictures/prune_*.png.
+set -euo pipefail
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/setup_env.sh"
+cd "$TWIG_ROOT"
+D="${1:-bench_results/shapes-data}"
+if [ ! -f "$D/eval/questions.jsonl" ]; then
+    twig-jax data shapes --out "$D" --n 0 --n-eval 300 --seed 0
+fi
+mkdir -p bench_results infer/assets/pictures
+python -m infer.accuracy_table --data "$D" --out-json bench_results/shapes_accuracy.json \
+    --out-md bench_results/shapes_accuracy.md
+python -m infer.speed_table --data "$D" --images 16 --batches 1,8 --repeats 3 \
+    --out-json bench_results/shapes_speed.json --out-md bench_results/shapes_speed.md
+B=infer/assets/shapes-llava
+for i in 0 1 2; do
+    twig-jax prune-viz --model "$B/base" --twig "$B/twig" --image "$D/images/eval_00000$i.png" \
+        --prompt "describe the image ." --R 16 --out "infer/assets/pictures/prune_eval_00000$i.png"
+done
