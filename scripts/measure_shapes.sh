@@ -12,7 +12,7 @@ if [ ! -f "$D/eval/questions.jsonl" ]; then
 fi
 mkdir -p bench_results infer/assets/pictures
 python -m infer.accuracy_table --data "$D" --out-json bench_results/shapes_accuracy.json \
-    --out-md bench_results/shapes_accuracy.md
+    --out-md bench_results/shapes_accuracy.md ${ACC_LIMIT:+--limit "$ACC_LIMIT"}
 python -m infer.speed_table --data "$D" --images 16 --batches 1,8 --repeats 3 \
     --out-json bench_results/shapes_speed.json --out-md bench_results/shapes_speed.md
 B=infer/assets/shapes-llava

@@ -18,7 +18,7 @@ twig-jax train --base "$W/init" --train-all --data "$W/data/train.json" --images
     --max-len 352 --on-too-long truncate --batch 8 --steps "${BASE_STEPS:-1100}" --lr 7e-4 --warmup-ratio 0.05 \
     --seed 0 --ckpt-dir "$W/base" --every 200 --keep 2 --out "$W/base/final" --no-progress
 twig-jax train --base "$W/base/final" --twig-k 2 --twig-t 2 --data "$W/data/train.json" --images "$W/data/images" \
-    --max-len 352 --on-too-long truncate --batch 8 --steps "${TWIG_STEPS:-300}" --lr 5e-4 --alpha 0.1 \
-    --seed 0 --ckpt-dir "$W/twig-run" --every 100 --keep 1 --out "$W/twig" --no-progress
+    --max-len 352 --on-too-long truncate --batch 8 --steps "${TWIG_STEPS:-250}" --lr 5e-4 --alpha 0.1 \
+    --seed 0 --ckpt-dir "$W/twig-run" --every 125 --keep 1 --out "$W/twig" --no-progress
 python scripts/bundle_shapes.py --base "$W/base/final" --twig "$W/twig" --out infer/assets/shapes-llava \
     --force --measure

@@ -90,7 +90,7 @@ def _expected() -> dict:
         return json.load(f)
 
 
-def _check_accuracy(bundle, subset, method: str, floor: float | None) -> None:
+def _check_accuracy(bundle, subset, method: str, floor: dict | None) -> None:
     from twig_jax.bundle import accuracy_of
 
     exp = _expected()
@@ -99,7 +99,7 @@ def _check_accuracy(bundle, subset, method: str, floor: float | None) -> None:
     assert not missing, (f"{MINI}/{EXPECTED_FILE} has no measured {method} {missing}: the bundle was never "
                          f"measured; run `python scripts/bundle_shapes.py --measure`")
     if floor is not None:
-        low = {f: want[f] for f in EXPECTED_FIELDS if want[f] < floor}
+        low = {f: want[f] for f in EXPECTED_FIELDS if want[f] < floor[f]}
         assert not low, (f"{EXPECTED_FILE}: unpruned accuracy {low} < {floor}: the bundle was never measured "
                          f"as a trained model (or it is not one)")
     answers, _ = answers_for(bundle, subset, method, False)

@@ -532,7 +532,7 @@ def _load_converted(path: str, dtype=None) -> Llava:
         cfg = load_config(os.path.join(path, "config.json"))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConversionError(f"{path}: bad config.json in converted checkpoint ({e})") from e
-    params_dir = os.path.join(path, PARAMS_DIR)
+    params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR))  # orbax needs an absolute path
     if not os.path.isdir(params_dir):
         raise ConversionError(f"{path}: converted checkpoint has no {PARAMS_DIR}/ directory")
     stored = _as_dtype(marker.get("dtype", "float32"))
