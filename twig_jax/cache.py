@@ -75,3 +75,22 @@ def write_kv_fresh(cache_kv: jax.Array, layer: jax.Array, new: jax.Array,
     if keys:
         new = new.transpose(0, 1, 3, 2)
     return jax.lax.dynamic_update_slice(cache_kv, new[None].astype(cache_kv.dtype), (layer, 0, 0, 0, 0))
+
+
+def write_kv_layer(cache_l: jax.Array, new: jax.Array, start: jax.Array,
+                   keys: bool = False) -> jax.Array:  # [B, Hkv, S, Dh] (keys: [B, Hkv, Dh, S])
+    """Write new [B, Hkv, T, Dh] into one layer's own cache buffer at per-row slot offsets start [B].
+
+    The scatter indexes (row, head, slot) triples. Indexed by (row, slot) only, a batch-1 write
+    became a dynamic-update-slice that XLA CPU fused twice (into the attention read and into the
+    carried cache) and so copied the layer's whole cache several times per decode step; this form
+    stays one in-place scatter at every batch size.
+    """
+    b, h, t, _ = new.shape
+    rows = jnp.arange(b)[:, None, None]  # [B, 1, 1]
+    heads = jnp.arange(h)[None, :, None]  # [1, Hkv, 1]
+    slots = (start[:, None] + jnp.arange(t)[None])[:, None, :]  # [B, 1, T]
+    new = new.astype(cache_l.dtype)  # [B, Hkv, T, Dh]
+    if keys:
+        return cache_l.at[rows, heads, :, slots].set(new)
+    return cache_l.at[rows, heads, slots].set(new)

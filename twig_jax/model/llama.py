@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from twig_jax.cache import write_kv, write_kv_fresh
+from twig_jax.cache import write_kv, write_kv_fresh, write_kv_layer
 from twig_jax.config import TextConfig
 from twig_jax.model.layers import ACTIVATIONS, apply_rope, attention, rms_norm, rope_cos_sin
 
@@ -170,9 +170,12 @@ def run_layers(
 
         def kv_read(k_new, v_new):
             if isinstance(ck, tuple):  # per-layer cache (static layer index): update in place
-                start = jnp.zeros_like(write_start) if fresh else write_start
-                k_l = write_kv(ck[layer][None], 0, k_new, start, keys=True)[0]
-                v_l = write_kv(cv[layer][None], 0, v_new, start)[0]
+                if fresh:
+                    k_l = write_kv_fresh(ck[layer][None], 0, k_new, keys=True)[0]
+                    v_l = write_kv_fresh(cv[layer][None], 0, v_new)[0]
+                else:
+                    k_l = write_kv_layer(ck[layer], k_new, write_start, keys=True)
+                    v_l = write_kv_layer(cv[layer], v_new, write_start)
                 kv["k"] = ck[:layer] + (k_l,) + ck[layer + 1:]
                 kv["v"] = cv[:layer] + (v_l,) + cv[layer + 1:]
                 return (k_new, v_new) if fresh else (k_l, v_l)
