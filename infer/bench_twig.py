@@ -2,24 +2,34 @@
 
     python -m infer.bench_twig [--config llava-mini] [--methods none,fastv,ttp,ssd,ttp+ssd]
         [--batch-sizes 1,8] [--answer-lengths 8,128] [--K 2 --T 2 --Kf 9 --R 64]
-        [--repeats 3] [--out bench_results/bench_twig.json]
+        [--repeats 3] [--calibration-batch-sizes 1] [--clock wall|cpu] [--out bench_results/bench_twig.json]
     (also `twig-jax bench-twig ...` and `twig-jax bench --methods ...`)
 
-Methods (one random base model and one random twig, built once):
-    none     plain `Generator` (no pruning, no drafting): the reference
+The command line builds one random base model and one random twig; `bench_methods` is the library
+entry for real weights (a trained model and twig, real prompts and images):
+
+    from infer.bench_twig import bench_methods, table
+    rows = bench_methods(model, twig, twig_cfg, prompts, pixels, batch_sizes=(1, 8),
+                         answer_lengths=(8, 128), eos_ids=())
+    print(table({"rows": rows, "twig": {"K": twig_cfg.K, "T": twig_cfg.T}}))
+
+Methods (all generators share one per-layer copy of the decoder weights):
+    none     plain `Generator` (no pruning, no drafting, per-layer decode): the reference
     fastv    TwigGenerator(method="fastv", ssd=False): prune with base layer K-1's attention
     ttp      TwigGenerator(method="twig",  ssd=False): prune with the twig's attention
     ssd      TwigGenerator(method="none",  ssd=True):  self-speculative decoding, no pruning
     ttp+ssd  TwigGenerator(method="twig",  ssd=True):  both (TwigVLM)
-Every row generates exactly the answer length (no EOS stop). Figures, medians over --repeats
-timed runs after a warm-up run (compilation):
+With eos_ids=() (the default, and the command line) every row generates exactly the answer length;
+with real EOS ids rows stop early and the figures count the tokens actually generated. Figures,
+medians over `repeats` timed runs after a warm-up run (compilation):
     e2e        wall time of `generate` (input checks, padding, prefill, decode, fetch)
     prefill    the method's own prefill alone (plain prefill / ttp_prefill with its caches)
-    decode     e2e - prefill; decode tok/s = batch * (length - 1) / decode
-    speed      (batch * length / e2e) relative to method none at the same batch and length
-    acc, tok/round  SSD acceptance rate and tokens emitted per draft/verify round
+    decode     e2e - prefill; decode tok/s = (generated - batch) / decode (the prefill emits one per row)
+    speed      generated / e2e, relative to method none at the same batch and length (DESIGN.md s.4)
+    acc, tok/round  SSD acceptance rate (accepted / drafted) and tokens emitted per draft/verify round
+    round/step one draft+verify round (decode / rounds of the longest row) over one plain decode step
     KV/seq     KV-cache bytes per sequence at the padded shapes (all groups, K and V)
-Random weights make acceptance meaningless, so two SSD calibration rows follow:
+Calibration rows (calibration=True; with random weights the twig's acceptance means nothing):
     perfect  twig = copies of base layers K..L-1 (T = L-K), method none, theta 0: every draft is
              accepted, a round emits delta + 1 tokens; round time / plain decode step shows
              what one round costs when drafting runs the whole depth.
@@ -38,7 +48,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -67,7 +77,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--theta", type=float, default=0.6)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-calibration", action="store_true", help="skip the perfect-twig and round-cost rows")
+    p.add_argument("--calibration-batch-sizes", default=None,
+                   help="batch sizes that get the calibration rows (default: all of --batch-sizes)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                   help="time with elapsed (wall) or process CPU time; cpu is steadier on a shared machine "
+                        "(with XLA_FLAGS=--xla_cpu_multi_thread_eigen=false)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_results/bench_twig.json")
     args = p.parse_args(argv)
@@ -83,14 +98,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
     args.batch_sizes = ints(args.batch_sizes, "--batch-sizes")
     args.answer_lengths = ints(args.answer_lengths, "--answer-lengths")
+    args.calibration_batch_sizes = (None if args.calibration_batch_sizes is None
+                                    else ints(args.calibration_batch_sizes, "--calibration-batch-sizes"))
     if min(args.answer_lengths) < 2:
         p.error("--answer-lengths must be >= 2 (one prefill token plus at least one decode step)")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
     if bad or not args.methods:
         p.error(f"unknown --methods {bad}; have {list(METHODS)}")
-    if "none" not in args.methods:
-        args.methods = ["none"] + args.methods  # the reference for relative speed
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
     return args
@@ -120,35 +135,14 @@ def make_prompts(cfg, batch: int, text_tokens: int, seed: int):
 # Timed pieces
 
 
-def _prefill_fn(gen):
-    """(jitted fn, args builder): the method's prefill alone, with the caches its decode uses."""
-    import jax
-    from flax import nnx
-
-    from twig_jax.generate import prefill
-    from twig_jax.ssd import ssd_extra_slots
-    from twig_jax.ttp import ttp_prefill
-
-    if not hasattr(gen, "plan"):
-        def call(prompts, pixels, new):
-            tokens, lengths, _, pv, _, capacity = gen.pad_inputs(prompts, pixels, new)
-            if hasattr(gen, "run_prefill"):
-                return gen.run_prefill(tokens, lengths, pv, capacity)
-            return gen._prefill(gen.state, tokens, lengths, pv, capacity=capacity)
-        return call
-
-    def impl(state, twig_state, tokens, lengths, pv, key, *, extra):
-        model, twig = nnx.merge(gen.graphdef, state), gen._twig(twig_state)
-        use = twig if (gen.ssd or gen.plan.method == "twig") else None
-        pre = ttp_prefill(model, use, gen.plan, tokens, lengths, pv, extra=extra, key=key)
-        return pre.caches, pre.logits
-
-    fn = jax.jit(impl, static_argnames=("extra",))
+def _prefill_call(gen) -> Callable:
+    """The method's prefill alone, with the caches its decode uses: f(prompts, pixels, new)."""
+    if hasattr(gen, "plan"):
+        return lambda prompts, pixels, new: gen.prefill_only(prompts, pixels, new)
 
     def call(prompts, pixels, new):
-        tokens, lengths, _, pv, out_len = gen._prepare(prompts, pixels, new)
-        extra = ssd_extra_slots(gen.plan, out_len) if gen.ssd else out_len + 1
-        return fn(gen.state, gen.twig_state, tokens, lengths, pv, jax.random.key(0), extra=extra)
+        tokens, lengths, _, pv, _, capacity = gen.pad_inputs(prompts, pixels, new)
+        return gen.run_prefill(tokens, lengths, pv, capacity)
     return call
 
 
@@ -159,32 +153,54 @@ def _block(x):
     return x
 
 
-def time_method(gen, prompts, pixels, new: int, repeats: int) -> dict:
-    """Warm up, then median e2e / prefill times and the last run's statistics."""
-    prefill_call = _prefill_fn(gen)
-    kw = dict(max_new_tokens=new, eos_ids=())
-    t0 = time.perf_counter()
+def _plain_kv_bytes(gen, prompts, pixels, new: int) -> int:
+    tc = gen.cfg.text
+    *_, capacity = gen.pad_inputs(prompts, pixels, new)
+    itemsize = np.dtype(gen.layer_weights[0]["wq"].dtype if gen.layer_weights else np.float32).itemsize
+    return 2 * tc.num_hidden_layers * tc.num_key_value_heads * tc.head_dim * capacity * itemsize
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_method(gen, prompts, pixels, new: int, repeats: int, eos_ids: Sequence[int] = (),
+                sampling=None, clock: str = "wall") -> dict:
+    """Warm up, then median e2e / prefill times over `repeats` runs, and the last run's statistics.
+
+    clock "wall": elapsed time; "cpu": this process's CPU time (all threads), steadier than wall
+    time on a machine shared with other jobs (run XLA single-threaded to keep it comparable).
+    """
+    from twig_jax.sampling import SamplingConfig
+
+    now = CLOCKS[clock]
+    prefill_call = _prefill_call(gen)
+    kw = dict(max_new_tokens=new, eos_ids=tuple(eos_ids), sampling=sampling or SamplingConfig())
+    t0 = now()
     out = gen.generate(prompts, pixels, **kw)
     _block(prefill_call(prompts, pixels, new))
-    compile_s = time.perf_counter() - t0
+    compile_s = now() - t0
     e2e, pre = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = now()
         out = gen.generate(prompts, pixels, **kw)
-        e2e.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        e2e.append(now() - t0)
+        t0 = now()
         _block(prefill_call(prompts, pixels, new))
-        pre.append(time.perf_counter() - t0)
+        pre.append(now() - t0)
     b = len(prompts)
     got = [len(t) for t in out.tokens]
-    if got != [new] * b:
+    if not eos_ids and got != [new] * b:
         raise RuntimeError(f"expected {new} tokens per row (no EOS), got {got}")
+    generated = int(sum(got))
     e2e_s, pre_s = statistics.median(e2e), statistics.median(pre)
     dec_s = max(e2e_s - pre_s, 1e-9)
+    decoded = generated - b  # the prefill's logits give each row its first token
     res = {
         "e2e_s": e2e_s, "prefill_s": pre_s, "decode_s": dec_s, "warmup_s": compile_s,
-        "e2e_tok_s": b * new / e2e_s, "decode_tok_s": b * (new - 1) / dec_s,
-        "e2e_runs_s": e2e, "prefill_runs_s": pre,
+        "generated_tokens": generated, "mean_answer_len": generated / b,
+        "e2e_tok_s": generated / e2e_s, "decode_tok_s": decoded / dec_s,
+        "step_s": dec_s / max(max(got) - 1, 1),  # one pass of the loop (the longest row sets the count)
+        "e2e_runs_s": e2e, "prefill_runs_s": pre, "clock": clock,
     }
     st = getattr(out, "stats", None) or {}
     if st:
@@ -195,12 +211,8 @@ def time_method(gen, prompts, pixels, new: int, repeats: int) -> dict:
         res["kv_bytes_per_seq"] = gen.kv_bytes_per_sequence()["total"]
         res["kept_visual_tokens"] = gen.plan.R
     else:
-        tc = gen.cfg.text
-        *_, capacity = gen.pad_inputs(prompts, pixels, new)
-        res["kv_bytes_per_seq"] = 2 * tc.num_hidden_layers * tc.num_key_value_heads * tc.head_dim * capacity * \
-            gen._bench_itemsize
+        res["kv_bytes_per_seq"] = _plain_kv_bytes(gen, prompts, pixels, new)
         res["kept_visual_tokens"] = gen.cfg.num_image_tokens
-    res["step_s"] = dec_s / (new - 1)
     return res
 
 
@@ -211,6 +223,105 @@ def expected_tokens_per_round(a: float, delta: int) -> float:
     return float(delta + 1) if a >= 1 else (1 - a ** (delta + 1)) / (1 - a)
 
 
+def make_generators(model, twig, twig_cfg, methods: Sequence[str], calibration: bool = True) -> dict:
+    """{name: generator} for `methods` (+ "cal:perfect", "cal:round" with calibration), sharing one
+    per-layer copy of the base decoder weights. Method "none" is always built (the reference)."""
+    from twig_jax.generate import Generator
+    from twig_jax.twig import TwigConfigError, init_twig_from_base
+    from twig_jax.twig_generate import TwigGenerator
+
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown methods {bad}; have {list(METHODS)}")
+    plain = Generator(model)
+    shared = dict(layer_weights=plain.layer_weights)
+    gens = {"none": plain}
+    for m in methods:
+        if m == "none":
+            continue
+        method, ssd = METHODS[m]
+        if twig is None and (ssd or method == "twig"):
+            raise TwigConfigError(f"method {m!r} needs a twig")
+        gens[m] = TwigGenerator(model, twig if (ssd or method == "twig") else None, twig_cfg, method=method,
+                                ssd=ssd, **shared)
+    if calibration:
+        import dataclasses
+
+        L, N, k = model.cfg.text.num_hidden_layers, model.cfg.num_image_tokens, twig_cfg.K
+        ptc = dataclasses.replace(twig_cfg, T=L - k, Kf=L, R=N, R_bar=None, theta=0.0)
+        gens["cal:perfect"] = TwigGenerator(model, init_twig_from_base(model, ptc), ptc, method="none", ssd=True,
+                                            **shared)
+        if twig is not None:
+            rtc = dataclasses.replace(twig_cfg, Kf=L, R=N, R_bar=None, theta=0.0)
+            gens["cal:round"] = TwigGenerator(model, twig, rtc, method="none", ssd=True, **shared)
+    return gens
+
+
+def bench_methods(model, twig, twig_cfg, prompts: Sequence[Sequence[int]], pixels, *,
+                  methods: Sequence[str] = ("none", "fastv", "ttp", "ssd", "ttp+ssd"),
+                  batch_sizes: Sequence[int] = (1, 8), answer_lengths: Sequence[int] = (8, 128),
+                  repeats: int = 3, calibration: bool = True, calibration_batch_sizes: Sequence[int] | None = None,
+                  eos_ids: Sequence[int] = (), sampling=None, clock: str = "wall",
+                  log: Callable[[str], None] | None = _log, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Time every method on the same weights and return one dict per (batch, length, method).
+
+    model: a twig_jax Llava; twig: a Twig (None is fine for methods none / fastv); twig_cfg: its
+    TwigConfig (K, T, Kf, R or R_bar, draft_len, theta); prompts: token-id lists with the N image
+    placeholders expanded; pixels: [n, C, H, W] preprocessed images, one per prompt. A batch of b
+    takes prompts 0..b-1 (cycling when there are fewer). answer_lengths are max_new_tokens;
+    eos_ids=() makes every row generate exactly that many (comparable timings), real EOS ids let
+    rows stop (then speed counts generated tokens). Each row holds the figures of time_method plus
+    method, batch, answer_len, prompt_len, speed_vs_plain (end-to-end generated tokens/s over
+    method none's), decode_speed_vs_plain, round_vs_plain_step (SSD methods). calibration adds
+    "cal:perfect" (and "cal:round" when a twig is given) rows; calibration_batch_sizes limits them
+    to those batch sizes (default: all). clock: "wall" or "cpu" (see time_method). on_row(row) is
+    called as each row completes.
+    """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock {clock!r}: have {list(CLOCKS)}")
+    log = log or (lambda msg: None)
+    methods = list(methods)
+    if "none" not in methods:
+        methods = ["none"] + methods  # the reference for relative speed
+    gens = make_generators(model, twig, twig_cfg, methods, calibration)
+    n_have = len(prompts)
+    if n_have == 0 or np.asarray(pixels).shape[0] != n_have:
+        raise ValueError(f"need one image per prompt: {n_have} prompts, {np.asarray(pixels).shape[0]} images")
+    pixels = np.asarray(pixels, np.float32)
+    delta = twig_cfg.draft_len
+    rows = []
+    for b in batch_sizes:
+        idx = [i % n_have for i in range(b)]
+        bp, bx = [list(prompts[i]) for i in idx], pixels[idx]
+        for new in answer_lengths:
+            base = None
+            for name, g in gens.items():
+                if name.startswith("cal:") and calibration_batch_sizes is not None and b not in calibration_batch_sizes:
+                    continue
+                if name not in methods and not name.startswith("cal:"):
+                    continue
+                log(f"batch {b}, length {new}: {name} ...")
+                r = time_method(g, bp, bx, new, repeats, eos_ids=eos_ids, sampling=sampling, clock=clock)
+                r.update(method=name, batch=b, answer_len=new, prompt_len=max(len(p) for p in bp))
+                if name == "none":
+                    base = r
+                r["speed_vs_plain"] = r["e2e_tok_s"] / base["e2e_tok_s"]
+                r["decode_speed_vs_plain"] = r["decode_tok_s"] / base["decode_tok_s"]
+                if "round_s" in r:
+                    r["round_vs_plain_step"] = r["round_s"] / base["step_s"]
+                if name == "cal:round":
+                    e = expected_tokens_per_round(PAPER_ACCEPTANCE, delta)
+                    r["paper_acceptance"] = PAPER_ACCEPTANCE
+                    r["expected_tokens_per_round_at_paper_acceptance"] = e
+                    r["decode_speedup_at_paper_acceptance"] = e / r["round_vs_plain_step"]
+                rows.append(r)
+                if on_row is not None:
+                    on_row(r)
+                log(f"  e2e {r['e2e_s']:.3f}s prefill {r['prefill_s']:.3f}s decode {r['decode_tok_s']:.1f} tok/s "
+                    f"speed x{r['speed_vs_plain']:.2f}")
+    return rows
+
+
 def _write(res: dict, path: str | None) -> None:
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
@@ -219,15 +330,14 @@ def _write(res: dict, path: str | None) -> None:
 
 
 def run(args) -> dict:
+    """The command line: a random base model and twig of preset args.config, then bench_methods."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from twig_jax.config import load_preset
-    from twig_jax.generate import Generator
     from twig_jax.model.llava import Llava
-    from twig_jax.twig import Twig, TwigConfig, init_twig_from_base
-    from twig_jax.twig_generate import TwigGenerator
+    from twig_jax.twig import Twig, TwigConfig
 
     cfg = load_preset(args.config)
     L, N = cfg.text.num_hidden_layers, cfg.num_image_tokens
@@ -237,59 +347,29 @@ def run(args) -> dict:
     tc = TwigConfig(K=args.K, T=args.T, Kf=args.Kf, R=args.R, draft_len=args.draft_len, theta=args.theta)
     tc.validate(L, N)
     twig = Twig(cfg.text, tc, rngs=nnx.Rngs(args.seed + 1), dtype=dtype)
-    itemsize = jnp.dtype(dtype).itemsize
-
-    gens = {}
-    for m in args.methods:
-        spec = METHODS[m]
-        if spec is None:
-            g = Generator(model)
-            g._bench_itemsize = itemsize
-        else:
-            g = TwigGenerator(model, twig, tc, method=spec[0], ssd=spec[1])
-        gens[m] = g
-    calib = {}
-    if not args.no_calibration:
-        k = args.K
-        ptc = TwigConfig(K=k, T=L - k, Kf=L, R=N, draft_len=args.draft_len, theta=0.0)
-        calib["perfect"] = TwigGenerator(model, init_twig_from_base(model, ptc), ptc, method="none", ssd=True)
-        rtc = TwigConfig(K=k, T=args.T, Kf=L, R=N, draft_len=args.draft_len, theta=0.0)
-        calib["round"] = TwigGenerator(model, twig, rtc, method="none", ssd=True)
+    prompts, pixels = make_prompts(cfg, max(args.batch_sizes), args.text_tokens, args.seed)
 
     rows = []
     res = {
         "config": args.config, "methods": args.methods, "twig": dict(K=args.K, T=args.T, Kf=args.Kf, R=args.R,
                                                                      draft_len=args.draft_len, theta=args.theta),
-        "dtype": args.dtype, "repeats": args.repeats, "batch_sizes": args.batch_sizes,
+        "dtype": args.dtype, "repeats": args.repeats, "clock": args.clock,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch_sizes": args.batch_sizes,
         "answer_lengths": args.answer_lengths, "text_tokens": args.text_tokens,
         "device": str(jax.devices()[0]), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "load_avg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "note": "random weights: acceptance of the random twig is meaningless; see the cal:* rows",
         "complete": False, "rows": rows,
     }
-    for b in args.batch_sizes:
-        prompts, pixels = make_prompts(cfg, b, args.text_tokens, args.seed)
-        for new in args.answer_lengths:
-            base = None
-            for name, g in list(gens.items()) + [(f"cal:{k}", g) for k, g in calib.items()]:
-                _log(f"batch {b}, length {new}: {name} ...")
-                r = time_method(g, prompts, pixels, new, args.repeats)
-                r.update(method=name, batch=b, answer_len=new, prompt_len=len(prompts[0]))
-                if name == "none":
-                    base = r
-                if base is not None:
-                    r["speed_vs_plain"] = r["e2e_tok_s"] / base["e2e_tok_s"]
-                    r["decode_speed_vs_plain"] = r["decode_tok_s"] / base["decode_tok_s"]
-                    if "round_s" in r:
-                        r["round_vs_plain_step"] = r["round_s"] / base["step_s"]
-                if name == "cal:round" and "round_vs_plain_step" in r:
-                    e = expected_tokens_per_round(PAPER_ACCEPTANCE, args.draft_len)
-                    r["paper_acceptance"] = PAPER_ACCEPTANCE
-                    r["expected_tokens_per_round_at_paper_acceptance"] = e
-                    r["decode_speedup_at_paper_acceptance"] = e / r["round_vs_plain_step"]
-                rows.append(r)
-                _write(res, args.out)  # partial results survive an interrupted run ("complete": false)
-                _log(f"  e2e {r['e2e_s']:.3f}s prefill {r['prefill_s']:.3f}s decode {r['decode_tok_s']:.1f} tok/s "
-                     f"speed x{r.get('speed_vs_plain', float('nan')):.2f}")
+
+    def on_row(r):
+        rows.append(r)
+        _write(res, args.out)  # partial results survive an interrupted run ("complete": false)
+
+    bench_methods(model, twig, tc, prompts, pixels, methods=args.methods, batch_sizes=args.batch_sizes,
+                  answer_lengths=args.answer_lengths, repeats=args.repeats, calibration=not args.no_calibration,
+                  calibration_batch_sizes=args.calibration_batch_sizes, clock=args.clock, on_row=on_row)
+    res["load_avg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     res["complete"] = True
     return res
 
@@ -299,6 +379,7 @@ def _fmt(v, spec):
 
 
 def table(res: dict) -> str:
+    """A text table of res["rows"] (res["twig"] = {"K", "T"} names the twig in the footnotes)."""
     hdr = (f"{'batch':>5} {'len':>4} {'method':<12} {'speed':>6} {'e2e s':>8} {'prefill s':>9} {'dec tok/s':>9} "
            f"{'acc':>5} {'tok/rnd':>7} {'rnd/step':>8} {'kept':>5} {'KV/seq MiB':>10}")
     lines = [hdr, "-" * len(hdr)]
@@ -309,14 +390,28 @@ def table(res: dict) -> str:
             f"{_fmt(r.get('acceptance_rate'), '5.2f')} {_fmt(r.get('tokens_per_round'), '7.2f')} "
             f"{_fmt(r.get('round_vs_plain_step'), '8.2f')} {r['kept_visual_tokens']:>5} "
             f"{r['kv_bytes_per_seq'] / 2**20:>10.2f}")
+    tw = res.get("twig", {})
     for r in res["rows"]:
         if "decode_speedup_at_paper_acceptance" in r:
             lines.append(
-                f"batch {r['batch']} len {r['answer_len']}: one full round of the K={res['twig']['K']}, "
-                f"T={res['twig']['T']} twig costs {r['round_vs_plain_step']:.2f} plain steps; at the paper's "
+                f"batch {r['batch']} len {r['answer_len']}: one full round of the K={tw.get('K')}, "
+                f"T={tw.get('T')} twig costs {r['round_vs_plain_step']:.2f} plain steps; at the paper's "
                 f"acceptance {PAPER_ACCEPTANCE} (~{r['expected_tokens_per_round_at_paper_acceptance']:.2f} "
                 f"tokens/round) decode would run x{r['decode_speedup_at_paper_acceptance']:.2f}")
     return "\n".join(lines)
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """The rows as a Markdown table (README)."""
+    out = ["| batch | len | method | speed | prefill s | dec tok/s | acceptance | tokens/round | round / plain step "
+           "| kept | KV/seq MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(
+            f"| {r['batch']} | {r['answer_len']} | {r['method']} | {_fmt(r.get('speed_vs_plain'), '.2f')} | "
+            f"{r['prefill_s']:.2f} | {r['decode_tok_s']:.1f} | {_fmt(r.get('acceptance_rate'), '.2f')} | "
+            f"{_fmt(r.get('tokens_per_round'), '.2f')} | {_fmt(r.get('round_vs_plain_step'), '.2f')} | "
+            f"{r['kept_visual_tokens']} | {r['kv_bytes_per_seq'] / 2**20:.1f} |")
+    return "\n".join(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
