@@ -11,6 +11,8 @@ Helpers (also importable: `from conftest import make_llava_inputs, hf_logits, ja
       each row with exactly cfg.num_image_tokens image placeholders (one image per row).
   hf_logits(torch_model, input_ids, pixel_values) -> np.ndarray [B, S, V] float32
   jax_logits(llava, input_ids, pixel_values) -> np.ndarray [B, S, V] float32 (jitted forward)
+  sharpened_tiny_llava(head_scale) -> twig_jax Llava of the "tiny" preset with 4x query / key
+      weights and a head_scale x LM head (peaky attention and next-token distributions)
   (pixel_values may be None for text-only input in both)
 """
 
@@ -140,6 +142,21 @@ def jax_logits(llava, input_ids, pixel_values) -> np.ndarray:
     pix = None if pixel_values is None else jnp.asarray(np.asarray(pixel_values, np.float32))
     out = _JIT_FORWARD(llava, jnp.asarray(np.asarray(input_ids), jnp.int32), pix)
     return np.asarray(out, np.float32)
+
+
+def sharpened_tiny_llava(head_scale: float):
+    """The "tiny" preset LLaVA (twig_jax, seed 0) with sharpened attention (4x W_q, W_k) and a
+    head_scale x LM head, so that greedy choices are decided and draft confidences vary."""
+    from flax import nnx
+
+    from twig_jax.config import load_preset
+    from twig_jax.model.llava import Llava
+
+    model = Llava(load_preset("tiny"), rngs=nnx.Rngs(0))
+    model.text.layers.wq[...] = model.text.layers.wq[...] * 4
+    model.text.layers.wk[...] = model.text.layers.wk[...] * 4
+    model.text.lm_head[...] = model.text.lm_head[...] * head_scale
+    return model
 
 
 def rel_err(a, b) -> float:

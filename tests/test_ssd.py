@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from twig_jax.config import load_preset
-from twig_jax.model.llava import Llava
+from conftest import sharpened_tiny_llava
 from twig_jax.twig import Twig, TwigConfig, TwigConfigError, init_twig_from_base
 from twig_jax.twig_generate import TwigGenerator
 
@@ -26,11 +25,8 @@ BUCKETS = dict(batch_buckets=(4,), prompt_buckets=(32,), new_token_buckets=(24,)
 
 def tiny_model():
     """Tiny LLaVA with sharpened attention and a peaky LM head (so theta stops vary by row)."""
-    cfg = load_preset("tiny")
-    model = Llava(cfg, rngs=nnx.Rngs(0))
-    model.text.layers.wq.value = model.text.layers.wq.value * 4
-    model.text.layers.wk.value = model.text.layers.wk.value * 4
-    model.text.lm_head.value = model.text.lm_head.value * 30
+    model = sharpened_tiny_llava(head_scale=30)
+    cfg = model.cfg
     rng = np.random.default_rng(0)
     prompts = []
     for length, at in zip(LENGTHS, IMG_AT):
@@ -47,7 +43,7 @@ def pruned():
     cfg, model, prompts, pixels = tiny_model()
     tc = TwigConfig(K=1, T=3, Kf=3, R=5, draft_len=5, theta=0.5)
     random_twig = Twig(cfg.text, tc, rngs=nnx.Rngs(5))
-    random_twig.head.value = random_twig.head.value * 30
+    random_twig.head[...] = random_twig.head[...] * 30
     twigs = {"random": random_twig, "copy": init_twig_from_base(model, tc)}
     ssd = TwigGenerator(model, random_twig, tc, method="twig", ssd=True, **BUCKETS)
     plain = TwigGenerator(model, random_twig, tc, method="twig", ssd=False, **BUCKETS)

@@ -14,11 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import twig_jax.ssd as ssd_mod
-from twig_jax.config import load_preset
-from twig_jax.model.llava import Llava
+from conftest import sharpened_tiny_llava
 from twig_jax.sampling import SamplingConfig
 from twig_jax.twig import TwigConfig, init_twig_from_base
 from twig_jax.twig_generate import TwigGenerator
@@ -38,11 +36,8 @@ def _tv(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = load_preset("tiny")
-    model = Llava(cfg, rngs=nnx.Rngs(0))
-    model.text.layers.wq.value = model.text.layers.wq.value * 4
-    model.text.layers.wk.value = model.text.layers.wk.value * 4
-    model.text.lm_head.value = model.text.lm_head.value * 8
+    model = sharpened_tiny_llava(head_scale=8)
+    cfg = model.cfg
     n = cfg.num_image_tokens
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, 250, size=n + 6)
@@ -52,8 +47,8 @@ def setup():
     # so draft and target agree often but not always: both accept and reject paths run.
     tc = TwigConfig(K=1, T=3, Kf=4, R=14, draft_len=2, theta=0.0)
     twig = init_twig_from_base(model, tc)
-    head = twig.head.value
-    twig.head.value = head + 0.3 * jnp.std(head) * jax.random.normal(jax.random.key(3), head.shape)
+    head = twig.head[...]
+    twig.head[...] = head + 0.3 * jnp.std(head) * jax.random.normal(jax.random.key(3), head.shape)
     buckets = dict(batch_buckets=(B,), prompt_buckets=(32,), new_token_buckets=(NEW,))
     plain = TwigGenerator(model, twig, tc, method="twig", ssd=False, **buckets)
     want = np.asarray(plain.generate([prompt.tolist()] * B, pixels, max_new_tokens=NEW, sampling=SAMPLING,

@@ -28,8 +28,8 @@ IMG_AT = (2, 4, 1)
 
 def _sharpen(layers, scale=4.0):
     """Scale q/k projections so attention (and hence pruning scores) is far from uniform."""
-    layers.wq.value = layers.wq.value * scale
-    layers.wk.value = layers.wk.value * scale
+    layers.wq[...] = layers.wq[...] * scale
+    layers.wk[...] = layers.wk[...] * scale
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +100,8 @@ class NumpyPrunedModel:
         self.tc = model.cfg.text
         self.base = _np_weights(model.text.layers)
         self.twig = None if twig is None else _np_weights(twig.layers)
-        self.embed = np.asarray(model.text.embed.value, np.float64)
-        self.norm = np.asarray(model.text.final_norm.value, np.float64)
+        self.embed = np.asarray(model.text.embed[...], np.float64)
+        self.norm = np.asarray(model.text.final_norm[...], np.float64)
         self.head = np.asarray(model.text.head_weight(), np.float64)
         self.feats = feats  # [B, N, D]
 
