@@ -109,6 +109,41 @@ def test_train_all(base):
     assert not np.array_equal(before["text/layers/wq"], after["text/layers/wq"])
 
 
+def test_train_all_with_frozen_vision(base):
+    """--freeze vision: the tower stays bit-identical and has no optimizer state; the rest trains."""
+    before = _flat(nnx.state(base))
+    tr = Trainer(base, TrainConfig(steps=2, batch_size=2, train_all=True, freeze=("vision",),
+                                   optim=OptimConfig(lr=1e-2)))
+    params0 = _flat(tr.state["params"])
+    assert params0 and not any(k.startswith("vision") for k in params0)
+    assert {k for k in before if not k.startswith("vision")} == params0.keys()
+    for batch in _batches(base.cfg, 2, 2):
+        m = tr.step(batch)
+    assert np.isfinite(float(m["loss"]))
+    frozen = _flat(tr.frozen)
+    assert frozen.keys() == {k for k in before if k.startswith("vision")}
+    for k in frozen:
+        assert np.array_equal(frozen[k], before[k]), k
+    params1 = _flat(tr.state["params"])
+    for k in ("projector/w1", "text/layers/wq", "text/lm_head"):
+        assert not np.array_equal(params0[k], params1[k]), k  # projector and language model learned
+    opt = {k: v for k, v in _flat(tr.state["opt_state"]).items() if v.ndim > 0}
+    assert sum(v.size for v in opt.values()) == 2 * sum(v.size for v in params0.values())  # AdamW mu + nu
+    assert not any("vision" in k for k in opt)
+    model, _ = tr.trained_modules()  # the merged model has the frozen tower and the trained rest
+    merged = _flat(nnx.state(model))
+    assert np.array_equal(merged["vision/blocks/wq"], before["vision/blocks/wq"])
+    assert np.array_equal(merged["text/layers/wq"], params1["text/layers/wq"])
+
+
+@pytest.mark.parametrize("freeze, train_all, match", [
+    (("tower",), True, "cannot freeze"), (("vision",), False, "train_all"),
+    (("vision", "projector", "text"), True, "nothing to train")])
+def test_freeze_errors(base, freeze, train_all, match):
+    with pytest.raises(ValueError, match=match):
+        Trainer(base, TrainConfig(steps=1, batch_size=2, train_all=train_all, freeze=freeze))
+
+
 def test_sharding_rules():
     mesh = shd.make_mesh("data=1,fsdp=1,tensor=1")
     assert shd.parse_mesh("data=2,fsdp=2,tensor=2") == {"data": 2, "fsdp": 2, "tensor": 2}

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--twig-t", type=int, default=3)
     m.add_argument("--init-twig", default=None, help="start from this twig (orbax dir or MILVLG safetensors)")
     m.add_argument("--train-all", action="store_true", help="train every LLaVA parameter with the LM loss")
+    m.add_argument("--freeze", default="", help="with --train-all: comma-separated LLaVA modules kept frozen "
+                   "(vision, projector, text), e.g. vision as LLaVA keeps its CLIP tower frozen")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, required=True)
     o.add_argument("--batch", type=int, default=8, help="global batch (sequences per optimizer step)")
@@ -88,6 +90,10 @@ def wants_distributed(mode: str, env) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.freeze and not args.train_all:
+        print("twig-jax train: error: --freeze needs --train-all (twig training already freezes the whole base)",
+              file=sys.stderr)
+        return 2
     import jax
     from flax import nnx
 
@@ -138,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.makedirs(ckpt, exist_ok=True)
     cfg = TrainConfig(
         steps=args.steps, batch_size=args.batch, accum_steps=args.accum, train_all=args.train_all,
+        freeze=tuple(n for n in args.freeze.split(",") if n),
         twig_K=args.twig_k, twig_T=args.twig_t, compute_dtype=args.dtype, remat=args.remat, mesh=args.mesh,
         seed=args.seed, optim=OptimConfig(lr=args.lr, warmup_ratio=args.warmup_ratio, clip_norm=args.clip),
         loss=LossConfig(alpha=args.alpha), ckpt_dir=ckpt, save_every=args.every, keep=args.keep,
@@ -161,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from twig_jax.pipeline import save_converted_model
 
         trainer = out["trainer"]
-        trained, _ = trainer.model.modules(jax.device_get(trainer.state["params"]), {})
+        trained, _ = trainer.model.modules(jax.device_get(trainer.state["params"]), jax.device_get(trainer.frozen))
         save_converted_model(trained, args.out, tokenizer if hasattr(tokenizer, "save_pretrained") else None)
         print(f"model saved to {args.out}", file=sys.stderr)
     if out["benchmark"]:

@@ -67,6 +67,9 @@ class TrainConfig:
     batch_size: int = 8  # global sequences per optimizer step (all processes, all micro-batches)
     accum_steps: int = 1  # micro-batches per optimizer step (lax.scan inside the step)
     train_all: bool = False  # True: train every LLaVA parameter with the LM loss (no twig)
+    # train_all only: top-level LLaVA modules ("vision", "projector", "text") that stay frozen (no
+    # optimizer state), e.g. ("vision",) as LLaVA keeps its CLIP tower frozen.
+    freeze: tuple[str, ...] = ()
     twig_K: int = 2
     twig_T: int = 3
     compute_dtype: str = "float32"  # "bfloat16": bf16 compute, fp32 master weights + optimizer
@@ -178,22 +181,42 @@ class TrainModel:
 
     base_def: Any
     twig_def: Any | None  # None in train_all mode
-    trainable: Any  # nnx.State: the twig's (twig mode) or the whole base's (train_all)
-    frozen: Any  # nnx.State of the base (twig mode) or an empty dict (train_all)
+    trainable: Any  # nnx.State: the twig's (twig mode) or the base's unfrozen modules (train_all)
+    frozen: Any  # nnx.State of the base (twig mode) or of its frozen modules (train_all; {} if none)
     train_all: bool
 
     def modules(self, trainable=None, frozen=None) -> tuple[Llava, Twig | None]:
         trainable = self.trainable if trainable is None else trainable
         frozen = self.frozen if frozen is None else frozen
         if self.train_all:
-            return nnx.merge(self.base_def, trainable), None
+            return (nnx.merge(self.base_def, trainable, frozen) if frozen else nnx.merge(self.base_def, trainable)), None
         return nnx.merge(self.base_def, frozen), nnx.merge(self.twig_def, trainable)
 
 
-def split_model(base: Llava, twig: Twig | None, train_all: bool) -> TrainModel:
-    base_def, base_state = nnx.split(base)
+FREEZABLE = ("vision", "projector", "text")  # the top-level modules of a Llava
+
+
+def check_freeze(freeze: tuple[str, ...], train_all: bool) -> None:
+    """ValueError naming the problem with a `freeze` setting."""
+    bad = [n for n in freeze if n not in FREEZABLE]
+    if bad:
+        raise ValueError(f"cannot freeze {bad}: freezable LLaVA modules are {list(FREEZABLE)}")
+    if freeze and not train_all:
+        raise ValueError("freeze applies to train_all mode (twig training already freezes the whole base)")
+    if set(freeze) == set(FREEZABLE):
+        raise ValueError(f"freezing {list(freeze)} leaves nothing to train")
+
+
+def split_model(base: Llava, twig: Twig | None, train_all: bool, freeze: tuple[str, ...] = ()) -> TrainModel:
+    check_freeze(freeze, train_all)
     if train_all:
-        return TrainModel(base_def, None, base_state, {}, True)
+        if not freeze:
+            base_def, base_state = nnx.split(base)
+            return TrainModel(base_def, None, base_state, {}, True)
+        frozen_filter = lambda path, _: bool(path) and path[0] in freeze  # noqa: E731
+        base_def, frozen, trainable = nnx.split(base, frozen_filter, ...)
+        return TrainModel(base_def, None, trainable, frozen, True)
+    base_def, base_state = nnx.split(base)
     if twig is None:
         raise ValueError("twig training needs a twig (init_twig_from_base)")
     twig_def, twig_state = nnx.split(twig)
@@ -219,7 +242,7 @@ def make_loss_fn(model: TrainModel, cfg: TrainConfig, mesh=None) -> Callable:
     def loss_fn(trainable, frozen, batch):
         pix = batch.get("pixel_values")
         if model.train_all:
-            base, _ = model.modules(_cast_floats(trainable, cdt), {})
+            base, _ = model.modules(_cast_floats(trainable, cdt), _cast_floats(frozen, cdt))
             logits = base_forward(base, batch["tokens"], pix, remat=cfg.remat, mesh=mesh)
             teacher = None
         else:
@@ -322,10 +345,11 @@ class Trainer:
         self.cfg = cfg
         if cfg.batch_size % cfg.accum_steps:
             raise ValueError(f"batch_size {cfg.batch_size} not divisible by accum_steps {cfg.accum_steps}")
+        check_freeze(cfg.freeze, cfg.train_all)
         self.mesh = mesh if mesh is not None else shd.make_mesh(cfg.mesh)
         if not cfg.train_all and twig is None:
             twig = init_twig_from_base(base, training_twig_config(base, cfg.twig_K, cfg.twig_T))
-        self.model = split_model(base, twig, cfg.train_all)
+        self.model = split_model(base, twig, cfg.train_all, cfg.freeze)
         # Master weights are float32 whatever the checkpoint dtype (a bf16 base gives a bf16 twig).
         self.model.trainable = _cast_floats(self.model.trainable, jnp.float32)
         self.tx, self.schedule = make_optimizer(cfg.optim, cfg.steps)
@@ -449,7 +473,9 @@ def model_flops_per_step(base_cfg, cfg: TrainConfig, seq: int) -> float:
     vision = cfg.batch_size * npatch * (max(base_cfg.feature_layers) * vis_layer)
     proj = cfg.batch_size * base_cfg.num_image_tokens * 2.0 * (base_cfg.projector_in_dim * tc.hidden_size + tc.hidden_size ** 2)
     if cfg.train_all:
-        return 3.0 * (vision + proj + tokens * (L * layer + head))
+        # Frozen modules run forward only (the gradient still flows through a frozen text model).
+        fb = lambda name: 1.0 if name in cfg.freeze else 3.0  # noqa: E731
+        return fb("vision") * vision + fb("projector") * proj + 3.0 * tokens * (L * layer + head)
     trunk = vision + proj + tokens * cfg.twig_K * layer
     teacher = tokens * ((L - cfg.twig_K) * layer + head) if cfg.loss.alpha else 0.0
     twig = 3.0 * tokens * (cfg.twig_T * layer + head)
