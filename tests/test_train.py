@@ -3,6 +3,7 @@ device (8 simulated CPU devices in a subprocess), SIGKILL + resume == uninterrup
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -134,6 +135,22 @@ def test_train_all_with_frozen_vision(base):
     merged = _flat(nnx.state(model))
     assert np.array_equal(merged["vision/blocks/wq"], before["vision/blocks/wq"])
     assert np.array_equal(merged["text/layers/wq"], params1["text/layers/wq"])
+
+
+def test_stop_at_keeps_the_schedule(base):
+    """stop_at=2 of a 4-step schedule equals the first 2 steps of the 4-step run (not a 2-step run)."""
+    from twig_jax.train_lib import train
+
+    batches = _batches(base.cfg, 2, 2)
+    cfg = TrainConfig(steps=4, batch_size=2, train_all=True, optim=OptimConfig(lr=1e-2, warmup_ratio=0.5))
+    full = Trainer(base, cfg)
+    lrs = [float(full.step(b)["lr"]) for b in batches]
+    out = train(base, dataclasses.replace(cfg, stop_at=2, progress=False), iter(batches + batches))
+    assert [m["lr"] for m in out["metrics"]] == pytest.approx(lrs) and len(out["metrics"]) == 2
+    assert lrs[1] < 1e-2  # still warming up: a 2-step schedule would be at its peak or decaying
+    a, b = _flat(full.state["params"]), _flat(out["trainer"].state["params"])
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 @pytest.mark.parametrize("freeze, train_all, match", [

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(vision, projector, text), e.g. vision as LLaVA keeps its CLIP tower frozen")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, required=True)
+    o.add_argument("--stop-at", type=int, default=None,
+                   help="end the run after this step (checkpoint and --out as at the end); the learning-rate "
+                        "schedule still spans --steps")
     o.add_argument("--batch", type=int, default=8, help="global batch (sequences per optimizer step)")
     o.add_argument("--accum", type=int, default=1, help="gradient-accumulation micro-batches per step")
     o.add_argument("--lr", type=float, default=1e-4)
@@ -90,6 +93,9 @@ def wants_distributed(mode: str, env) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
+        print(f"twig-jax train: error: --stop-at {args.stop_at} must be in 1..--steps ({args.steps})", file=sys.stderr)
+        return 2
     if args.freeze and not args.train_all:
         print("twig-jax train: error: --freeze needs --train-all (twig training already freezes the whole base)",
               file=sys.stderr)
@@ -143,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ckpt:
         os.makedirs(ckpt, exist_ok=True)
     cfg = TrainConfig(
-        steps=args.steps, batch_size=args.batch, accum_steps=args.accum, train_all=args.train_all,
+        steps=args.steps, stop_at=args.stop_at, batch_size=args.batch, accum_steps=args.accum, train_all=args.train_all,
         freeze=tuple(n for n in args.freeze.split(",") if n),
         twig_K=args.twig_k, twig_T=args.twig_t, compute_dtype=args.dtype, remat=args.remat, mesh=args.mesh,
         seed=args.seed, optim=OptimConfig(lr=args.lr, warmup_ratio=args.warmup_ratio, clip_norm=args.clip),

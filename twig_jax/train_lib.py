@@ -63,7 +63,8 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 100  # optimizer steps
+    steps: int = 100  # optimizer steps (the learning-rate schedule spans these)
+    stop_at: int | None = None  # end the run after this step, schedule unchanged (staged training)
     batch_size: int = 8  # global sequences per optimizer step (all processes, all micro-batches)
     accum_steps: int = 1  # micro-batches per optimizer step (lax.scan inside the step)
     train_all: bool = False  # True: train every LLaVA parameter with the LM loss (no twig)
@@ -595,7 +596,8 @@ def train(base: Llava, cfg: TrainConfig, data_iter: Iterator[dict[str, np.ndarra
 
     last_saved = start
     try:
-        for step in range(start, cfg.steps):
+        last = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
+        for step in range(start, last):
             try:
                 batch = next(data_iter)
             except StopIteration:
