@@ -77,8 +77,11 @@ def test_answers_consistent_with_scene(world):
         objs = [tuple(o) for o in r["objects"]]
         conv = r["conversations"]
         assert conv[0]["value"].startswith("<image>\n") and sum("<image>" in t["value"] for t in conv) == 1
-        # The description comes last (earlier, its text would answer the short questions).
-        assert conv[-2]["value"] == shapes.DESCRIBE and all(t["value"] != shapes.DESCRIBE for t in conv[:-2])
+        # The description comes last (earlier, its text would answer the short questions), and
+        # alone in every third record.
+        assert conv[-2]["value"].replace("<image>\n", "") == shapes.DESCRIBE
+        assert all(t["value"] != shapes.DESCRIBE for t in conv[:-2])
+        assert (len(conv) == 2) == (int(r["id"].split("_")[1]) % 3 == 0), r["id"]
         for q, a in zip(conv[0::2], conv[1::2]):
             question = q["value"].replace("<image>\n", "")
             if question == shapes.DESCRIBE:

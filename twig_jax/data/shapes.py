@@ -263,9 +263,10 @@ def make_record(idx: int, split: str, rng: np.random.Generator, image_dir: str, 
 
 
 def generate_dataset(out_dir: str, n_train: int, n_eval: int = 200, seed: int = 0, *,
-                     train_turns: int = 6, eval_short: int = 2) -> dict:
+                     train_turns: int = 6, eval_short: int = 2, describe_only_every: int = 3) -> dict:
     """Write the train split (LLaVA instruction JSON, multi-turn: `train_turns` short questions in
-    random order, then the description) and the eval split (question file + answers apart: per image
+    random order, then the description; every `describe_only_every`-th record (0: none) is the
+    description alone) and the eval split (question file + answers apart: per image
     `eval_short` short questions and one description). Returns a summary dict."""
     if n_train < 0 or n_eval < 0:
         raise ValueError(f"n_train={n_train}, n_eval={n_eval} must be >= 0")
@@ -280,11 +281,14 @@ def generate_dataset(out_dir: str, n_train: int, n_eval: int = 200, seed: int = 
         name, objects, qs = make_record(i, "train", train_rng, image_dir, train_turns)
         turns = [(q, a) for _, q, a in qs] + [(DESCRIBE, describe(objects))]
         turns = [turns[j] for j in train_rng.permutation(len(turns))]
-        # The description goes last: placed before a short question it would hold that question's
-        # answer as text, and the model would learn to copy it instead of reading the image (eval
-        # asks every question first). The shuffle above still runs, so the images and questions
-        # drawn from the seed stay as they were.
+        # A description placed before a short question would hold that question's answer as text,
+        # and the model would learn to copy it instead of reading the image. So the description
+        # goes last, and every `describe_only_every`-th record is the description alone (eval asks
+        # every question as the first turn, descriptions included). The shuffle above still runs,
+        # so the images and questions drawn from the seed stay as they were.
         turns = [t for t in turns if t[0] != DESCRIBE] + [t for t in turns if t[0] == DESCRIBE]
+        if describe_only_every and i % describe_only_every == 0:
+            turns = turns[-1:]
         conv = []
         for j, (q, a) in enumerate(turns):
             conv.append({"from": "human", "value": ("<image>\n" + q) if j == 0 else q})
