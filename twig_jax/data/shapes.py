@@ -263,13 +263,20 @@ def make_record(idx: int, split: str, rng: np.random.Generator, image_dir: str, 
 
 
 def generate_dataset(out_dir: str, n_train: int, n_eval: int = 200, seed: int = 0, *,
-                     train_turns: int = 6, eval_short: int = 2, describe_only_every: int = 3) -> dict:
+                     train_turns: int = 6, eval_short: int = 2, description_turn: str = "last",
+                     describe_only_every: int = 3) -> dict:
     """Write the train split (LLaVA instruction JSON, multi-turn: `train_turns` short questions in
     random order, then the description; every `describe_only_every`-th record (0: none) is the
-    description alone) and the eval split (question file + answers apart: per image
+    description alone; description_turn="random" keeps the shuffled order with the description
+    anywhere and no description-only records, the format of the first training stage of the
+    bundled model) and the eval split (question file + answers apart: per image
     `eval_short` short questions and one description). Returns a summary dict."""
     if n_train < 0 or n_eval < 0:
         raise ValueError(f"n_train={n_train}, n_eval={n_eval} must be >= 0")
+    if description_turn not in ("last", "random"):
+        raise ValueError(f"description_turn={description_turn!r} must be 'last' or 'random'")
+    if describe_only_every < 0:
+        raise ValueError(f"describe_only_every={describe_only_every} must be >= 0")
     image_dir = os.path.join(out_dir, "images")
     os.makedirs(image_dir, exist_ok=True)
     os.makedirs(os.path.join(out_dir, "eval"), exist_ok=True)
@@ -286,9 +293,10 @@ def generate_dataset(out_dir: str, n_train: int, n_eval: int = 200, seed: int = 
         # goes last, and every `describe_only_every`-th record is the description alone (eval asks
         # every question as the first turn, descriptions included). The shuffle above still runs,
         # so the images and questions drawn from the seed stay as they were.
-        turns = [t for t in turns if t[0] != DESCRIBE] + [t for t in turns if t[0] == DESCRIBE]
-        if describe_only_every and i % describe_only_every == 0:
-            turns = turns[-1:]
+        if description_turn == "last":
+            turns = [t for t in turns if t[0] != DESCRIBE] + [t for t in turns if t[0] == DESCRIBE]
+            if describe_only_every and i % describe_only_every == 0:
+                turns = turns[-1:]
         conv = []
         for j, (q, a) in enumerate(turns):
             conv.append({"from": "human", "value": ("<image>\n" + q) if j == 0 else q})
@@ -371,7 +379,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n-eval", type=int, default=200, help="eval images (2 short questions + 1 description each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-turns", type=int, default=6, help="short questions per training record")
+    p.add_argument("--description-turn", choices=("last", "random"), default="last",
+                   help="where the description goes in a training record (random: anywhere, as the "
+                        "bundled model's first training stage saw it)")
+    p.add_argument("--describe-only-every", type=int, default=3,
+                   help="every N-th training record is the description alone (0: none; with "
+                        "--description-turn last only)")
     args = p.parse_args(argv)
-    summary = generate_dataset(args.out, args.n, args.n_eval, args.seed, train_turns=args.train_turns)
+    summary = generate_dataset(args.out, args.n, args.n_eval, args.seed, train_turns=args.train_turns,
+                               description_turn=args.description_turn,
+                               describe_only_every=args.describe_only_every)
     print(json.dumps(summary))
     return 0
