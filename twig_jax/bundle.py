@@ -50,11 +50,12 @@ EXPECTED_FILE = "expected.json"
 RUN_DTYPE = "float32"
 # Accuracy fields per method in expected.json, and the floor the unpruned figures must reach for
 # the bundle to count as measured. Issue 5's targets are >= 95% EM / 0.95 F1; the bundled model
-# misses them (under-trained: see README), so these floors only catch an unmeasured bundle or one
-# that ignores the image (language prior alone: ~40% EM, F1 ~0.02 on the eval split).
+# meets the description one (F1 1.0 on the mini subset) and misses the short-answer one (EM 0.50:
+# it fails questions that need a colour-and-shape conjunction, see README). The floors sit above
+# what a model that ignores the image reaches (language prior: ~40% EM, F1 ~0.05).
 EXPECTED_METHODS = ("none", "twig")
 EXPECTED_FIELDS = ("short_em", "description_f1")
-MEASURED_FLOOR = {"short_em": 0.4, "description_f1": 0.0}  # F1 ~0.05: too low to discriminate
+MEASURED_FLOOR = {"short_em": 0.45, "description_f1": 0.9}
 TOLERANCE = 0.05
 
 MB = 1e6
