@@ -474,9 +474,16 @@ def model_flops_per_step(base_cfg, cfg: TrainConfig, seq: int) -> float:
     vision = cfg.batch_size * npatch * (max(base_cfg.feature_layers) * vis_layer)
     proj = cfg.batch_size * base_cfg.num_image_tokens * 2.0 * (base_cfg.projector_in_dim * tc.hidden_size + tc.hidden_size ** 2)
     if cfg.train_all:
-        # Frozen modules run forward only (the gradient still flows through a frozen text model).
-        fb = lambda name: 1.0 if name in cfg.freeze else 3.0  # noqa: E731
-        return fb("vision") * vision + fb("projector") * proj + 3.0 * tokens * (L * layer + head)
+        # Trained: forward + activation and weight gradients (3x). Frozen: forward, plus the
+        # activation gradient (2x) only where a module before it (vision -> projector -> text) trains.
+        order = ("vision", "projector", "text")
+
+        def mult(name):
+            if name not in cfg.freeze:
+                return 3.0
+            return 2.0 if any(m not in cfg.freeze for m in order[:order.index(name)]) else 1.0
+
+        return mult("vision") * vision + mult("projector") * proj + mult("text") * tokens * (L * layer + head)
     trunk = vision + proj + tokens * cfg.twig_K * layer
     teacher = tokens * ((L - cfg.twig_K) * layer + head) if cfg.loss.alpha else 0.0
     twig = 3.0 * tokens * (cfg.twig_T * layer + head)
