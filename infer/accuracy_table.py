@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-eval", type=int, default=200, help="shapes eval images (without --questions/--data)")
     p.add_argument("--limit", type=int, help="first N questions only")
     p.add_argument("--methods", default=",".join(METHODS), help="comma list of twig, fastv, random")
+    p.add_argument("--Kf", type=int, default=None, help="FinalWipe layer of every pruned run (default: the twig's; "
+                   "the number of layers L: no FinalWipe)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max-new-short", type=int, default=16)
     p.add_argument("--max-new-description", type=int, default=128)
@@ -155,7 +157,8 @@ def main(argv=None) -> int:
         model_id = os.path.basename(os.path.normpath(args.model))
 
         def one(method: str, R: int | None):
-            cfg = EvalConfig(method=method, R=R, ssd=False, batch_size=args.batch, max_new_tokens=max_new)
+            cfg = EvalConfig(method=method, R=R, Kf=args.Kf if method != "none" else None, ssd=False,
+                             batch_size=args.batch, max_new_tokens=max_new)
             gen = build_generator(model, twig, cfg, batch_buckets=bucket)  # compiled once, serves both categories
             out = os.path.join(args.preds_dir, f"{method}_R{R or N}.jsonl") if args.preds_dir else None
             t0 = time.perf_counter()
