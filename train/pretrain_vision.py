@@ -9,13 +9,14 @@ classify the cell's object colour (or none), shape (or none) and size (or none);
 patch token alone, classify which cell the patch lies in and that cell's colour, shape and size.
 The per-patch targets make each visual token carry its cell's object and its own grid position,
 which is what the language model has to read (a CLIP token likewise describes its surroundings).
-The whole LLaVA (this tower included) is then trained with the training stack
-(`twig-jax train --train-all`).
+The LLaVA is then trained with the training stack, this tower kept frozen as LLaVA keeps its
+CLIP tower (`twig-jax train --train-all --freeze vision`; training it along at lr 1e-3 undid the
+pretraining: its weights moved by 60-90% in 1000 steps).
 
     python -m train.pretrain_vision --data DIR --out INIT_DIR [--images 8000] [--steps 400]
 
 writes INIT_DIR: a converted model dir (random language model and projector, this tower) and the
-shapes tokenizer, to pass as `twig-jax train --base INIT_DIR --train-all`.
+shapes tokenizer, to pass as `twig-jax train --base INIT_DIR --train-all --freeze vision`.
 """
 
 from __future__ import annotations
