@@ -3,7 +3,8 @@ visual tokens pruned (R = N/9, 2N/9, 3N/9), short answers (exact match) and desc
 (object-level F1) separately, each relative to the unpruned model.
 
     python -m infer.accuracy_table [--model DIR] [--twig DIR] [--questions FILE --images DIR --answers FILE]
-                                   [--data DIR] [--limit N] [--out-json FILE] [--out-md FILE]
+                                   [--data DIR] [--limit N] [--methods twig,fastv,random] [--ninths 1,2,3]
+                                   [--Kf KF] [--out-json FILE] [--out-md FILE]
 
 One unpruned run (method none) and one run per (method, R), all greedy without SSD (greedy SSD is
 token-identical to the pruned model's greedy decode, so it cannot change accuracy). FastV and
@@ -112,6 +113,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-eval", type=int, default=200, help="shapes eval images (without --questions/--data)")
     p.add_argument("--limit", type=int, help="first N questions only")
     p.add_argument("--methods", default=",".join(METHODS), help="comma list of twig, fastv, random")
+    p.add_argument("--ninths", default=",".join(map(str, PRUNED_NINTHS)),
+                   help="comma list of k: runs keep R = k N / 9 visual tokens (default 1,2,3)")
     p.add_argument("--Kf", type=int, default=None, help="FinalWipe layer of every pruned run (default: the twig's; "
                    "the number of layers L: no FinalWipe)")
     p.add_argument("--batch", type=int, default=16)
@@ -125,6 +128,12 @@ def main(argv=None) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         p.error(f"unknown method(s) {bad}; have {list(METHODS)}")
+    try:
+        ninths = [int(k) for k in args.ninths.split(",") if k.strip()]
+    except ValueError:
+        p.error(f"--ninths {args.ninths!r}: give a comma list of integers 1..8")
+    if not ninths or any(not 1 <= k <= 8 for k in ninths):
+        p.error(f"--ninths {args.ninths!r}: each k must be in 1..8 (R = k N / 9 kept)")
 
     import jax.numpy as jnp
 
@@ -171,11 +180,13 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
             return m, acc
 
+        if args.Kf is not None and not 1 <= args.Kf <= L:
+            p.error(f"--Kf {args.Kf}: the FinalWipe layer must be in 1..{L} (L = {L}: no FinalWipe)")
         base_m, base_acc = one("none", None)
         K = Kf = None
         runs = []
         for method in methods:
-            for k in PRUNED_NINTHS:
+            for k in ninths:
                 R = kept_for(N, k)
                 m, acc = one(method, R)
                 K, Kf = m["K"], m["Kf"]

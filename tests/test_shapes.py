@@ -190,3 +190,33 @@ def test_description_turn_random_is_the_same_scenes_reordered(world, tmp_path):
     assert moved > 10  # the random order really puts descriptions before short questions
     with pytest.raises(ValueError, match="description_turn"):
         generate_dataset(str(tmp_path / "bad"), 1, 0, description_turn="first")
+
+
+def _pairs(record):
+    conv = record["conversations"]
+    assert conv[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in conv[1:])
+    return [(q["value"].replace("<image>\n", ""), a["value"]) for q, a in zip(conv[0::2], conv[1::2])]
+
+
+def test_description_turn_alone_splits_records(tmp_path):
+    """--description-turn alone: every N-th record is the scene's description alone, every other
+    record holds that scene's short questions (in the shuffled order) and no description; same
+    scenes and images as the other formats."""
+    rand, alone = str(tmp_path / "random"), str(tmp_path / "alone")
+    generate_dataset(rand, 24, 0, seed=5, description_turn="random", describe_only_every=0)
+    generate_dataset(alone, 24, 0, seed=5, description_turn="alone", describe_only_every=4)
+    n_desc = 0
+    for i, (r, a) in enumerate(zip(_records(rand), _records(alone))):
+        assert r["image"] == a["image"] and r["objects"] == a["objects"]
+        with open(os.path.join(rand, "images", r["image"]), "rb") as f1, \
+                open(os.path.join(alone, "images", a["image"]), "rb") as f2:
+            assert f1.read() == f2.read()
+        want = [p for p in _pairs(r) if (p[0] == shapes.DESCRIBE) == (i % 4 == 0)]
+        assert _pairs(a) == want and want
+        if i % 4 == 0:
+            objects = [ShapeObject(sh, c, sz, shapes.POSITIONS.index(pos)) for sz, c, sh, pos in a["objects"]]
+            assert want == [(shapes.DESCRIBE, describe(objects))]
+            n_desc += 1
+    assert n_desc == 6
+    with pytest.raises(ValueError, match="describe_only_every"):
+        generate_dataset(str(tmp_path / "bad"), 1, 0, description_turn="alone", describe_only_every=0)

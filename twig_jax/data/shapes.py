@@ -269,14 +269,18 @@ def generate_dataset(out_dir: str, n_train: int, n_eval: int = 200, seed: int = 
     random order, then the description; every `describe_only_every`-th record (0: none) is the
     description alone; description_turn="random" keeps the shuffled order with the description
     anywhere and no description-only records, the format of the first training stage of the
-    bundled model) and the eval split (question file + answers apart: per image
+    bundled model; description_turn="alone" makes every `describe_only_every`-th record the
+    description alone and every other record the short questions alone) and the eval split (question file + answers apart: per image
     `eval_short` short questions and one description). Returns a summary dict."""
     if n_train < 0 or n_eval < 0:
         raise ValueError(f"n_train={n_train}, n_eval={n_eval} must be >= 0")
-    if description_turn not in ("last", "random"):
-        raise ValueError(f"description_turn={description_turn!r} must be 'last' or 'random'")
+    if description_turn not in ("last", "random", "alone"):
+        raise ValueError(f"description_turn={description_turn!r} must be 'last', 'random' or 'alone'")
     if describe_only_every < 0:
         raise ValueError(f"describe_only_every={describe_only_every} must be >= 0")
+    if description_turn == "alone" and describe_only_every == 0:
+        raise ValueError("description_turn='alone' needs describe_only_every >= 1 (else no record "
+                         "holds a description)")
     image_dir = os.path.join(out_dir, "images")
     os.makedirs(image_dir, exist_ok=True)
     os.makedirs(os.path.join(out_dir, "eval"), exist_ok=True)
@@ -297,6 +301,12 @@ def generate_dataset(out_dir: str, n_train: int, n_eval: int = 200, seed: int = 
             turns = [t for t in turns if t[0] != DESCRIBE] + [t for t in turns if t[0] == DESCRIBE]
             if describe_only_every and i % describe_only_every == 0:
                 turns = turns[-1:]
+        elif description_turn == "alone":
+            # The description is ~60 answer tokens and a short answer 1-2: in a record holding
+            # both, the description gets ~90% of the loss and the short answers starve. Here a
+            # record is either the description alone or the short questions alone.
+            alone = describe_only_every and i % describe_only_every == 0
+            turns = [t for t in turns if (t[0] == DESCRIBE) == bool(alone)]
         conv = []
         for j, (q, a) in enumerate(turns):
             conv.append({"from": "human", "value": ("<image>\n" + q) if j == 0 else q})
@@ -379,12 +389,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n-eval", type=int, default=200, help="eval images (2 short questions + 1 description each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-turns", type=int, default=6, help="short questions per training record")
-    p.add_argument("--description-turn", choices=("last", "random"), default="last",
+    p.add_argument("--description-turn", choices=("last", "random", "alone"), default="last",
                    help="where the description goes in a training record (random: anywhere, as the "
-                        "bundled model's first training stage saw it)")
+                        "bundled model's first training stage saw it; alone: a record is either the "
+                        "description or the short questions, never both)")
     p.add_argument("--describe-only-every", type=int, default=3,
                    help="every N-th training record is the description alone (0: none; with "
-                        "--description-turn last only)")
+                        "--description-turn last or alone)")
     args = p.parse_args(argv)
     summary = generate_dataset(args.out, args.n, args.n_eval, args.seed, train_turns=args.train_turns,
                                description_turn=args.description_turn,

@@ -1,0 +1,73 @@
+"""infer/accuracy_table.py on the bundled model and the first image of the checked-in mini subset:
+the table's runs answer exactly what `twig-jax eval` answers for the same method, R and Kf (so
+--Kf really reaches every pruned run), accuracy kept is method / unpruned accuracy, and bad
+--Kf / --ninths values are refused with a message that names them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from twig_jax.bundle import BUNDLE_DIR, MINI_DIR
+
+pytestmark = pytest.mark.skipif(not os.path.isdir(BUNDLE_DIR), reason=f"no bundled model at {BUNDLE_DIR}")
+
+FILES = ["--questions", os.path.join(MINI_DIR, "questions.jsonl"), "--images", os.path.join(MINI_DIR, "images"),
+         "--answers", os.path.join(MINI_DIR, "answers.jsonl")]
+LIMIT = 3  # the first image: two short questions and its description
+
+
+def _preds(path):
+    with open(path) as f:
+        return {str(r["question_id"]): r["text"] for r in map(json.loads, f)}
+
+
+def test_table_runs_at_the_given_Kf_equal_eval(tmp_path):
+    from infer.accuracy_table import main
+    from twig_jax.eval import EvalConfig, read_answers, read_questions, attach_categories, run_eval
+    from twig_jax.pipeline import image_preprocessor_for, load_tokenizer, load_twig_any
+    from twig_jax.convert import load_model
+    import jax.numpy as jnp
+
+    model = load_model(os.path.join(BUNDLE_DIR, "base"), dtype=jnp.float32)
+    L = model.cfg.text.num_hidden_layers
+    out, preds = str(tmp_path / "acc.json"), str(tmp_path / "preds")
+    os.makedirs(preds)
+    assert main(FILES + ["--methods", "twig", "--ninths", "1", "--Kf", str(L), "--limit", str(LIMIT),
+                         "--out-json", out, "--preds-dir", preds]) == 0
+    with open(out) as f:
+        result = json.load(f)
+    (run,) = result["runs"]
+    R = round(model.cfg.num_image_tokens / 9)
+    assert (run["method"], run["R"], run["Kf"], result["Kf"]) == ("twig", R, L, L)
+    for cat, acc in run["accuracy"].items():
+        base = result["unpruned"]["accuracy"][cat]
+        if base:
+            assert run["kept"][cat] == pytest.approx(acc / base)
+
+    # The oracle: the eval library run directly with the same method, R and Kf.
+    qpath, apath = FILES[1], FILES[5]
+    answers = read_answers(apath)
+    questions = attach_categories(read_questions(qpath), answers, qpath, apath)[:LIMIT]
+    twig, _ = load_twig_any(os.path.join(BUNDLE_DIR, "twig"), model.cfg.text, dtype=jnp.float32)
+    tok = load_tokenizer(os.path.join(BUNDLE_DIR, "base"))
+    improc = image_preprocessor_for(model, os.path.join(BUNDLE_DIR, "base"))
+    direct, m = run_eval(model, tok, questions, EvalConfig(method="twig", R=R, Kf=L, ssd=False, batch_size=16),
+                         images_dir=FILES[3], twig=twig, image_processor=improc,
+                         answers={q.key: answers[q.key] for q in questions})
+    assert m["Kf"] == L
+    table = _preds(os.path.join(preds, f"twig_R{R}.jsonl"))
+    assert table == {str(r["question_id"]): r["text"] for r in direct}
+
+
+@pytest.mark.parametrize("flag,value,match", [("--Kf", "99", "FinalWipe layer must be in"),
+                                               ("--ninths", "0", "each k must be in 1..8"),
+                                               ("--ninths", "x", "comma list of integers")])
+def test_bad_options_are_refused(flag, value, match, capsys):
+    from infer.accuracy_table import main
+
+    with pytest.raises(SystemExit):
+        main(FILES + ["--methods", "random", "--limit", "1", flag, value])
+    assert match in capsys.readouterr().err
