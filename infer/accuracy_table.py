@@ -117,6 +117,8 @@ def main(argv=None) -> int:
                    help="comma list of k: runs keep R = k N / 9 visual tokens (default 1,2,3)")
     p.add_argument("--Kf", type=int, default=None, help="FinalWipe layer of every pruned run (default: the twig's; "
                    "the number of layers L: no FinalWipe)")
+    p.add_argument("--score-rows", choices=("last", "text"), default=None,
+                   help="twig / FastV score query rows of every pruned run (default: the twig's)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max-new-short", type=int, default=16)
     p.add_argument("--max-new-description", type=int, default=128)
@@ -166,7 +168,8 @@ def main(argv=None) -> int:
         model_id = os.path.basename(os.path.normpath(args.model))
 
         def one(method: str, R: int | None):
-            cfg = EvalConfig(method=method, R=R, Kf=args.Kf if method != "none" else None, ssd=False,
+            cfg = EvalConfig(method=method, R=R, Kf=args.Kf if method != "none" else None,
+                             score_rows=args.score_rows if method != "none" else None, ssd=False,
                              batch_size=args.batch, max_new_tokens=max_new)
             gen = build_generator(model, twig, cfg, batch_buckets=bucket)  # compiled once, serves both categories
             out = os.path.join(args.preds_dir, f"{method}_R{R or N}.jsonl") if args.preds_dir else None
@@ -192,7 +195,7 @@ def main(argv=None) -> int:
                 K, Kf = m["K"], m["Kf"]
                 kept = {c: (ratio(acc[c], base_acc[c]) if acc[c] is not None else None) for c in acc}
                 runs.append({"method": method, "ninths": k, "R": R, "pruned_fraction": 1 - R / N, "K": m["K"],
-                             "Kf": m["Kf"], "accuracy": acc, "kept": kept, "metrics": m})
+                             "Kf": m["Kf"], "score_rows": m.get("score_rows"), "accuracy": acc, "kept": kept, "metrics": m})
     result = {"model": args.model, "twig": args.twig if twig is not None else None, "L": L, "N": N, "K": K, "Kf": Kf,
               "questions": counts, "unpruned": {"accuracy": base_acc, "metrics": base_m}, "runs": runs,
               "seconds": time.perf_counter() - t_all}

@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", default="describe the image .")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--twig", default=DEFAULT_TWIG)
-    p.add_argument("--score-rows", choices=("last", "all"), default=None,
-                   help="TTP/FastV query rows (default: the twig's; all: every text row, the paper's equation)")
+    p.add_argument("--score-rows", choices=("last", "text"), default=None,
+                   help="TTP/FastV query rows (default: the twig's; text: every text row, the paper's equation)")
     p.add_argument("--min-pixels", type=int, default=3)
     p.add_argument("--random-draws", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)

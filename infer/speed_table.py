@@ -145,6 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None, help="shapes dataset dir (eval/questions.jsonl + images/); "
                                                 "default: the eval split generated for seed 0 in a temp dir")
     p.add_argument("--R", type=int, default=None, help="kept visual tokens (default: the twig's, N/9 when bundled)")
+    p.add_argument("--Kf", type=int, default=None, help="FinalWipe layer (default: the twig's; L: no FinalWipe)")
     p.add_argument("--images", type=int, default=16, help="descriptions per pass (a multiple of 8)")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--repeats", type=int, default=3)
@@ -165,6 +166,14 @@ def main(argv=None) -> int:
     twig, twig_cfg = load_twig_any(args.twig, model.cfg.text, dtype=model.text.embed[...].dtype)
     if args.R is not None:
         twig_cfg = dataclasses.replace(twig_cfg, R=args.R, R_bar=None)
+    if args.Kf is not None:
+        twig_cfg = dataclasses.replace(twig_cfg, Kf=args.Kf)
+    from twig_jax.twig import TwigConfigError
+
+    try:
+        twig_cfg.validate(model.cfg.text.num_hidden_layers, model.cfg.num_image_tokens)
+    except TwigConfigError as e:
+        p.error(str(e))
     pipe = Pipeline(model, tokenizer, image_preprocessor_for(model, args.model))
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data

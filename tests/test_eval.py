@@ -232,6 +232,12 @@ def test_resolve_twig_config(world):
     assert resolve_twig_config(model, twig, EvalConfig(method="twig")).R == 4
     with pytest.raises(TwigConfigError, match="differs from the twig's K=1"):
         resolve_twig_config(model, twig, EvalConfig(method="twig", K=2))
+    # score_rows: the twig's unless given (the paper's all-text-rows equation or the last row).
+    assert resolve_twig_config(model, twig, EvalConfig(method="twig")).score_rows == twig.twig_cfg.score_rows
+    assert resolve_twig_config(model, twig, EvalConfig(method="twig", score_rows="text")).score_rows == "text"
+    assert resolve_twig_config(model, None, EvalConfig(method="fastv", R=4, score_rows="text")).score_rows == "text"
+    with pytest.raises(TwigConfigError, match="score_rows='all'"):
+        resolve_twig_config(model, twig, EvalConfig(method="twig", score_rows="all"))
 
 
 def _check_run(world, out, metrics_json, method, R, ssd):

@@ -293,6 +293,7 @@ class EvalConfig:
     R: int | None = None  # kept visual tokens (default: the twig's config; required for fastv/random without one)
     K: int | None = None  # trunk depth / FastV scoring layer (default: the twig's; else 2, or 1 for L <= 2)
     Kf: int | None = None  # FinalWipe layer (default: the twig's; else round(0.75 L))
+    score_rows: str | None = None  # TTP / FastV query rows: "last" | "text" (default: the twig's; else "last")
     ssd: bool = False  # self-speculative decoding (needs a twig; greedy output is unchanged)
     batch_size: int = 16
     max_new_tokens: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MAX_NEW_TOKENS))
@@ -327,7 +328,8 @@ def resolve_twig_config(model, twig=None, cfg: EvalConfig = EvalConfig()):
         base = TwigConfig(K=k, T=1, Kf=max(k + 1, round(0.75 * L)), R=N)
         if cfg.R is None and cfg.method != "none":
             raise TwigConfigError(f"method {cfg.method!r} without a twig needs R (kept visual tokens, N = {N})")
-    over: dict[str, Any] = {k: v for k, v in (("K", cfg.K), ("Kf", cfg.Kf)) if v is not None}
+    over: dict[str, Any] = {k: v for k, v in (("K", cfg.K), ("Kf", cfg.Kf), ("score_rows", cfg.score_rows))
+                            if v is not None}
     if cfg.R is not None:
         over.update(R=cfg.R, R_bar=None)
     tc = dataclasses.replace(base, **over)
@@ -382,7 +384,7 @@ def run_eval(model, tokenizer, questions: Sequence[Question], cfg: EvalConfig = 
     pipe = Pipeline(model, tokenizer, image_processor, generator=generator)
     info = pipe._generator_info()
     meta_run = {"method": cfg.method, "R": info.get("R") if cfg.method != "none" else model.cfg.num_image_tokens,
-                "ssd": bool(cfg.ssd), "K": info.get("K"), "Kf": info.get("Kf")}
+                "ssd": bool(cfg.ssd), "K": info.get("K"), "Kf": info.get("Kf"), "score_rows": info.get("score_rows")}
     cache = {} if image_cache is None else image_cache
 
     def image(q: Question):
@@ -495,6 +497,9 @@ def eval_main(argv=None) -> int:
     p.add_argument("--R", type=int, help="kept visual tokens (default: the twig's)")
     p.add_argument("--K", type=int, help="trunk depth / FastV scoring layer (default: the twig's, else 2)")
     p.add_argument("--Kf", type=int, help="FinalWipe layer (default: the twig's, else 3/4 of the depth)")
+    p.add_argument("--score-rows", choices=["last", "text"],
+                   help="pruning-score query rows: the last prompt token (the released code) or every text "
+                        "token (the paper's equation); default: the twig's, else last")
     p.add_argument("--ssd", action=argparse.BooleanOptionalAction, default=False,
                    help="self-speculative decoding (needs --twig; greedy answers are unchanged)")
     p.add_argument("--batch", type=int, default=16, help="questions per generate call")
@@ -546,7 +551,8 @@ def eval_main(argv=None) -> int:
         if args.twig:
             twig, _ = load_twig_any(args.twig, model.cfg.text, dtype=model.text.embed[...].dtype)
         method = args.method or "none"
-        cfg = EvalConfig(method=method, R=args.R, K=args.K, Kf=args.Kf, ssd=args.ssd, batch_size=args.batch,
+        cfg = EvalConfig(method=method, R=args.R, K=args.K, Kf=args.Kf, score_rows=args.score_rows, ssd=args.ssd,
+                         batch_size=args.batch,
                          max_new_tokens={SHORT: args.max_new_short, DESCRIPTION: args.max_new_description})
         try:
             resolve_twig_config(model, twig, cfg)

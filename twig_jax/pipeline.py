@@ -179,7 +179,7 @@ class Pipeline:
             return {"method": "plain", "ssd": False}
         p = g.plan
         return {"method": g.method, "ssd": bool(g.ssd), "K": p.K, "T": p.T, "Kf": p.Kf, "R": p.R,
-                "draft_len": p.draft_len, "theta": p.theta}
+                "draft_len": p.draft_len, "theta": p.theta, "score_rows": p.score_rows}
 
     def decode_text(self, toks: Sequence[int]) -> str:
         eos, _ = self._eos()

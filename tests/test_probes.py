@@ -1,0 +1,74 @@
+"""The measurement helpers behind infer/kept_coverage.py and infer/lookup_probe.py, against
+hand-made scenes whose answers are known, and one kept_coverage run on the bundled model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from infer.kept_coverage import cell_of_patch, coverage, object_patches
+from infer.lookup_probe import asked_cells
+from twig_jax.bundle import BUNDLE_DIR, MINI_DIR
+
+
+def test_cell_of_patch_is_the_3x3_grid():
+    cells = cell_of_patch(12)
+    assert cells.shape == (12, 12)
+    assert cells[0, 0] == 0 and cells[0, 11] == 2 and cells[5, 5] == 4 and cells[11, 0] == 6 and cells[11, 11] == 8
+    assert all((cells == c).sum() == 16 for c in range(9))
+
+
+def test_object_patches_finds_saturated_pixels_only():
+    img = np.full((96, 96, 3), 120, np.uint8)  # grey background
+    img[10:13, 20:23] = (220, 30, 30)  # 9 red pixels inside patch (1, 2)
+    img[50, 50] = (30, 70, 225)  # 1 blue pixel: below min_pixels
+    img[80:88, 80:88] = 200  # bright grey block: not saturated
+    obj = object_patches(img, 12, min_pixels=3)
+    assert obj.sum() == 1 and obj[1, 2]
+
+
+def test_coverage_counts_objects_and_kept_patches():
+    cells = cell_of_patch(12)
+    obj = np.zeros((12, 12), bool)
+    obj[0, 0] = obj[5, 5] = True  # objects in cells 0 and 4
+    kept = np.zeros((12, 12), bool)
+    kept[0, 0] = True  # on the cell-0 object
+    kept[4, 4] = True  # in cell 4 but not on its object pixels
+    kept[11, 11] = True  # empty cell 8
+    c = coverage(kept, [0, 4], obj, cells)
+    assert c == {"objects_covered": 1.0, "objects_hit": 0.5, "kept_on_objects": pytest.approx(1 / 3)}
+
+
+def test_asked_cells_names_the_questions_object():
+    objects = [["large", "red", "cross", "top left"], ["small", "red", "circle", "center"],
+               ["large", "blue", "circle", "bottom right"]]
+    assert asked_cells("position", "where is the red circle ?", objects) == [4]
+    assert asked_cells("colour_of", "what colour is the cross ?", objects) == [0]
+    assert asked_cells("colour_of", "what colour is the large circle ?", objects) == [8]
+    with pytest.raises(ValueError, match="unknown kind"):
+        asked_cells("exists", "is there a red cross ?", objects)
+
+
+@pytest.mark.skipif(not os.path.isdir(BUNDLE_DIR), reason=f"no bundled model at {BUNDLE_DIR}")
+def test_kept_coverage_on_the_bundle(tmp_path):
+    """Two mini-subset images: every method keeps R patches (random: exactly), so its shares are
+    fractions; an R above the visual token count is refused."""
+    from infer.kept_coverage import main
+
+    data = tmp_path / "data"
+    os.makedirs(data / "eval")
+    os.symlink(os.path.abspath(os.path.join(MINI_DIR, "images")), data / "images")
+    with open(os.path.join(MINI_DIR, "answers.jsonl")) as f, open(data / "eval" / "answers.jsonl", "w") as g:
+        g.write(f.read())
+    out = tmp_path / "cov.json"
+    assert main(["--data", str(data), "--images", "2", "--R", "16", "--random-draws", "4", "--out-json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == 2 and set(result["methods"]) == {"twig", "fastv", "random"}
+    for v in result["methods"].values():
+        assert all(0.0 <= x <= 1.0 for x in v.values())
+        assert v["objects_hit"] <= v["objects_covered"]
+    with pytest.raises(SystemExit):
+        main(["--data", str(data), "--images", "1", "--R", "1000"])
