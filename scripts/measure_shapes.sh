@@ -2,7 +2,8 @@
 # The issue-5 tables and pictures for the bundled shapes model (infer/assets/shapes-llava):
 #   bash scripts/measure_shapes.sh [DATA_DIR]
 # DATA_DIR: a `twig-jax data shapes --seed 0` output (its 300-image eval split); default: generated.
-# Writes bench_results/shapes_{accuracy,speed}.{json,md} and infer/assets/pictures/prune_*.png.
+# Writes bench_results/shapes_{accuracy,speed}.{json,md}, shapes_coverage_*.json, shapes_lookup_probe.json
+# and infer/assets/pictures/prune_*.png.
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/setup_env.sh"
 cd "$TWIG_ROOT"
@@ -15,6 +16,12 @@ python -m infer.accuracy_table --data "$D" --out-json bench_results/shapes_accur
     --out-md bench_results/shapes_accuracy.md ${ACC_LIMIT:+--limit "$ACC_LIMIT"}
 python -m infer.speed_table --data "$D" --images 16 --batches 1,8 --repeats 3 \
     --out-json bench_results/shapes_speed.json --out-md bench_results/shapes_speed.md
+# Where the kept tokens lie, and whether the last token attends to the object a question names.
+python -m infer.kept_coverage --data "$D" --images 100 --out-json bench_results/shapes_coverage_last.json
+python -m infer.kept_coverage --data "$D" --images 100 --score-rows text --out-json bench_results/shapes_coverage_text.json
+python -m infer.kept_coverage --data "$D" --images 100 --prompt "what colour is the cross ?" \
+    --out-json bench_results/shapes_coverage_q.json
+python -m infer.lookup_probe --data "$D" --n 40 --out-json bench_results/shapes_lookup_probe.json
 B=infer/assets/shapes-llava
 for i in 0 1 2; do
     twig-jax prune-viz --model "$B/base" --twig "$B/twig" --image "$D/images/eval_00000$i.png" \
