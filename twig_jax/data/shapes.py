@@ -270,8 +270,9 @@ def generate_dataset(out_dir: str, n_train: int, n_eval: int = 200, seed: int = 
     description alone; description_turn="random" keeps the shuffled order with the description
     anywhere and no description-only records, the format of the first training stage of the
     bundled model; description_turn="alone" makes every `describe_only_every`-th record the
-    description alone and every other record the short questions alone) and the eval split (question file + answers apart: per image
-    `eval_short` short questions and one description). Returns a summary dict."""
+    description alone and every other record the short questions alone) and the eval split
+    (question file + answers apart: per image `eval_short` short questions and one description).
+    Returns a summary dict."""
     if n_train < 0 or n_eval < 0:
         raise ValueError(f"n_train={n_train}, n_eval={n_eval} must be >= 0")
     if description_turn not in ("last", "random", "alone"):
