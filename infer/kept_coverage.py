@@ -94,11 +94,12 @@ def main(argv=None) -> int:
                                  cfg.num_image_tokens)
     cell_map = cell_of_patch(grid)
     rng = np.random.default_rng(args.seed)
+    with open(os.path.join(args.data, "eval", "questions.jsonl")) as f:
+        image_of = {str(q["question_id"]): q["image"] for q in map(json.loads, f)}
+    scenes = {}  # image -> occupied cells
     with open(os.path.join(args.data, "eval", "answers.jsonl")) as f:
-        scenes = {}
         for r in map(json.loads, f):
-            img = "_".join(str(r["question_id"]).split("_")[:2]) + ".png"
-            scenes.setdefault(img, [POSITIONS.index(o[3]) for o in r["objects"]])
+            scenes.setdefault(image_of[str(r["question_id"])], [POSITIONS.index(o[3]) for o in r["objects"]])
     names = sorted(scenes)[:args.images]
     rows = {m: [] for m in ("twig", "fastv", "random")}
     for name in names:

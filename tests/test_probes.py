@@ -61,8 +61,9 @@ def test_kept_coverage_on_the_bundle(tmp_path):
     data = tmp_path / "data"
     os.makedirs(data / "eval")
     os.symlink(os.path.abspath(os.path.join(MINI_DIR, "images")), data / "images")
-    with open(os.path.join(MINI_DIR, "answers.jsonl")) as f, open(data / "eval" / "answers.jsonl", "w") as g:
-        g.write(f.read())
+    for name in ("questions.jsonl", "answers.jsonl"):
+        with open(os.path.join(MINI_DIR, name)) as f, open(data / "eval" / name, "w") as g:
+            g.write(f.read())
     out = tmp_path / "cov.json"
     assert main(["--data", str(data), "--images", "2", "--R", "16", "--random-draws", "4", "--out-json", str(out)]) == 0
     result = json.loads(out.read_text())
