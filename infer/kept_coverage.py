@@ -74,6 +74,7 @@ def main(argv=None) -> int:
 
     from twig_jax.convert import load_model
     from twig_jax.data.shapes import POSITIONS
+    from twig_jax.eval import read_questions
     from twig_jax.pipeline import image_preprocessor_for, load_tokenizer, load_twig_any
     from twig_jax.preprocess import build_prompt, tokenize_with_image
     from twig_jax.twig_generate import TwigGenerator
@@ -94,8 +95,7 @@ def main(argv=None) -> int:
                                  cfg.num_image_tokens)
     cell_map = cell_of_patch(grid)
     rng = np.random.default_rng(args.seed)
-    with open(os.path.join(args.data, "eval", "questions.jsonl")) as f:
-        image_of = {str(q["question_id"]): q["image"] for q in map(json.loads, f)}
+    image_of = {q.key: q.image for q in read_questions(os.path.join(args.data, "eval", "questions.jsonl"))}
     scenes = {}  # image -> occupied cells
     with open(os.path.join(args.data, "eval", "answers.jsonl")) as f:
         for r in map(json.loads, f):

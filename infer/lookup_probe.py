@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     from twig_jax.twig import TwigConfig
     from twig_jax.twig_generate import TwigGenerator
     from twig_jax.data.shapes import POSITIONS
+    from twig_jax.eval import read_questions
     from twig_jax.viz import patch_layout
     from infer.kept_coverage import cell_of_patch
 
@@ -68,20 +69,19 @@ def main(argv=None) -> int:
     grid, has_cls = patch_layout(cfg)
     n_vis, L = cfg.num_image_tokens, cfg.text.num_hidden_layers
     cell = cell_of_patch(grid).reshape(-1)
-    with open(os.path.join(args.data, "eval", "questions.jsonl")) as f:
-        questions = {r["question_id"]: r for r in map(json.loads, f)}
+    questions = {q.key: q for q in read_questions(os.path.join(args.data, "eval", "questions.jsonl"))}
     items = []
     with open(os.path.join(args.data, "eval", "answers.jsonl")) as f:
         for a in map(json.loads, f):
             if a.get("kind") in kinds and len(items) < args.n:
-                q = questions[a["question_id"]]
-                items.append((q, asked_cells(a["kind"], q["text"], a["objects"]),
+                q = questions[str(a["question_id"])]
+                items.append((q, asked_cells(a["kind"], q.text, a["objects"]),
                               [POSITIONS.index(o[3]) for o in a["objects"]]))
     if not items:
         p.error(f"no {kinds} questions in {args.data}/eval")
-    prompts = [tokenize_with_image(tok, build_prompt(q["text"], "vicuna_v1"), cfg.image_token_index, n_vis)
+    prompts = [tokenize_with_image(tok, build_prompt(q.text, "vicuna_v1"), cfg.image_token_index, n_vis)
                for q, _, _ in items]
-    pixels = [proc([Image.open(os.path.join(args.data, "images", q["image"])).convert("RGB")]) for q, _, _ in items]
+    pixels = [proc([Image.open(os.path.join(args.data, "images", q.image)).convert("RGB")]) for q, _, _ in items]
     rows = []
     for K in range(1, L):  # FastV at K scores with base layer K-1's attention
         gen = TwigGenerator(model, None, TwigConfig(K=K, T=1, Kf=L, R=1), method="fastv", ssd=False)

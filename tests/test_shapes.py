@@ -168,17 +168,21 @@ def test_cli_writes_dataset(tmp_path, capsys):
     assert {len(SHAPES), len(COLOURS)} == {4, 6}
 
 
+def _pairs(record):
+    conv = record["conversations"]
+    assert conv[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in conv[1:])
+    return [(q["value"].replace("<image>\n", ""), a["value"]) for q, a in zip(conv[0::2], conv[1::2])]
+
+
 def test_description_turn_random_is_the_same_scenes_reordered(world, tmp_path):
     """--description-turn random (the first training stage's format) draws the same images and
     questions from the seed; only the turn order and the description-only records differ."""
     other = str(tmp_path / "random")
     generate_dataset(other, 40, 10, seed=3, description_turn="random", describe_only_every=0)
-    pairs = lambda r: [(q["value"].replace("<image>\n", ""), a["value"])  # noqa: E731
-                       for q, a in zip(r["conversations"][0::2], r["conversations"][1::2])]
     moved = 0
     for last, rand in zip(_records(world), _records(other)):
         assert last["image"] == rand["image"] and last["objects"] == rand["objects"]
-        p_last, p_rand = pairs(last), pairs(rand)
+        p_last, p_rand = _pairs(last), _pairs(rand)
         if len(p_last) == 1:  # description-only record: the random one holds it and the short questions
             assert p_last[0] in p_rand and len(p_rand) > 1
         else:
@@ -190,12 +194,6 @@ def test_description_turn_random_is_the_same_scenes_reordered(world, tmp_path):
     assert moved > 10  # the random order really puts descriptions before short questions
     with pytest.raises(ValueError, match="description_turn"):
         generate_dataset(str(tmp_path / "bad"), 1, 0, description_turn="first")
-
-
-def _pairs(record):
-    conv = record["conversations"]
-    assert conv[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in conv[1:])
-    return [(q["value"].replace("<image>\n", ""), a["value"]) for q, a in zip(conv[0::2], conv[1::2])]
 
 
 def test_description_turn_alone_splits_records(tmp_path):

@@ -51,7 +51,7 @@ RUN_DTYPE = "float32"
 # Accuracy fields per method in expected.json, and the floor the unpruned figures must reach for
 # the bundle to count as measured. Issue 5's targets are >= 95% EM / 0.95 F1; the bundled model
 # meets the description one (F1 1.0 on the mini subset) and misses the short-answer one (EM 0.50:
-# it fails questions that need a colour-and-shape conjunction, see README). The floors sit above
+# it never learned to look up the object a question names, see README). The floors sit above
 # what a model that ignores the image reaches (language prior: ~40% EM, F1 ~0.05).
 EXPECTED_METHODS = ("none", "twig")
 EXPECTED_FIELDS = ("short_em", "description_f1")

@@ -306,8 +306,8 @@ def generate_dataset(out_dir: str, n_train: int, n_eval: int = 200, seed: int = 
             # The description is ~60 answer tokens and a short answer 1-2: in a record holding
             # both, the description gets ~90% of the loss and the short answers starve. Here a
             # record is either the description alone or the short questions alone.
-            alone = describe_only_every and i % describe_only_every == 0
-            turns = [t for t in turns if (t[0] == DESCRIBE) == bool(alone)]
+            alone = i % describe_only_every == 0  # describe_only_every >= 1, checked above
+            turns = [t for t in turns if (t[0] == DESCRIBE) == alone]
         conv = []
         for j, (q, a) in enumerate(turns):
             conv.append({"from": "human", "value": ("<image>\n" + q) if j == 0 else q})
