@@ -218,3 +218,45 @@ def test_description_turn_alone_splits_records(tmp_path):
     assert n_desc == 6
     with pytest.raises(ValueError, match="describe_only_every"):
         generate_dataset(str(tmp_path / "bad"), 1, 0, description_turn="alone", describe_only_every=0)
+
+
+def test_find_turns_follow_the_short_questions_and_name_one_object(tmp_path):
+    """--find-turns N: the same records with N "describe the K ." turns appended after the short
+    questions (never in a description-only record); each answer is the key, then the attributes of
+    the one scene object the key names, recomputed here from the record's objects."""
+    alone, find = str(tmp_path / "alone"), str(tmp_path / "find")
+    generate_dataset(alone, 24, 6, seed=5, description_turn="alone", describe_only_every=3)
+    generate_dataset(find, 24, 6, seed=5, description_turn="alone", describe_only_every=3, find_turns=3)
+    for rel in ("eval/questions.jsonl", "eval/answers.jsonl"):
+        assert filecmp.cmp(os.path.join(alone, rel), os.path.join(find, rel), shallow=False), rel
+    n_find = 0
+    for i, (a, f) in enumerate(zip(_records(alone), _records(find))):
+        assert a["image"] == f["image"] and a["objects"] == f["objects"]
+        p_a, p_f = _pairs(a), _pairs(f)
+        if i % 3 == 0:
+            assert p_f == p_a and p_a[0][0] == shapes.DESCRIBE
+            continue
+        assert p_f[:len(p_a)] == p_a
+        finds = p_f[len(p_a):]
+        assert 1 <= len(finds) <= 3 and len(set(finds)) == len(finds)
+        for q, ans in finds:
+            words = q.split()
+            assert words[:2] == ["describe", "the"] and words[-1] == "."
+            key = words[2:-1]
+            if key[-1] == "object":  # colour key
+                hits = [o for o in f["objects"] if o[1] == key[0]]
+            elif len(key) == 1:  # shape key
+                hits = [o for o in f["objects"] if o[2] == key[0]]
+            elif key[0] in shapes.SIZES:
+                hits = [o for o in f["objects"] if o[0] == key[0] and o[2] == key[1]]
+            else:
+                hits = [o for o in f["objects"] if o[1] == key[0] and o[2] == key[1]]
+            assert len(hits) == 1, (q, f["objects"])
+            size, colour, shape, pos = hits[0]
+            assert ans == " ".join(key + [size, colour, shape, pos, "."])
+            n_find += 1
+    assert n_find >= 30
+    assert build_tokenizer().unk_token_id not in build_tokenizer()(
+        " ".join(q + " " + a for r in _records(find) for q, a in _pairs(r)))["input_ids"]
+    with pytest.raises(ValueError, match="find_turns"):
+        generate_dataset(str(tmp_path / "bad"), 1, 0, find_turns=-1)

@@ -245,6 +245,37 @@ def pick_questions(objects, rng: np.random.Generator, n: int) -> list[tuple[str,
     return uniq
 
 
+FIND = "describe the {} ."
+
+
+def find_questions(objects, rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
+    """n training-only "describe the K ." turns (K names one object uniquely: its shape, its
+    colour, its colour and shape, or its size and shape), answered key first:
+    "K size colour shape position ." (e.g. "red object large red circle top left .").
+
+    Why: the eval's short answers need the prompt's last token to look up the object the question
+    names, two hops (bring the key to the last token, then match it against the patches), and a
+    from-scratch model trained on them alone stays at the even share over objects. Here the key is
+    the token being read when the first attribute is predicted, so matching it against the patches
+    is one hop with a direct gradient; the question's key tokens then carry the object's attributes
+    for the short answers to read. Never asked by the eval."""
+    keyed = []
+    for o in objects:
+        if _unique(objects, shape=o.shape):
+            keyed.append((o, o.shape))
+        if _unique(objects, colour=o.colour):
+            keyed.append((o, f"{o.colour} object"))
+        if _unique(objects, colour=o.colour, shape=o.shape):
+            keyed.append((o, f"{o.colour} {o.shape}"))
+        if _unique(objects, size=o.size, shape=o.shape):
+            keyed.append((o, f"{o.size} {o.shape}"))
+    out = []
+    for j in rng.permutation(len(keyed))[:n].tolist():
+        o, key = keyed[j]
+        out.append((FIND.format(key), f"{key} {o.size} {o.colour} {o.shape} {o.position} ."))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Datasets
 
@@ -264,13 +295,15 @@ def make_record(idx: int, split: str, rng: np.random.Generator, image_dir: str, 
 
 def generate_dataset(out_dir: str, n_train: int, n_eval: int = 200, seed: int = 0, *,
                      train_turns: int = 6, eval_short: int = 2, description_turn: str = "last",
-                     describe_only_every: int = 3) -> dict:
+                     describe_only_every: int = 3, find_turns: int = 0) -> dict:
     """Write the train split (LLaVA instruction JSON, multi-turn: `train_turns` short questions in
     random order, then the description; every `describe_only_every`-th record (0: none) is the
     description alone; description_turn="random" keeps the shuffled order with the description
     anywhere and no description-only records, the format of the first training stage of the
     bundled model; description_turn="alone" makes every `describe_only_every`-th record the
-    description alone and every other record the short questions alone) and the eval split
+    description alone and every other record the short questions alone; `find_turns` > 0 appends
+    that many training-only "describe the K ." turns (`find_questions`) to every record that holds
+    short questions, after them so that their answers never hold a short answer's) and the eval split
     (question file + answers apart: per image `eval_short` short questions and one description).
     Returns a summary dict."""
     if n_train < 0 or n_eval < 0:
@@ -279,14 +312,19 @@ def generate_dataset(out_dir: str, n_train: int, n_eval: int = 200, seed: int = 
         raise ValueError(f"description_turn={description_turn!r} must be 'last', 'random' or 'alone'")
     if describe_only_every < 0:
         raise ValueError(f"describe_only_every={describe_only_every} must be >= 0")
+    if find_turns < 0:
+        raise ValueError(f"find_turns={find_turns} must be >= 0")
     if description_turn == "alone" and describe_only_every == 0:
         raise ValueError("description_turn='alone' needs describe_only_every >= 1 (else no record "
                          "holds a description)")
     image_dir = os.path.join(out_dir, "images")
     os.makedirs(image_dir, exist_ok=True)
     os.makedirs(os.path.join(out_dir, "eval"), exist_ok=True)
-    train_ss, eval_ss = np.random.SeedSequence(seed).spawn(2)
+    # Child i of a SeedSequence depends only on i: the find turns' stream is a third child, so
+    # the scenes, images and questions of a seed are the same with or without find turns.
+    train_ss, eval_ss, find_ss = np.random.SeedSequence(seed).spawn(3)
     train_rng, eval_rng = np.random.default_rng(train_ss), np.random.default_rng(eval_ss)
+    find_rng = np.random.default_rng(find_ss)
 
     records = []
     for i in range(n_train):
@@ -308,6 +346,13 @@ def generate_dataset(out_dir: str, n_train: int, n_eval: int = 200, seed: int = 
             # record is either the description alone or the short questions alone.
             alone = i % describe_only_every == 0  # describe_only_every >= 1, checked above
             turns = [t for t in turns if (t[0] == DESCRIBE) == alone]
+        if find_turns and any(q != DESCRIBE for q, _ in turns):
+            finds = find_questions(objects, find_rng, find_turns)
+            if description_turn == "random":  # anywhere, like the description
+                turns = [(turns + finds)[j] for j in find_rng.permutation(len(turns) + len(finds))]
+            else:  # after the short questions, before a description that goes last
+                k = sum(q != DESCRIBE for q, _ in turns)
+                turns = turns[:k] + finds + turns[k:]
         conv = []
         for j, (q, a) in enumerate(turns):
             conv.append({"from": "human", "value": ("<image>\n" + q) if j == 0 else q})
@@ -397,9 +442,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--describe-only-every", type=int, default=3,
                    help="every N-th training record is the description alone (0: none; with "
                         "--description-turn last or alone)")
+    p.add_argument("--find-turns", type=int, default=0,
+                   help='training-only "describe the K ." turns appended to every record with short '
+                        "questions (answered key first; they teach the model to look up a named object)")
     args = p.parse_args(argv)
     summary = generate_dataset(args.out, args.n, args.n_eval, args.seed, train_turns=args.train_turns,
                                description_turn=args.description_turn,
-                               describe_only_every=args.describe_only_every)
+                               describe_only_every=args.describe_only_every, find_turns=args.find_turns)
     print(json.dumps(summary))
     return 0
