@@ -73,3 +73,27 @@ def test_kept_coverage_on_the_bundle(tmp_path):
         assert v["objects_hit"] <= v["objects_covered"]
     with pytest.raises(SystemExit):
         main(["--data", str(data), "--images", "1", "--R", "1000"])
+
+
+def test_find_probe_fields_and_prompts(tmp_path):
+    """infer/find_probe.py: fields of a key-first answer (one- and two-word keys and positions, a
+    model that runs on after its first sentence), and prompts whose references are the generator's."""
+    from infer.find_probe import field_hits, find_prompts
+    from twig_jax.data.shapes import generate_dataset
+
+    ref = "red object large red circle top left ."
+    assert all(field_hits("red object large red circle top left . a large", ref, 2).values())
+    hits = field_hits("red object small red square top .", ref, 2)
+    assert hits == {"key": True, "size": False, "colour": True, "shape": False, "position": False}
+    hits = field_hits("circle large blue circle center .", "circle large red circle center .", 1)
+    assert hits == {"key": True, "size": True, "colour": False, "shape": True, "position": True}
+    assert not any(field_hits("", ref, 2).values())
+
+    out = str(tmp_path / "w")
+    generate_dataset(out, 0, 8, seed=2)
+    prompts = find_prompts(os.path.join(out, "eval", "questions.jsonl"), os.path.join(out, "eval", "answers.jsonl"), 5)
+    assert 1 <= len(prompts) <= 5
+    for image, text, answer, key_len in prompts:
+        assert image.startswith("eval_") and text.count("</s>USER: ") == 2
+        question = text.split("</s>USER: ")[-1]
+        assert question.startswith("describe the ") and question.split()[2:2 + key_len] == answer.split()[:key_len]
