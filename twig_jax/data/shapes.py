@@ -303,7 +303,8 @@ def generate_dataset(out_dir: str, n_train: int, n_eval: int = 200, seed: int = 
     bundled model; description_turn="alone" makes every `describe_only_every`-th record the
     description alone and every other record the short questions alone; `find_turns` > 0 appends
     that many training-only "describe the K ." turns (`find_questions`) to every record that holds
-    short questions, after them so that their answers never hold a short answer's) and the eval split
+    short questions, right after the last of them, so that their answers never hold a short
+    answer's) and the eval split
     (question file + answers apart: per image `eval_short` short questions and one description).
     Returns a summary dict."""
     if n_train < 0 or n_eval < 0:
@@ -347,12 +348,9 @@ def generate_dataset(out_dir: str, n_train: int, n_eval: int = 200, seed: int = 
             alone = i % describe_only_every == 0  # describe_only_every >= 1, checked above
             turns = [t for t in turns if (t[0] == DESCRIBE) == alone]
         if find_turns and any(q != DESCRIBE for q, _ in turns):
-            finds = find_questions(objects, find_rng, find_turns)
-            if description_turn == "random":  # anywhere, like the description
-                turns = [(turns + finds)[j] for j in find_rng.permutation(len(turns) + len(finds))]
-            else:  # after the short questions, before a description that goes last
-                k = sum(q != DESCRIBE for q, _ in turns)
-                turns = turns[:k] + finds + turns[k:]
+            # Right after the last short question (a find answer holds a short answer's words).
+            k = max(j for j, (q, _) in enumerate(turns) if q != DESCRIBE) + 1
+            turns = turns[:k] + find_questions(objects, find_rng, find_turns) + turns[k:]
         conv = []
         for j, (q, a) in enumerate(turns):
             conv.append({"from": "human", "value": ("<image>\n" + q) if j == 0 else q})
