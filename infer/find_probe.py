@@ -43,13 +43,13 @@ def find_prompts(questions_path: str, answers_path: str, n: int) -> list[tuple[s
     uniquely keyed object; the prompt is the image's short questions with their reference answers
     as earlier turns, then the find question (the template adds the first USER and last ASSISTANT)."""
     from twig_jax.data.shapes import POSITIONS, ShapeObject, find_questions
+    from twig_jax.eval import read_questions
 
-    with open(questions_path) as f:
-        questions = {r["question_id"]: r for r in map(json.loads, f)}
+    questions = {q.key: q for q in read_questions(questions_path)}
     by_image: dict[str, list[dict]] = collections.defaultdict(list)
-    with open(answers_path) as f:
+    with open(answers_path) as f:  # the raw rows: they hold the scene's objects
         for r in map(json.loads, f):
-            by_image[questions[r["question_id"]]["image"]].append(r)
+            by_image[questions[str(r["question_id"])].image].append(r)
     out = []
     for i, (image, refs) in enumerate(sorted(by_image.items())):
         if len(out) >= n:
@@ -59,7 +59,7 @@ def find_prompts(questions_path: str, answers_path: str, n: int) -> list[tuple[s
         if not found:  # every object has a twin
             continue
         question, answer = found[0]
-        history = "".join(f"{questions[r['question_id']]['text']} ASSISTANT: {r['answer']}</s>USER: "
+        history = "".join(f"{questions[str(r['question_id'])].text} ASSISTANT: {r['answer']}</s>USER: "
                           for r in refs if r["category"] == "short")
         out.append((image, history + question, answer, len(question.split()) - 3))
     return out
