@@ -40,6 +40,33 @@ def description_inputs(pipe, questions, images_dir: str, n: int):
     return prompts, pixels
 
 
+def load_model_and_twig(model_dir: str, twig_dir: str):
+    """The model, its tokenizer, the twig and its config, and a Pipeline for encoding inputs."""
+    from twig_jax.convert import load_model
+    from twig_jax.pipeline import Pipeline, image_preprocessor_for, load_tokenizer, load_twig_any
+
+    model = load_model(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    twig, twig_cfg = load_twig_any(twig_dir, model.cfg.text, dtype=model.text.embed[...].dtype)
+    return model, tokenizer, twig, twig_cfg, Pipeline(model, tokenizer, image_preprocessor_for(model, model_dir))
+
+
+def description_batch(pipe, data_dir: str | None, n: int):
+    """description_inputs from a shapes dataset dir, or (None) from seed 0's eval split in a temp dir."""
+    import tempfile
+
+    from twig_jax.eval import read_questions
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if data_dir is None:
+            from twig_jax.data.shapes import generate_dataset
+
+            data_dir = tmp
+            generate_dataset(tmp, 0, n, seed=0)
+        questions = read_questions(os.path.join(data_dir, "eval", "questions.jsonl"))
+        return description_inputs(pipe, questions, os.path.join(data_dir, "images"), n)
+
+
 def run_pass(gen, prompts, pixels, batch: int, max_new_tokens: int, eos_ids) -> dict:
     """All inputs in batches of `batch`; seconds, tokens and SSD counters summed."""
     import numpy as np
@@ -155,35 +182,19 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import dataclasses
-    import tempfile
 
-    from twig_jax.convert import load_model
-    from twig_jax.eval import read_questions
-    from twig_jax.pipeline import Pipeline, image_preprocessor_for, load_tokenizer, load_twig_any
+    from twig_jax.twig import TwigConfigError
 
-    model = load_model(args.model)
-    tokenizer = load_tokenizer(args.model)
-    twig, twig_cfg = load_twig_any(args.twig, model.cfg.text, dtype=model.text.embed[...].dtype)
+    model, tokenizer, twig, twig_cfg, pipe = load_model_and_twig(args.model, args.twig)
     if args.R is not None:
         twig_cfg = dataclasses.replace(twig_cfg, R=args.R, R_bar=None)
     if args.Kf is not None:
         twig_cfg = dataclasses.replace(twig_cfg, Kf=args.Kf)
-    from twig_jax.twig import TwigConfigError
-
     try:
         twig_cfg.validate(model.cfg.text.num_hidden_layers, model.cfg.num_image_tokens)
     except TwigConfigError as e:
         p.error(str(e))
-    pipe = Pipeline(model, tokenizer, image_preprocessor_for(model, args.model))
-    with tempfile.TemporaryDirectory() as tmp:
-        data = args.data
-        if data is None:
-            from twig_jax.data.shapes import generate_dataset
-
-            data = tmp
-            generate_dataset(tmp, 0, args.images, seed=0)
-        questions = read_questions(os.path.join(data, "eval", "questions.jsonl"))
-        prompts, pixels = description_inputs(pipe, questions, os.path.join(data, "images"), args.images)
+    prompts, pixels = description_batch(pipe, args.data, args.images)
     batches = tuple(int(b) for b in args.batches.split(","))
     rows = measure_speed(model, tokenizer, twig, twig_cfg, prompts, pixels, batches=batches, repeats=args.repeats,
                          max_new_tokens=args.max_new_tokens, log=lambda s: print(s, file=sys.stderr))

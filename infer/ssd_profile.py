@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 
 
@@ -131,22 +129,12 @@ def main(argv=None) -> int:
     p.add_argument("--out-json", default=None)
     args = p.parse_args(argv)
 
-    from infer.speed_table import description_inputs
-    from twig_jax.convert import load_model
-    from twig_jax.data.shapes import generate_dataset
-    from twig_jax.eval import read_questions
-    from twig_jax.pipeline import Pipeline, image_preprocessor_for, load_tokenizer, load_twig_any
+    from infer.speed_table import description_batch, load_model_and_twig
 
-    model = load_model(args.model)
-    tokenizer = load_tokenizer(args.model)
-    twig, twig_cfg = load_twig_any(args.twig, model.cfg.text, dtype=model.text.embed[...].dtype)
-    pipe = Pipeline(model, tokenizer, image_preprocessor_for(model, args.model))
+    model, tokenizer, twig, twig_cfg, pipe = load_model_and_twig(args.model, args.twig)
     batches = [int(b) for b in args.batches.split(",")]
+    prompts, pixels = description_batch(pipe, None, max(batches))
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        generate_dataset(tmp, 0, max(batches), seed=0)
-        questions = read_questions(os.path.join(tmp, "eval", "questions.jsonl"))
-        prompts, pixels = description_inputs(pipe, questions, os.path.join(tmp, "images"), max(batches))
     for b in batches:
         r = profile(model, tokenizer, twig, twig_cfg, prompts[:b], pixels[:b], repeats=args.repeats,
                     n_new=args.new_tokens)
