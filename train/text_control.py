@@ -44,14 +44,19 @@ def _objects(rec):
     return [ShapeObject(sh, c, sz, POSITIONS.index(p)) for sz, c, sh, p in rec["objects"]]
 
 
+def without_image(text: str) -> str:
+    """A question with its <image> placeholder removed."""
+    from twig_jax.preprocess import IMAGE_PLACEHOLDER
+
+    return text.replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "").strip()
+
+
 def short_turns(rec) -> list[tuple[str, str]]:
     """(question, answer) of a shapes training record, the description turn and <image> left out."""
     from twig_jax.data.shapes import DESCRIBE
-    from twig_jax.preprocess import IMAGE_PLACEHOLDER
 
     conv = rec["conversations"]
-    qa = [(conv[i]["value"].replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "").strip(),
-           conv[i + 1]["value"]) for i in range(0, len(conv) - 1, 2)]
+    qa = [(without_image(conv[i]["value"]), conv[i + 1]["value"]) for i in range(0, len(conv) - 1, 2)]
     return [(q, a) for q, a in qa if q != DESCRIBE]
 
 
@@ -113,7 +118,7 @@ def eval_items(data_dir: str, tokenizer, layout: str, n: int):
             r = json.loads(line)
             if r["category"] != "short":
                 continue
-            q = short_turns({"conversations": [{"value": questions[r["question_id"]]}, {"value": r["answer"]}]})[0][0]
+            q = without_image(questions[r["question_id"]])
             ids = tokenizer.encode(eval_prompt(q, describe(_objects(r)), layout))
             first = tokenizer.encode(r["answer"], add_special_tokens=False)[0]
             items.append((ids, first, r["kind"]))
