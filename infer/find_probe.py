@@ -42,7 +42,7 @@ def find_prompts(questions_path: str, answers_path: str, n: int) -> list[tuple[s
     """(image, prompt text, reference answer, key length) for the first n eval images that have a
     uniquely keyed object; the prompt is the image's short questions with their reference answers
     as earlier turns, then the find question (the template adds the first USER and last ASSISTANT)."""
-    from twig_jax.data.shapes import POSITIONS, ShapeObject, find_questions
+    from twig_jax.data.shapes import ShapeObject, find_questions
     from twig_jax.eval import read_questions
 
     questions = {q.key: q for q in read_questions(questions_path)}
@@ -54,7 +54,7 @@ def find_prompts(questions_path: str, answers_path: str, n: int) -> list[tuple[s
     for i, (image, refs) in enumerate(sorted(by_image.items())):
         if len(out) >= n:
             break
-        objects = [ShapeObject(sh, c, sz, POSITIONS.index(p)) for sz, c, sh, p in refs[0]["objects"]]
+        objects = [ShapeObject.from_key(k) for k in refs[0]["objects"]]
         found = find_questions(objects, np.random.default_rng(i), 1)
         if not found:  # every object has a twin
             continue

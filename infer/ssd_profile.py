@@ -74,7 +74,7 @@ def component_costs(gen, prompts, pixels, repeats: int, n_iter: int = 30) -> dic
     return dict(draft_step=loop("draft"), verify_pass=loop("verify"))
 
 
-def profile(model, tokenizer, twig, twig_cfg, prompts, pixels, *, repeats: int = 5, n_new: int = 64) -> dict:
+def profile(model, twig, twig_cfg, prompts, pixels, *, repeats: int = 5, n_new: int = 64) -> dict:
     from twig_jax.pipeline import make_generator
 
     plain = make_generator(model, None, None, method="none", ssd=False)
@@ -131,12 +131,12 @@ def main(argv=None) -> int:
 
     from infer.speed_table import description_batch, load_model_and_twig
 
-    model, tokenizer, twig, twig_cfg, pipe = load_model_and_twig(args.model, args.twig)
+    model, _, twig, twig_cfg, pipe = load_model_and_twig(args.model, args.twig)
     batches = [int(b) for b in args.batches.split(",")]
     prompts, pixels = description_batch(pipe, None, max(batches))
     rows = []
     for b in batches:
-        r = profile(model, tokenizer, twig, twig_cfg, prompts[:b], pixels[:b], repeats=args.repeats,
+        r = profile(model, twig, twig_cfg, prompts[:b], pixels[:b], repeats=args.repeats,
                     n_new=args.new_tokens)
         rows.append(r)
         print(f"batch {b}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if isinstance(v, float)),

@@ -260,3 +260,10 @@ def test_find_turns_follow_the_short_questions_and_name_one_object(tmp_path):
         " ".join(q + " " + a for r in _records(find) for q, a in _pairs(r)))["input_ids"]
     with pytest.raises(ValueError, match="find_turns"):
         generate_dataset(str(tmp_path / "bad"), 1, 0, find_turns=-1)
+
+
+def test_from_key_inverts_key():
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        for o in shapes.sample_scene(rng):
+            assert ShapeObject.from_key(o.key()) == o

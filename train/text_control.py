@@ -39,9 +39,9 @@ LM_TURN = "go"  # the human turn of an `lm` record: one fixed word, so every rea
 
 
 def _objects(rec):
-    from twig_jax.data.shapes import POSITIONS, ShapeObject
+    from twig_jax.data.shapes import ShapeObject
 
-    return [ShapeObject(sh, c, sz, POSITIONS.index(p)) for sz, c, sh, p in rec["objects"]]
+    return [ShapeObject.from_key(k) for k in rec["objects"]]
 
 
 def without_image(text: str) -> str:
@@ -107,18 +107,16 @@ def eval_items(data_dir: str, tokenizer, layout: str, n: int):
     """Token prompts, first answer token and kind of the first n short eval questions."""
     from twig_jax.data.shapes import describe
 
-    questions = {}
-    with open(os.path.join(data_dir, "eval", "questions.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            questions[r["question_id"]] = r["text"]
-    items = []
+    from twig_jax.eval import read_questions
+
+    questions = {q.key: q.text for q in read_questions(os.path.join(data_dir, "eval", "questions.jsonl"))}
+    items = []  # the answer file's raw rows: they hold the kind and the scene's objects
     with open(os.path.join(data_dir, "eval", "answers.jsonl")) as f:
         for line in f:
             r = json.loads(line)
             if r["category"] != "short":
                 continue
-            q = without_image(questions[r["question_id"]])
+            q = without_image(questions[str(r["question_id"])])
             ids = tokenizer.encode(eval_prompt(q, describe(_objects(r)), layout))
             first = tokenizer.encode(r["answer"], add_special_tokens=False)[0]
             items.append((ids, first, r["kind"]))

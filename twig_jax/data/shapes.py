@@ -72,6 +72,12 @@ class ShapeObject:
     def key(self) -> tuple[str, str, str, str]:
         return (self.size, self.colour, self.shape, self.position)
 
+    @staticmethod
+    def from_key(key) -> "ShapeObject":
+        """The inverse of key(): (size, colour, shape, position), as a record's "objects" hold it."""
+        size, colour, shape, position = key
+        return ShapeObject(shape, colour, size, POSITIONS.index(position))
+
 
 # ----------------------------------------------------------------------------------------------
 # Scenes and pictures
