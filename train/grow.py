@@ -1,0 +1,87 @@
+"""Transplant a trained shallow language model into a deeper model dir (model growth).
+
+    python -m train.grow --lm W/text-lm --into W/init --out W/init-grown
+
+The shallow LM's embedding, its n decoder layers, final norm and head are copied into the
+first n layers of the deeper model from --into (same hidden size, heads and vocabulary); the
+deeper model's vision tower and projector are kept. Each extra layer keeps its random q/k/v and
+gate/up weights but gets zero attention-output and MLP-down weights, so it adds nothing to the
+residual stream at first: the grown model computes exactly the shallow LM's function (the test
+checks its logits against the shallow model's), and training then lets the extra layers in.
+
+Why: in the shapes world's text control a 2-layer LM learns content lookup ("what shape is the
+purple object ?" -> find "purple", copy the next word) from a few thousand sequences, while the
+8-layer LM stays at chance for far longer (README, issue 5). Growing keeps the lookup circuit
+and the 8-layer depth the twig needs (K = 2 trunk, Kf at three quarters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax.numpy as jnp
+
+# Stacked layer weights that write into the residual stream; zero in a new layer -> identity layer.
+RESIDUAL_WRITERS = ("wo", "w_down", "bo", "b_down")
+
+
+class GrowError(ValueError):
+    pass
+
+
+def _check_compatible(small, big) -> None:
+    s, b = small.cfg.text, big.cfg.text
+    fields = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "rope_theta", "rms_norm_eps", "hidden_act", "attention_bias", "mlp_bias",
+              "tie_word_embeddings")
+    bad = [f"{f}: {getattr(s, f)} vs {getattr(b, f)}" for f in fields if getattr(s, f) != getattr(b, f)]
+    if bad:
+        raise GrowError("the shallow LM and the target differ in " + "; ".join(bad))
+    if s.num_hidden_layers > b.num_hidden_layers:
+        raise GrowError(f"the shallow LM has {s.num_hidden_layers} layers, more than the target's "
+                        f"{b.num_hidden_layers}")
+
+
+def grow(small, big):
+    """Write small's language model into big (in place) as described above; returns big."""
+    _check_compatible(small, big)
+    n = small.cfg.text.num_hidden_layers
+    st, bt = small.text, big.text
+    bt.embed[...] = st.embed[...].astype(bt.embed[...].dtype)
+    bt.final_norm[...] = st.final_norm[...].astype(bt.final_norm[...].dtype)
+    if bt.lm_head is not None:
+        bt.lm_head[...] = st.lm_head[...].astype(bt.lm_head[...].dtype)
+    small_w = st.layers.weights()
+    for name, param in vars(bt.layers).items():
+        if name not in small_w:
+            continue
+        w = param[...]
+        if name in RESIDUAL_WRITERS:
+            w = jnp.zeros_like(w)
+        param[...] = w.at[:n].set(small_w[name].astype(w.dtype))
+    return big
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.grow", description=__doc__.splitlines()[0])
+    p.add_argument("--lm", required=True, help="model dir of the trained shallow LM")
+    p.add_argument("--into", required=True, help="model dir whose config, vision tower and projector are kept")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    from twig_jax.convert import load_model
+    from twig_jax.pipeline import load_tokenizer, save_converted_model
+
+    small, big = load_model(args.lm), load_model(args.into)
+    try:
+        grow(small, big)
+    except GrowError as e:
+        print(f"train.grow: error: {e}", file=sys.stderr)
+        return 2
+    save_converted_model(big, args.out, load_tokenizer(args.into))
+    print(f"grew {small.cfg.text.num_hidden_layers} -> {big.cfg.text.num_hidden_layers} layers into {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
