@@ -10,8 +10,9 @@ residual stream at first: the grown model computes exactly the shallow LM's func
 checks its logits against the shallow model's), and training then lets the extra layers in.
 
 Why: in the shapes world's text control a 2-layer LM learns content lookup ("what shape is the
-purple object ?" -> find "purple", copy the next word) from a few thousand sequences, while the
-8-layer LM stays at chance for far longer (README, issue 5). Growing keeps the lookup circuit
+purple object ?" -> find "purple", copy the next word) within 750-1250 steps at batch 32 (24k-40k
+sequences), while the 8-layer LM stayed at chance in every run tried (up to 16k sequences; README,
+issue 5). Growing keeps the lookup circuit
 and the 8-layer depth the twig needs (K = 2 trunk, Kf at three quarters).
 """
 
