@@ -296,3 +296,48 @@ def test_cli_eval_end_to_end(world, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(common + ["--method", "twig"])  # no twig
     assert "needs a twig" in capsys.readouterr().err
+
+
+def test_ckpt_eval_scores_and_exports_a_training_checkpoint(world, tmp_path):
+    """infer.ckpt_eval restores a run's checkpoint (not the base it started from), exports it as a
+    model dir, and scores it exactly as run_eval scores that exported dir; its per-kind counts add
+    up to the short-answer totals."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from infer import ckpt_eval
+    from twig_jax.convert import load_model
+    from twig_jax.eval import EvalConfig, attach_categories, read_answers, read_questions, run_eval
+    from twig_jax.pipeline import image_preprocessor_for
+    from twig_jax.train_lib import Checkpointer, TrainConfig, Trainer
+
+    trainer = Trainer(world["model"], TrainConfig(steps=1, batch_size=1, train_all=True, freeze=("vision",)))
+    moved = jax.tree.map(lambda a: a + 0.05 * jnp.sign(jnp.sin(jnp.arange(a.size, dtype=jnp.float32))).reshape(a.shape)
+                         if jnp.issubdtype(a.dtype, jnp.floating) else a, trainer.state["params"])
+    state = dict(trainer.state, params=moved)
+    ck_dir = str(tmp_path / "ck")
+    Checkpointer(ck_dir, 1, 3).save(7, state, None, {}, force=True)
+    data = str(world["root"] / "data")
+    out_json, export = tmp_path / "res.json", tmp_path / "export"
+    assert ckpt_eval.main(["--base", world["model_dir"], "--ckpt-dir", ck_dir, "--steps", "7", "--data", data,
+                           "--short", "3", "--descriptions", "1", "--export-dir", str(export),
+                           "--out-json", str(out_json)]) == 0
+    exported = load_model(str(export / "step_7"), dtype=jnp.float32)
+    got = nnx.state(exported.text)
+    want = nnx.state(trainer.model.modules(moved, trainer.frozen)[0].text)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
+    assert not np.array_equal(np.asarray(exported.text.embed[...]), np.asarray(world["model"].text.embed[...]))
+
+    res = json.loads(out_json.read_text())["7"]
+    answers = read_answers(world["answers"])
+    qs = ckpt_eval.select_questions(attach_categories(read_questions(world["questions"]), answers), 3, 1)
+    assert [q.category for q in qs].count("short") == 3 and [q.category for q in qs].count("description") == 1
+    _, m = run_eval(exported, world["tok"], qs, EvalConfig(batch_size=50), images_dir=world["images"],
+                    image_processor=image_preprocessor_for(exported, str(export / "step_7")),
+                    answers={q.key: answers[q.key] for q in qs})
+    assert res["short_em"] == m["short"]["em"] and res["short_n"] == 3
+    assert res["description_f1"] == pytest.approx(m["description"]["f1"], nan_ok=True)
+    assert sum(c for c, _ in res["kinds"].values()) == m["short"]["correct"]
+    assert sum(n for _, n in res["kinds"].values()) == 3
