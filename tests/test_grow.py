@@ -4,6 +4,8 @@ layers, and refuses an incompatible pair."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,3 +73,22 @@ def test_incompatible_pairs_are_refused():
         grow(small, Llava(_cfg(4, hidden=32), rngs=nnx.Rngs(0)))
     with pytest.raises(GrowError, match="more than the target"):
         grow(Llava(_cfg(3), rngs=nnx.Rngs(0)), Llava(_cfg(2), rngs=nnx.Rngs(0)))
+
+
+def test_image_side_grow_keeps_the_shallow_llava_function_on_images():
+    small = Llava(_cfg(2), rngs=nnx.Rngs(0))
+    big = Llava(_cfg(4), rngs=nnx.Rngs(1))
+    _randomize(small, 6)
+    _randomize(big, 7)
+    n = small.cfg.num_image_tokens
+    tokens = jnp.concatenate([jnp.array([[1, 5]]), jnp.full((1, n), 49), jnp.array([[7, 8, 9]])], axis=1)
+    pixels = jax.random.normal(jax.random.key(8), (1, 3, 16, 16))
+    want = np.asarray(small(tokens, pixels))
+    # Without the image side the grown model keeps its own tower and projector: different logits.
+    plain = grow(small, Llava(_cfg(4), rngs=nnx.Rngs(1)))
+    assert np.abs(np.asarray(plain(tokens, pixels)) - want).max() > 1e-3
+    grow(small, big, image_side=True)
+    np.testing.assert_allclose(np.asarray(big(tokens, pixels)), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(GrowError, match="vision"):
+        other = dataclasses.replace(_cfg(4), vision=dataclasses.replace(_cfg(4).vision, num_hidden_layers=1))
+        grow(small, Llava(other, rngs=nnx.Rngs(0)), image_side=True)

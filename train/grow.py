@@ -22,6 +22,7 @@ import argparse
 import sys
 
 import jax.numpy as jnp
+from flax import nnx
 
 # Stacked layer weights that write into the residual stream; zero in a new layer -> identity layer.
 RESIDUAL_WRITERS = ("wo", "w_down", "bo", "b_down")
@@ -44,9 +45,20 @@ def _check_compatible(small, big) -> None:
                         f"{b.num_hidden_layers}")
 
 
-def grow(small, big):
-    """Write small's language model into big (in place) as described above; returns big."""
+def grow(small, big, image_side: bool = False):
+    """Write small's language model into big (in place) as described above; returns big.
+
+    image_side: small is a trained LLaVA, not a text LM: its vision tower and projector are copied
+    too, so that the grown model computes small's function on images as well."""
     _check_compatible(small, big)
+    if image_side:
+        fields = ("vision", "image_token_index", "projector_hidden_act", "projector_bias", "vision_feature_layer",
+                  "vision_feature_select_strategy")
+        bad = [f for f in fields if getattr(small.cfg, f) != getattr(big.cfg, f)]
+        if bad:
+            raise GrowError(f"image_side: the two models differ in {', '.join(bad)}")
+        nnx.update(big.vision, nnx.state(small.vision))
+        nnx.update(big.projector, nnx.state(small.projector))
     n = small.cfg.text.num_hidden_layers
     st, bt = small.text, big.text
     bt.embed[...] = st.embed[...].astype(bt.embed[...].dtype)
@@ -69,13 +81,15 @@ def main(argv=None) -> int:
     p.add_argument("--lm", required=True, help="model dir of the trained shallow LM")
     p.add_argument("--into", required=True, help="model dir whose config, vision tower and projector are kept")
     p.add_argument("--out", required=True)
+    p.add_argument("--image-side", action="store_true",
+                   help="--lm is a trained LLaVA: take its vision tower and projector too (default: --into's)")
     args = p.parse_args(argv)
     from twig_jax.convert import load_model
     from twig_jax.pipeline import load_tokenizer, save_converted_model
 
     small, big = load_model(args.lm), load_model(args.into)
     try:
-        grow(small, big)
+        grow(small, big, image_side=args.image_side)
     except GrowError as e:
         print(f"train.grow: error: {e}", file=sys.stderr)
         return 2
