@@ -40,12 +40,15 @@ def description_inputs(pipe, questions, images_dir: str, n: int):
     return prompts, pixels
 
 
-def load_model_and_twig(model_dir: str, twig_dir: str):
-    """The model, its tokenizer, the twig and its config, and a Pipeline for encoding inputs."""
+def load_model_and_twig(model_dir: str, twig_dir: str, dtype: str = "float32"):
+    """The model (weights cast to `dtype` on load, as the demo and the eval run it), its tokenizer,
+    the twig and its config, and a Pipeline for encoding inputs."""
+    import jax.numpy as jnp
+
     from twig_jax.convert import load_model
     from twig_jax.pipeline import Pipeline, image_preprocessor_for, load_tokenizer, load_twig_any
 
-    model = load_model(model_dir)
+    model = load_model(model_dir, dtype=jnp.dtype(dtype))
     tokenizer = load_tokenizer(model_dir)
     twig, twig_cfg = load_twig_any(twig_dir, model.cfg.text, dtype=model.text.embed[...].dtype)
     return model, tokenizer, twig, twig_cfg, Pipeline(model, tokenizer, image_preprocessor_for(model, model_dir))
@@ -179,13 +182,15 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--out-json", default=None)
     p.add_argument("--out-md", default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights are cast to this on load (default %(default)s, as the demo and the eval run the bundle)")
     args = p.parse_args(argv)
 
     import dataclasses
 
     from twig_jax.twig import TwigConfigError
 
-    model, tokenizer, twig, twig_cfg, pipe = load_model_and_twig(args.model, args.twig)
+    model, tokenizer, twig, twig_cfg, pipe = load_model_and_twig(args.model, args.twig, args.dtype)
     if args.R is not None:
         twig_cfg = dataclasses.replace(twig_cfg, R=args.R, R_bar=None)
     if args.Kf is not None:

@@ -127,11 +127,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--out-json", default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights are cast to this on load (default %(default)s, as the demo and the eval run the bundle)")
     args = p.parse_args(argv)
 
     from infer.speed_table import description_batch, load_model_and_twig
 
-    model, _, twig, twig_cfg, pipe = load_model_and_twig(args.model, args.twig)
+    model, _, twig, twig_cfg, pipe = load_model_and_twig(args.model, args.twig, args.dtype)
     batches = [int(b) for b in args.batches.split(",")]
     prompts, pixels = description_batch(pipe, None, max(batches))
     rows = []
@@ -144,7 +146,7 @@ def main(argv=None) -> int:
     print(markdown(rows))
     if args.out_json:
         with open(args.out_json, "w") as f:
-            json.dump({"model": args.model, "twig": args.twig, "K": twig_cfg.K, "T": twig_cfg.T,
+            json.dump({"model": args.model, "twig": args.twig, "dtype": args.dtype, "K": twig_cfg.K, "T": twig_cfg.T,
                        "draft_len": twig_cfg.draft_len, "rows": rows}, f, indent=2)
     return 0
 

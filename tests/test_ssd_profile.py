@@ -15,6 +15,7 @@ def test_profile_runs_and_adds_up(tmp_path, capsys):
     (row,) = res["rows"]
     delta = res["draft_len"]
     assert row["batch"] == 1
+    assert res["dtype"] == "float32"  # the bundle is stored in bfloat16 but run (and timed) in float32
     assert 1 <= row["draft_steps_per_round"] <= delta + 1
     assert 1 <= row["tokens_per_round"] <= delta + 1 and 0 <= row["acceptance"] <= 1
     for k in ("plain_step_ms", "draft_step_ms", "verify_pass_ms", "round_ms"):
@@ -24,3 +25,16 @@ def test_profile_runs_and_adds_up(tmp_path, capsys):
     assert abs(row["loop_overhead_ms"] - (row["round_ms"] - predicted)) < 1e-6
     assert abs(row["ssd_speed_cap"] - row["tokens_per_round"] * row["plain_step_ms"] / row["round_ms"]) < 1e-6
     assert "| 1 |" in capsys.readouterr().out
+
+
+def test_loader_casts_the_bundle_to_the_run_dtype():
+    import jax.numpy as jnp
+
+    from infer.speed_table import load_model_and_twig
+    from twig_jax.eval import DEFAULT_MODEL, DEFAULT_TWIG
+
+    for name in ("float32", "bfloat16"):
+        model, _, twig, _, _ = load_model_and_twig(DEFAULT_MODEL, DEFAULT_TWIG, name)
+        assert model.text.embed[...].dtype == jnp.dtype(name)
+        assert model.text.layers.wq[...].dtype == jnp.dtype(name)
+        assert twig.layers.wq[...].dtype == jnp.dtype(name)
