@@ -34,15 +34,16 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(ts)
 
 
-def component_costs(gen, prompts, pixels, repeats: int, n_iter: int = 30) -> dict:
-    """Seconds per draft step and per verification pass, on the caches of a real prefill."""
+def component_costs(gen, prompts, pixels, repeats: int, max_new_tokens: int, n_iter: int = 30) -> dict:
+    """Seconds per draft step and per verification pass, on the caches of a real prefill with the
+    capacity a `max_new_tokens` generate call gets (attention reads the whole static cache)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from twig_jax.ttp import target_step, trunk_step, twig_step
 
-    tokens, lengths, _, pv, out_len = gen._prepare(prompts, pixels, 8)
+    tokens, lengths, _, pv, out_len = gen._prepare(prompts, pixels, max_new_tokens)
     caches, _ = gen._prefill_only(gen.state, gen.twig_state, gen.weights, tokens, lengths, pv, jax.random.key(0),
                                   extra=out_len + gen.plan.draft_len + 1)
     plan = gen.plan
@@ -92,7 +93,7 @@ def profile(model, twig, twig_cfg, prompts, pixels, *, repeats: int = 5, n_new: 
     s1 = _median_time(lambda: gen(ssd, 1), repeats)
     sn = _median_time(lambda: gen(ssd, n_new + 1), repeats)
     round_s = (sn - s1) / rounds
-    comp = component_costs(ssd, prompts, pixels, repeats)
+    comp = component_costs(ssd, prompts, pixels, repeats, n_new + 1)
     # a row runs one draft step per proposed draft, plus step m for h_m (the last proposed token's KV)
     steps_per_round = drafted + 1  # (the loop runs as many steps as its longest-drafting row; a lower bound)
     predicted = steps_per_round * comp["draft_step"] + comp["verify_pass"]
