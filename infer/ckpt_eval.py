@@ -58,7 +58,6 @@ def main(argv=None) -> int:
     p.add_argument("--no-score", action="store_true", help="with --export-dir: export only")
     args = p.parse_args(argv)
 
-    import jax
     import jax.numpy as jnp
 
     from twig_jax.convert import load_model
@@ -91,22 +90,17 @@ def main(argv=None) -> int:
     if args.steps == "final" or not args.ckpt_dir:
         results["final"] = score(base, args.base)
     else:
-        from twig_jax.train_lib import Checkpointer, TrainConfig, Trainer
+        from twig_jax.train_lib import checkpoint_models
 
-        trainer = Trainer(base, TrainConfig(steps=1, batch_size=1, train_all=True, freeze=("vision",)))
-        ck = Checkpointer(args.ckpt_dir, 1, 100)
-        steps = [int(s) for s in args.steps.split(",")] if args.steps else [ck.latest_step()]
-        for step in steps:
-            state, _, _ = ck.restore(step, trainer.abstract_state)
-            model, _ = trainer.model.modules(jax.tree.map(jnp.asarray, state["params"]),
-                                             jax.tree.map(jnp.asarray, trainer.frozen))
+        steps = [int(x) for x in args.steps.split(",")] if args.steps else None
+        for step, model in checkpoint_models(base, args.ckpt_dir, steps):
             if args.export_dir:
                 from twig_jax.pipeline import save_converted_model
 
                 d = save_converted_model(model, os.path.join(args.export_dir, f"step_{step}"), tok)
-                for extra in ("preprocessor_config.json",):  # the image preprocessing travels with the model
-                    if os.path.exists(os.path.join(args.base, extra)):
-                        shutil.copy(os.path.join(args.base, extra), d)
+                pre = os.path.join(args.base, "preprocessor_config.json")  # the image preprocessing goes along
+                if os.path.exists(pre):
+                    shutil.copy(pre, d)
                 print(f"step {step}: model dir {d}", flush=True)
             if not args.no_score:
                 results[step] = score(model, f"step {step}")

@@ -203,20 +203,12 @@ def main(argv=None) -> int:
         print(f"mimetic attention init -> {args.out}")
         return 0
 
-    import jax
-    import jax.numpy as jnp
-
-    from twig_jax.train_lib import Checkpointer, TrainConfig, Trainer
+    from twig_jax.train_lib import checkpoint_models
 
     items = eval_items(args.data, tokenizer, args.layout, args.n)
-    trainer = Trainer(base, TrainConfig(steps=1, batch_size=1, train_all=True, freeze=("vision",)))
-    ck = Checkpointer(args.ckpt_dir, 1, 100)
-    steps = [int(s) for s in args.steps.split(",")] if args.steps else [ck.latest_step()]
+    steps = [int(s) for s in args.steps.split(",")] if args.steps else None
     results = {}
-    for step in steps:
-        state, _, _ = ck.restore(step, trainer.abstract_state)
-        model, _ = trainer.model.modules(jax.tree.map(jnp.asarray, state["params"]),
-                                         jax.tree.map(jnp.asarray, trainer.frozen))
+    for step, model in checkpoint_models(base, args.ckpt_dir, steps):
         res = score(first_token_predictions(model, [it[0] for it in items]), items)
         results[step] = res
         c, n = res["all"]

@@ -28,7 +28,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -435,6 +435,19 @@ class Checkpointer:
     def close(self):
         self.mngr.wait_until_finished()
         self.mngr.close()
+
+
+def checkpoint_models(base: Llava, ckpt_dir: str, steps: Sequence[int] | None = None,
+                      freeze: tuple[str, ...] = ("vision",)) -> Iterator[tuple[int, Llava]]:
+    """(step, model) for checkpoints of a --train-all run that started from `base` with `freeze`
+    (the frozen modules come from base, the rest from the checkpoint); steps None: the latest."""
+    trainer = Trainer(base, TrainConfig(steps=1, batch_size=1, train_all=True, freeze=freeze))
+    ck = Checkpointer(ckpt_dir, 1, 100)
+    for step in (steps if steps is not None else [ck.latest_step()]):
+        state, _, _ = ck.restore(step, trainer.abstract_state)
+        model, _ = trainer.model.modules(jax.tree.map(jnp.asarray, state["params"]),
+                                         jax.tree.map(jnp.asarray, trainer.frozen))
+        yield step, model
 
 
 # ----------------------------------------------------------------------------------------------
