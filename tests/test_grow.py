@@ -92,3 +92,31 @@ def test_image_side_grow_keeps_the_shallow_llava_function_on_images():
     with pytest.raises(GrowError, match="vision"):
         other = dataclasses.replace(_cfg(4), vision=dataclasses.replace(_cfg(4).vision, num_hidden_layers=1))
         grow(small, Llava(other, rngs=nnx.Rngs(0)), image_side=True)
+
+
+def test_placed_layers_with_next_fill_keep_the_function_and_copy_read_weights():
+    # Shallow layers at 0 and 3 of 5; new layers 1, 2 (before trained layer 1) and 4 (after it).
+    small = Llava(_cfg(2), rngs=nnx.Rngs(0))
+    big = Llava(_cfg(5), rngs=nnx.Rngs(1))
+    _randomize(small, 9)
+    _randomize(big, 10)
+    grow(small, big, at=[0, 3], fill="next")
+    tokens = jax.random.randint(jax.random.key(11), (2, 12), 0, 49)
+    np.testing.assert_allclose(np.asarray(big(tokens)), np.asarray(small(tokens)), rtol=1e-5, atol=1e-5)
+    sw, bw = small.text.layers, big.text.layers
+    for name in ("wq", "wk", "wv", "w_gate", "w_up", "attn_norm", "mlp_norm"):
+        b, s = np.asarray(getattr(bw, name)[...]), np.asarray(getattr(sw, name)[...])
+        np.testing.assert_array_equal(b[0], s[0], err_msg=name)
+        for pos in (1, 2, 3, 4):  # new layers read like the next trained layer (or the last one)
+            np.testing.assert_array_equal(b[pos], s[1], err_msg=f"{name}[{pos}]")
+    for name in ("wo", "w_down"):
+        b = np.asarray(getattr(bw, name)[...])
+        np.testing.assert_array_equal(b[3], np.asarray(getattr(sw, name)[...])[1])
+        assert np.abs(b[[1, 2, 4]]).max() == 0.0, name
+
+
+@pytest.mark.parametrize("at, fill, match", [([0], "next", "names 1 positions"), ([3, 1], "next", "increasing"),
+                                             ([0, 5], "next", "within 0..4"), ([0, 2], "copy", "fill")])
+def test_bad_placements_are_refused(at, fill, match):
+    with pytest.raises(GrowError, match=match):
+        grow(Llava(_cfg(2), rngs=nnx.Rngs(0)), Llava(_cfg(5), rngs=nnx.Rngs(1)), at=at, fill=fill)
