@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import os
 import shutil
@@ -93,7 +94,13 @@ def main(argv=None) -> int:
         from twig_jax.train_lib import checkpoint_models
 
         steps = [int(x) for x in args.steps.split(",")] if args.steps else None
-        for step, model in checkpoint_models(base, args.ckpt_dir, steps):
+        models = checkpoint_models(base, args.ckpt_dir, steps)
+        try:
+            first = next(models)
+        except FileNotFoundError as e:  # a step that was never saved: say which ones exist
+            print(f"ckpt_eval: error: {e}", file=sys.stderr)
+            return 2
+        for step, model in itertools.chain([first], models):
             if args.export_dir:
                 from twig_jax.pipeline import save_converted_model
 

@@ -330,6 +330,8 @@ def test_ckpt_eval_scores_and_exports_a_training_checkpoint(world, tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
     assert not np.array_equal(np.asarray(exported.text.embed[...]), np.asarray(world["model"].text.embed[...]))
 
+    assert ckpt_eval.main(["--base", world["model_dir"], "--ckpt-dir", ck_dir, "--steps", "7,8", "--data", data,
+                           "--no-score"]) == 2  # step 8 was never saved: a clear error, not orbax's trace
     res = json.loads(out_json.read_text())["7"]
     answers = read_answers(world["answers"])
     qs = ckpt_eval.select_questions(attach_categories(read_questions(world["questions"]), answers), 3, 1)

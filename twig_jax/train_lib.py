@@ -443,7 +443,14 @@ def checkpoint_models(base: Llava, ckpt_dir: str, steps: Sequence[int] | None = 
     (the frozen modules come from base, the rest from the checkpoint); steps None: the latest."""
     trainer = Trainer(base, TrainConfig(steps=1, batch_size=1, train_all=True, freeze=freeze))
     ck = Checkpointer(ckpt_dir, 1, 100)
-    for step in (steps if steps is not None else [ck.latest_step()]):
+    have = sorted(ck.mngr.all_steps())
+    if not have:
+        raise FileNotFoundError(f"no checkpoints in {ckpt_dir}")
+    steps = list(steps) if steps is not None else [have[-1]]
+    missing = [s for s in steps if s not in have]
+    if missing:
+        raise FileNotFoundError(f"{ckpt_dir} has no checkpoint for step(s) {missing}; it has {have}")
+    for step in steps:
         state, _, _ = ck.restore(step, trainer.abstract_state)
         model, _ = trainer.model.modules(jax.tree.map(jnp.asarray, state["params"]),
                                          jax.tree.map(jnp.asarray, trainer.frozen))
