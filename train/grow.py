@@ -27,6 +27,8 @@ and the 8-layer depth the twig needs (K = 2 trunk, Kf at three quarters).
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 
 import jax.numpy as jnp
@@ -128,7 +130,8 @@ def main(argv=None) -> int:
     from twig_jax.convert import load_model
     from twig_jax.pipeline import load_tokenizer, save_converted_model
 
-    small, big = load_model(args.lm), load_model(args.into)
+    # float32 whatever is stored: the grown model is a training start (float32 masters)
+    small, big = load_model(args.lm, dtype=jnp.float32), load_model(args.into, dtype=jnp.float32)
     try:
         at = None if args.at is None else [int(a) for a in args.at.split(",")]
         grow(small, big, image_side=args.image_side, at=at, fill=args.fill)
@@ -136,6 +139,9 @@ def main(argv=None) -> int:
         print(f"train.grow: error: {e}", file=sys.stderr)
         return 2
     save_converted_model(big, args.out, load_tokenizer(args.into))
+    pre = os.path.join(args.into, "preprocessor_config.json")  # the image preprocessing goes along
+    if os.path.exists(pre):
+        shutil.copy(pre, args.out)
     print(f"grew {small.cfg.text.num_hidden_layers} -> {big.cfg.text.num_hidden_layers} layers into {args.out}"
           + (f" (trained layers at {args.at}, fill {args.fill})" if args.at else ""))
     return 0
