@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import itertools
 import json
 import os
 import shutil
@@ -94,13 +93,12 @@ def main(argv=None) -> int:
         from twig_jax.train_lib import checkpoint_models
 
         steps = [int(x) for x in args.steps.split(",")] if args.steps else None
-        models = checkpoint_models(base, args.ckpt_dir, steps)
         try:
-            first = next(models)
+            models = checkpoint_models(base, args.ckpt_dir, steps)
         except FileNotFoundError as e:  # a step that was never saved: say which ones exist
             print(f"ckpt_eval: error: {e}", file=sys.stderr)
             return 2
-        for step, model in itertools.chain([first], models):
+        for step, model in models:
             if args.export_dir:
                 from twig_jax.pipeline import save_converted_model
 

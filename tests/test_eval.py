@@ -318,7 +318,9 @@ def test_ckpt_eval_scores_and_exports_a_training_checkpoint(world, tmp_path):
                          if jnp.issubdtype(a.dtype, jnp.floating) else a, trainer.state["params"])
     state = dict(trainer.state, params=moved)
     ck_dir = str(tmp_path / "ck")
-    Checkpointer(ck_dir, 1, 3).save(7, state, None, {}, force=True)
+    ck = Checkpointer(ck_dir, 1, 3)
+    ck.save(7, state, None, {}, force=True)
+    ck.close()  # the save is asynchronous: finish it before another process-level reader looks
     data = str(world["root"] / "data")
     out_json, export = tmp_path / "res.json", tmp_path / "export"
     assert ckpt_eval.main(["--base", world["model_dir"], "--ckpt-dir", ck_dir, "--steps", "7", "--data", data,

@@ -440,8 +440,8 @@ class Checkpointer:
 def checkpoint_models(base: Llava, ckpt_dir: str, steps: Sequence[int] | None = None,
                       freeze: tuple[str, ...] = ("vision",)) -> Iterator[tuple[int, Llava]]:
     """(step, model) for checkpoints of a --train-all run that started from `base` with `freeze`
-    (the frozen modules come from base, the rest from the checkpoint); steps None: the latest."""
-    trainer = Trainer(base, TrainConfig(steps=1, batch_size=1, train_all=True, freeze=freeze))
+    (the frozen modules come from base, the rest from the checkpoint); steps None: the latest.
+    Raises FileNotFoundError at the call, before any restore, when a step was never saved."""
     ck = Checkpointer(ckpt_dir, 1, 100)
     have = sorted(ck.mngr.all_steps())
     if not have:
@@ -450,11 +450,16 @@ def checkpoint_models(base: Llava, ckpt_dir: str, steps: Sequence[int] | None = 
     missing = [s for s in steps if s not in have]
     if missing:
         raise FileNotFoundError(f"{ckpt_dir} has no checkpoint for step(s) {missing}; it has {have}")
-    for step in steps:
-        state, _, _ = ck.restore(step, trainer.abstract_state)
-        model, _ = trainer.model.modules(jax.tree.map(jnp.asarray, state["params"]),
-                                         jax.tree.map(jnp.asarray, trainer.frozen))
-        yield step, model
+    trainer = Trainer(base, TrainConfig(steps=1, batch_size=1, train_all=True, freeze=freeze))
+
+    def restore_each():
+        for step in steps:
+            state, _, _ = ck.restore(step, trainer.abstract_state)
+            model, _ = trainer.model.modules(jax.tree.map(jnp.asarray, state["params"]),
+                                             jax.tree.map(jnp.asarray, trainer.frozen))
+            yield step, model
+
+    return restore_each()
 
 
 # ----------------------------------------------------------------------------------------------
