@@ -15,7 +15,6 @@ import argparse
 import collections
 import json
 import os
-import shutil
 import sys
 
 
@@ -102,10 +101,8 @@ def main(argv=None) -> int:
             if args.export_dir:
                 from twig_jax.pipeline import save_converted_model
 
-                d = save_converted_model(model, os.path.join(args.export_dir, f"step_{step}"), tok)
-                pre = os.path.join(args.base, "preprocessor_config.json")  # the image preprocessing goes along
-                if os.path.exists(pre):
-                    shutil.copy(pre, d)
+                d = save_converted_model(model, os.path.join(args.export_dir, f"step_{step}"), tok,
+                                         preprocessor_from=args.base)
                 print(f"step {step}: model dir {d}", flush=True)
             if not args.no_score:
                 results[step] = score(model, f"step {step}")

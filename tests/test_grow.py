@@ -116,7 +116,8 @@ def test_placed_layers_with_next_fill_keep_the_function_and_copy_read_weights():
 
 
 @pytest.mark.parametrize("at, fill, match", [([0], "next", "names 1 positions"), ([3, 1], "next", "increasing"),
-                                             ([0, 5], "next", "within 0..4"), ([0, 2], "copy", "fill")])
+                                             ([0, 5], "next", "within 0..4"), ([0, 2], "copy", "fill"),
+                                             (["0", "x"], "next", "integers")])
 def test_bad_placements_are_refused(at, fill, match):
     with pytest.raises(GrowError, match=match):
         grow(Llava(_cfg(2), rngs=nnx.Rngs(0)), Llava(_cfg(5), rngs=nnx.Rngs(1)), at=at, fill=fill)

@@ -27,8 +27,6 @@ and the 8-layer depth the twig needs (K = 2 trunk, Kf at three quarters).
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 
 import jax.numpy as jnp
@@ -58,7 +56,10 @@ def _check_compatible(small, big) -> None:
 def placement(n_small: int, n_big: int, at=None, fill: str = "random") -> tuple[list[int], list[int | None]]:
     """(positions of the shallow layers in big, for each big layer the shallow layer whose read-side
     weights it takes or None for big's own); raises GrowError on a bad placement."""
-    at = list(range(n_small)) if at is None else [int(a) for a in at]
+    try:
+        at = list(range(n_small)) if at is None else [int(a) for a in at]
+    except ValueError:
+        raise GrowError(f"--at {at}: positions must be integers") from None
     if len(at) != n_small:
         raise GrowError(f"--at names {len(at)} positions for {n_small} shallow layers")
     if sorted(set(at)) != at or at[0] < 0 or at[-1] >= n_big:
@@ -133,15 +134,12 @@ def main(argv=None) -> int:
     # float32 whatever is stored: the grown model is a training start (float32 masters)
     small, big = load_model(args.lm, dtype=jnp.float32), load_model(args.into, dtype=jnp.float32)
     try:
-        at = None if args.at is None else [int(a) for a in args.at.split(",")]
+        at = None if args.at is None else args.at.split(",")
         grow(small, big, image_side=args.image_side, at=at, fill=args.fill)
     except GrowError as e:
         print(f"train.grow: error: {e}", file=sys.stderr)
         return 2
-    save_converted_model(big, args.out, load_tokenizer(args.into))
-    pre = os.path.join(args.into, "preprocessor_config.json")  # the image preprocessing goes along
-    if os.path.exists(pre):
-        shutil.copy(pre, args.out)
+    save_converted_model(big, args.out, load_tokenizer(args.into), preprocessor_from=args.into)
     print(f"grew {small.cfg.text.num_hidden_layers} -> {big.cfg.text.num_hidden_layers} layers into {args.out}"
           + (f" (trained layers at {args.at}, fill {args.fill})" if args.at else ""))
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from typing import Any, Callable, Sequence
 
@@ -52,9 +53,10 @@ def image_preprocessor_for(model: Llava, model_dir: str | None) -> ImagePreproce
     return ImagePreprocessor(params)
 
 
-def save_converted_model(model: Llava, directory: str, tokenizer=None) -> str:
+def save_converted_model(model: Llava, directory: str, tokenizer=None, preprocessor_from: str | None = None) -> str:
     """Write an in-memory model as a converted twig_jax checkpoint dir (as `convert.convert` does:
-    orbax params/, config.json, the marker written last) plus the tokenizer when given."""
+    orbax params/, config.json, the marker written last) plus the tokenizer when given, and the
+    image preprocessing (preprocessor_config.json) of the model dir `preprocessor_from` if it has one."""
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
     from flax import nnx
@@ -70,6 +72,10 @@ def save_converted_model(model: Llava, directory: str, tokenizer=None) -> str:
     save_config(model.cfg, os.path.join(directory, "config.json"))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+    if preprocessor_from is not None:
+        pre = os.path.join(preprocessor_from, "preprocessor_config.json")
+        if os.path.exists(pre):
+            shutil.copy(pre, directory)
     marker = {"format": MARKER_FORMAT, "version": MARKER_VERSION,
               "dtype": jnp.dtype(model.text.embed[...].dtype).name, "source": "in-memory", "vision_dir": None,
               "copied_files": []}
