@@ -11,7 +11,7 @@ import sys
 def _add_twig_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("TwigVLM (hyper-parameters default to the twig checkpoint's TwigConfig)")
     g.add_argument("--twig", help="twig checkpoint: orbax dir (twig_io.save_twig) or MILVLG safetensors")
-    g.add_argument("--method", choices=["twig", "fastv", "random", "none"],
+    g.add_argument("--method", choices=["twig", "phead", "fastv", "random", "none"],
                    help="visual token pruning (default: twig with --twig, else none)")
     g.add_argument("--ssd", action=argparse.BooleanOptionalAction, default=None,
                    help="self-speculative decoding (default: on with --twig; needs a twig)")
@@ -110,8 +110,8 @@ def _generate(argv) -> int:
     args = p.parse_args(argv)
     if args.ssd and not args.twig:
         p.error("--ssd needs --twig: self-speculative decoding drafts with the twig (give --twig DIR, or --no-ssd)")
-    if args.method == "twig" and not args.twig:
-        p.error("--method twig (TTP) needs --twig DIR; without a twig use --method fastv, random or none")
+    if args.method in ("twig", "phead") and not args.twig:
+        p.error(f"--method {args.method} (TTP) needs --twig DIR; without a twig use --method fastv, random or none")
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
     rows = _read_rows(p, args)

@@ -309,18 +309,22 @@ def resolve_twig_config(model, twig=None, cfg: EvalConfig = EvalConfig()):
     """
     from twig_jax.twig import TwigConfig, TwigConfigError
 
-    if cfg.method not in ("none", "twig", "fastv", "random"):
-        raise TwigConfigError(f"unknown method {cfg.method!r}; have none, twig, fastv, random")
+    from twig_jax.ttp import METHODS, needs_twig
+
+    if cfg.method not in METHODS:
+        raise TwigConfigError(f"unknown method {cfg.method!r}; have {', '.join(METHODS)}")
     if twig is None and cfg.ssd:
         raise TwigConfigError("SSD needs a twig (the twig is the draft model)")
-    if twig is None and cfg.method == "twig":
-        raise TwigConfigError("method 'twig' (TTP) needs a twig; without one use fastv, random or none")
+    if twig is None and needs_twig(cfg.method):
+        raise TwigConfigError(f"method {cfg.method!r} needs a twig; without one use fastv, random or none")
+    if cfg.method == "phead" and twig.p_head is None:
+        raise TwigConfigError("method 'phead' needs a twig with a P-head (train one with python -m train.prune_rl)")
     L, N = model.cfg.text.num_hidden_layers, model.cfg.num_image_tokens
     if cfg.method == "none" and not cfg.ssd:
         return None
     if twig is not None:
         base = twig.twig_cfg
-        if cfg.K is not None and cfg.K != base.K and (cfg.method == "twig" or cfg.ssd):
+        if cfg.K is not None and cfg.K != base.K and (needs_twig(cfg.method) or cfg.ssd):
             raise TwigConfigError(f"K={cfg.K} differs from the twig's K={base.K}: the twig reads base layer "
                                   f"{base.K}; leave K unset for the twig method or SSD")
     else:
@@ -342,7 +346,9 @@ def build_generator(model, twig=None, cfg: EvalConfig = EvalConfig(), batch_buck
     from twig_jax.pipeline import make_generator
 
     tc = resolve_twig_config(model, twig, cfg)
-    use_twig = twig if (cfg.method == "twig" or cfg.ssd) else None
+    from twig_jax.ttp import needs_twig
+
+    use_twig = twig if (needs_twig(cfg.method) or cfg.ssd) else None
     kw = {} if batch_buckets is None else {"batch_buckets": tuple(batch_buckets)}
     return make_generator(model, use_twig, tc, method=cfg.method, ssd=cfg.ssd, **kw)
 
@@ -492,7 +498,7 @@ def eval_main(argv=None) -> int:
     p.add_argument("--twig", help="twig checkpoint (orbax dir or MILVLG safetensors); gives the K/Kf/R defaults "
                                   "of every method (default: the bundled twig when --model is the bundled model)")
     p.add_argument("--no-twig", action="store_true", help="do not load the bundled twig by default")
-    p.add_argument("--method", choices=["none", "twig", "fastv", "random"],
+    p.add_argument("--method", choices=["none", "twig", "phead", "fastv", "random"],
                    help="visual token pruning (default: none)")
     p.add_argument("--R", type=int, help="kept visual tokens (default: the twig's)")
     p.add_argument("--K", type=int, help="trunk depth / FastV scoring layer (default: the twig's, else 2)")

@@ -131,8 +131,9 @@ def make_generator(model: Llava, twig=None, twig_cfg=None, method: str | None = 
     if twig is None and ssd:
         raise TwigConfigError("--ssd (self-speculative decoding) needs a twig: the twig is the draft model; "
                               "give --twig DIR or use --no-ssd")
-    if twig is None and method == "twig":
-        raise TwigConfigError("method 'twig' (TTP) needs a twig (--twig DIR); without one use fastv, random or none")
+    if twig is None and method in ("twig", "phead"):
+        raise TwigConfigError(f"method {method!r} (TTP) needs a twig (--twig DIR); without one use fastv, random "
+                              "or none")
     if method == "none" and not ssd and not force:
         return Generator(model, **kwargs)
     if twig_cfg is None:

@@ -21,7 +21,7 @@ from flax import nnx
 from twig_jax.generate import Generator
 from twig_jax.sampling import SamplingConfig
 from twig_jax.ssd import ssd_extra_slots, ssd_loop
-from twig_jax.ttp import pruned_decode_loop, ttp_prefill
+from twig_jax.ttp import needs_twig, pruned_decode_loop, ttp_prefill
 from twig_jax.twig_generate import TwigGenerationOutput, TwigGenerator, ssd_stats
 
 # The host sink of the stream in progress. One stream at a time (the lock); the callback runs
@@ -75,7 +75,7 @@ def _stream_fn(gen: TwigGenerator):
             out = ssd_loop(model, twig, plan, pre.caches, pre.logits, active, key_dec, max_new_tokens,
                            on_round=_dispatch, **kw)
             return out.tokens, out.count, out.rounds, out.drafted, out.accepted, pre.keep
-        pre = ttp_prefill(model, twig if plan.method == "twig" else None, plan, tokens, lengths, pv,
+        pre = ttp_prefill(model, twig if needs_twig(plan.method) else None, plan, tokens, lengths, pv,
                           extra=out_len + 1, key=key_prune, weights=weights)
         out, count, _ = pruned_decode_loop(model, plan, pre.caches, pre.logits, active, key_dec, max_new_tokens,
                                            on_token=_dispatch, **kw)

@@ -18,6 +18,7 @@ modules' stacked weights and stacked caches are used (one compiled layer body in
 
 Pruning methods share one code path and differ only in where the scores come from:
   "twig"   last twig layer's attention (the paper's TTP),
+  "phead"  the TwigVLM++ P-head on the last twig layer (twig_jax/phead.py; the twig must have one),
   "fastv"  attention of base layer K-1, the last trunk layer (FastV-style baseline, same R),
   "random" uniform random scores from a key (random keep-R baseline),
   "none"   no pruning: R = N and Kf = L (the unpruned model, computed through the same groups).
@@ -38,9 +39,16 @@ from twig_jax.generate import token_loop
 from twig_jax.model.llama import run_layers, unstack_layers
 from twig_jax.model.llava import Llava
 from twig_jax.sampling import SamplingConfig
+from twig_jax.phead import p_head_weights, phead_scores
 from twig_jax.twig import Twig, TwigConfig, TwigConfigError
 
-METHODS = ("twig", "fastv", "random", "none")
+METHODS = ("twig", "phead", "fastv", "random", "none")
+TWIG_METHODS = ("twig", "phead")  # methods whose scores come from the twig
+
+
+def needs_twig(method: str) -> bool:
+    """Whether pruning with `method` reads the twig (else the twig is only needed for drafting)."""
+    return method in TWIG_METHODS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,12 +268,25 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
 
     # Twig: T layers on the trunk output (full prompt), for scores and the draft cache.
     twig_cache, draft_logits = None, None
-    if plan.method == "twig" and twig is None:
-        raise TwigConfigError("method 'twig' needs a twig")
+    if needs_twig(plan.method) and twig is None:
+        raise TwigConfigError(f"method {plan.method!r} needs a twig")
+    if plan.method == "phead" and twig.p_head is None:
+        raise TwigConfigError("method 'phead' needs a twig with a P-head (train one with train/prune_rl.py)")
+    img_pos = visual_positions(is_image, n)  # [B, N]
+    phead_s = None
     if twig is not None:
         twig_w = _twig_weights(twig, weights)
         twig_cache = _new_cache(tc, plan.T, b, caps["twig"], dtype, not isinstance(twig_w, dict))
-        tout = run_layers(tc, twig_w, h_k, positions, twig_cache.k, twig_cache.v, zeros,
+        h_t = h_k
+        if plan.method == "phead":  # stop before the last twig layer: the P-head reads its input
+            tout = run_layers(tc, twig_w, h_k, positions, twig_cache.k, twig_cache.v, zeros, stop=plan.T - 1,
+                              fresh=True)
+            twig_cache, h_t = KVCache(tout.k, tout.v, lengths), tout.hidden
+            last_w = (twig_w[plan.T - 1] if not isinstance(twig_w, dict)
+                      else {k_: v_[plan.T - 1] for k_, v_ in twig_w.items()})
+            phead_s = phead_scores(tc, last_w, p_head_weights(twig.p_head), h_t, positions, lengths - 1, img_pos)
+        tout = run_layers(tc, twig_w, h_t, positions, twig_cache.k, twig_cache.v, zeros,
+                          start=plan.T - 1 if plan.method == "phead" else 0, stop=plan.T,
                           fresh=True, return_last_probs=plan.method == "twig", probs_query=query)
         twig_cache = KVCache(tout.k, tout.v, lengths)
         last_t = _gather_rows(tout.hidden, (lengths - 1)[:, None])  # [B, 1, D]
@@ -274,9 +295,10 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
             probs = tout.attn_probs
 
     # Scores and the kept set.
-    img_pos = visual_positions(is_image, n)  # [B, N]
     if plan.method in ("twig", "fastv"):
         scores = scores_from_probs(probs, img_pos)
+    elif plan.method == "phead":
+        scores = phead_s
     elif plan.method == "random":
         if key is None:
             raise TwigConfigError("method 'random' needs a PRNG key")
@@ -391,7 +413,7 @@ def pruned_generate(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: ja
                     pad_id: int = 0, weights: LayerWeights | None = None) -> tuple[jax.Array, jax.Array, TTPPrefill]:
     """TTP prefill + plain pruned decode: tokens [B, out_len], counts [B], and the prefill result."""
     key_prune, key_dec = jax.random.split(key)
-    pre = ttp_prefill(model, twig if plan.method == "twig" else None, plan, tokens, lengths, pixel_values,
+    pre = ttp_prefill(model, twig if needs_twig(plan.method) else None, plan, tokens, lengths, pixel_values,
                       extra=out_len + 1, key=key_prune, weights=weights)
     out, count, _ = pruned_decode_loop(model, plan, pre.caches, pre.logits, active, key_dec, max_new_tokens,
                                        out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,

@@ -28,6 +28,7 @@ class TwigConfig:
     draft_len: int = 5  # delta: most tokens drafted per round
     theta: float = 0.6  # stop drafting when the draft's top probability falls below this
     score_rows: str = "last"  # "last": last prompt token's attention row; "text": sum over text rows
+    p_head: bool = False  # TwigVLM++ pruning head (P-head) on the last twig layer's attention input
 
     def kept_count(self, num_layers: int, num_visual: int) -> int:
         """R, from R directly or from R_bar via R = ceil((L*R_bar - K*N) / (Kf - K))."""
@@ -73,6 +74,10 @@ class Twig(nnx.Module):
         self.layers = DecoderLayers(text_cfg, twig_cfg.T, rngs=rngs, dtype=dtype)
         self.norm = nnx.Param(jnp.ones((text_cfg.hidden_size,), dtype))
         self.head = _normal(rngs, (text_cfg.hidden_size, text_cfg.vocab_size), dtype)
+        # Imported here: phead.py builds on this module's Twig.
+        from twig_jax.phead import PHead
+
+        self.p_head = PHead(text_cfg, rngs=rngs, dtype=dtype) if twig_cfg.p_head else None
 
     def logits(self, x: jax.Array) -> jax.Array:  # [B, T, V] float32
         x = rms_norm(x, self.norm[...], self.text_cfg.rms_norm_eps)
@@ -88,9 +93,14 @@ def init_twig_from_base(base, twig_cfg: TwigConfig) -> Twig:
     twig_cfg.validate(cfg.text.num_hidden_layers, cfg.num_image_tokens)
     k, t = twig_cfg.K, twig_cfg.T
     dtype = base.text.embed[...].dtype
-    twig = nnx.eval_shape(lambda: Twig(cfg.text, twig_cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    twig = nnx.eval_shape(lambda: Twig(cfg.text, dataclasses.replace(twig_cfg, p_head=False), rngs=nnx.Rngs(0),
+                                       dtype=dtype))
     for name, arr in base.text.layers.weights().items():
         getattr(twig.layers, name).set_value(jnp.array(arr[k:k + t]))  # a copy, not a view
     twig.norm.set_value(jnp.array(base.text.final_norm[...]))
     twig.head.set_value(jnp.array(base.text.head_weight()))
+    if twig_cfg.p_head:
+        from twig_jax.phead import with_p_head
+
+        twig = with_p_head(twig)
     return twig

@@ -21,7 +21,7 @@ from twig_jax.model.llava import Llava
 from twig_jax.sampling import SamplingConfig
 from twig_jax.ssd import ssd_extra_slots, ssd_generate
 from twig_jax.model.llama import unstack_layers
-from twig_jax.ttp import LayerWeights, kv_bytes, make_plan, pruned_generate, ttp_prefill
+from twig_jax.ttp import LayerWeights, kv_bytes, make_plan, needs_twig, pruned_generate, ttp_prefill
 from twig_jax.twig import Twig, TwigConfig, TwigConfigError
 
 
@@ -52,7 +52,7 @@ def ssd_stats(count: np.ndarray, rounds: np.ndarray, drafted: np.ndarray, accept
 
 
 class TwigGenerator(Generator):
-    """Batched TwigVLM generation: method in ("twig", "fastv", "random", "none"), ssd on/off."""
+    """Batched TwigVLM generation: method in ("twig", "phead", "fastv", "random", "none"), ssd on/off."""
 
     # Prefill and decode read per-layer copies of the base decoder's and the twig's layer weights
     # (ttp.LayerWeights, made once here) and keep every cache group per layer, as Generator does.
@@ -69,7 +69,7 @@ class TwigGenerator(Generator):
                          layer_weights=layer_weights)
         self.plan = make_plan(base_model.cfg, twig_cfg, method)
         self.method, self.ssd = method, ssd
-        if twig is None and (ssd or method == "twig"):
+        if twig is None and (ssd or needs_twig(method)):
             raise TwigConfigError(f"method={method!r}, ssd={ssd} needs a twig")
         self.twig_graphdef, self.twig_state = nnx.split(twig) if twig is not None else (None, None)
         self.twig_layer_weights = None if twig is None else self._unstack_twig(twig)
@@ -115,13 +115,13 @@ class TwigGenerator(Generator):
 
     def _score_impl(self, state, twig_state, weights, tokens, lengths, pixel_values, key):
         model, twig = nnx.merge(self.graphdef, state), self._twig(twig_state)
-        pre = ttp_prefill(model, twig if self.plan.method == "twig" else None, self.plan, tokens, lengths,
+        pre = ttp_prefill(model, twig if needs_twig(self.plan.method) else None, self.plan, tokens, lengths,
                           pixel_values, extra=1, key=key, weights=weights)
         return pre.scores, pre.keep
 
     def _prefill_only_impl(self, state, twig_state, weights, tokens, lengths, pixel_values, key, *, extra):
         model, twig = nnx.merge(self.graphdef, state), self._twig(twig_state)
-        use = twig if (self.ssd or self.plan.method == "twig") else None
+        use = twig if (self.ssd or needs_twig(self.plan.method)) else None
         pre = ttp_prefill(model, use, self.plan, tokens, lengths, pixel_values, extra=extra, key=key,
                           weights=weights)
         return pre.caches, pre.logits

@@ -131,6 +131,9 @@ def import_milvlg(path: str, text_cfg: TextConfig, twig_cfg: TwigConfig, *, dtyp
         problems.append(f"unexpected keys ({len(extra)}): {extra}")
     if problems:
         raise TwigFormatError(f"{path}: not a twig with T={twig_cfg.T} for this base: " + "; ".join(problems))
+    if twig_cfg.p_head:
+        raise TwigFormatError(f"{path}: MILVLG safetensors hold no P-head; load with p_head=False and add one "
+                              "(twig_jax.phead.with_p_head) to train it")
     twig = nnx.eval_shape(lambda: Twig(text_cfg, twig_cfg, rngs=nnx.Rngs(0), dtype=dtype))
     for name, (suffix, transpose) in _LAYER_KEYS.items():
         if not hasattr(twig.layers, name):

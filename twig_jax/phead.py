@@ -1,0 +1,172 @@
+"""TwigVLM++ pruning head (P-head, DESIGN.md s.5) and the pieces its RL stage needs.
+
+The P-head scores the M visual tokens from the last twig layer's own attention, re-weighted by
+two learned gates:
+
+    s = mean_h softmax_k( (G_q(x_q) * q~_h) . (G_k(X_k) * K~_h) / sqrt(d_h) )
+
+x_q is the normalised attention input of the last twig layer at the last prompt token, X_k the
+same at the visual tokens, q~ / K~ that layer's own post-RoPE query / keys (frozen), and
+G(x) = relu(x W) * sigmoid(x W) with a bias-free W. At inference s replaces the attention map in
+TTP (method "phead"). Stage 2 trains only W_q and W_k by REINFORCE: keep-sets are sampled from s
+without replacement (Plackett-Luce, drawn in one shot with the Gumbel-top-k trick) and rewarded
+with the mean log-probability of the reference answer under the frozen base given that pruned
+input (teacher forced, `pruned_answer_logprob`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from twig_jax.config import TextConfig
+from twig_jax.losses import shift_targets, token_ce
+from twig_jax.model.layers import apply_rope, rms_norm, rope_cos_sin
+
+
+class PHead(nnx.Module):
+    """The two gates of the P-head: G_q over the query features, G_k over the key features."""
+
+    def __init__(self, text_cfg: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        d = text_cfg.hidden_size
+        hq = text_cfg.num_attention_heads * text_cfg.head_dim
+        hkv = text_cfg.num_key_value_heads * text_cfg.head_dim
+        # std d^-1/2: gate pre-activations of unit scale, so the head starts near a smoothed copy of
+        # the layer's attention and both gates get gradient (a near-zero bilinear start is a saddle).
+        std = d ** -0.5
+        self.gate_q = nnx.Param((std * jax.random.normal(rngs.params(), (d, hq), jnp.float32)).astype(dtype))
+        self.gate_k = nnx.Param((std * jax.random.normal(rngs.params(), (d, hkv), jnp.float32)).astype(dtype))
+
+
+def _gate(x: jax.Array, w: jax.Array) -> jax.Array:  # [..., out]
+    z = (x @ w).astype(jnp.float32)
+    return jax.nn.relu(z) * jax.nn.sigmoid(z)
+
+
+def phead_logits(text_cfg: TextConfig, layer_w: dict, p_head_w: dict, x: jax.Array, positions: jax.Array,
+                 query_row: jax.Array, img_pos: jax.Array) -> jax.Array:  # [B, H, N] float32
+    """Per-head P-head logits over the visual tokens (before the softmax over them).
+
+    layer_w: the last twig layer's weights (one layer's dict); p_head_w: {"gate_q", "gate_k"};
+    x: [B, S, D] the hidden state ENTERING the last twig layer; positions: [B, S] RoPE positions;
+    query_row: [B] the last prompt token; img_pos: [B, N] sequence positions of the visual tokens.
+    """
+    b = x.shape[0]
+    dh, h, hkv = text_cfg.head_dim, text_cfg.num_attention_heads, text_cfg.num_key_value_heads
+    take = lambda a, idx: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
+    rows = jnp.concatenate([query_row[:, None].astype(jnp.int32), img_pos.astype(jnp.int32)], axis=1)  # [B, 1+N]
+    hn = rms_norm(take(x, rows), layer_w["attn_norm"], text_cfg.rms_norm_eps)  # [B, 1+N, D]
+    pos = take(positions, rows)  # [B, 1+N]
+    cos, sin = rope_cos_sin(pos, dh, text_cfg.rope_theta, jnp.float32)
+    q = hn[:, :1] @ layer_w["wq"]  # [B, 1, H*Dh]
+    k = hn[:, 1:] @ layer_w["wk"]  # [B, N, Hkv*Dh]
+    if "bq" in layer_w:
+        q, k = q + layer_w["bq"], k + layer_w["bk"]
+    q = apply_rope(q.reshape(b, 1, h, dh).transpose(0, 2, 1, 3).astype(jnp.float32), cos[:, :1], sin[:, :1])
+    k = apply_rope(k.reshape(b, -1, hkv, dh).transpose(0, 2, 1, 3).astype(jnp.float32), cos[:, 1:], sin[:, 1:])
+    gq = _gate(hn[:, :1], p_head_w["gate_q"]).reshape(b, 1, h, dh).transpose(0, 2, 1, 3)  # [B, H, 1, Dh]
+    gk = _gate(hn[:, 1:], p_head_w["gate_k"]).reshape(b, -1, hkv, dh).transpose(0, 2, 1, 3)  # [B, Hkv, N, Dh]
+    qg = (gq * q)[:, :, 0].reshape(b, hkv, h // hkv, dh)  # [B, Hkv, G, Dh]
+    logits = jnp.einsum("bkgd,bknd->bkgn", qg, gk * k) * dh ** -0.5
+    return logits.reshape(b, h, -1)
+
+
+def phead_scores(text_cfg: TextConfig, layer_w: dict, p_head_w: dict, x: jax.Array, positions: jax.Array,
+                 query_row: jax.Array, img_pos: jax.Array) -> jax.Array:  # [B, N] float32
+    """s: the head-averaged softmax over the visual tokens (sums to 1 per row)."""
+    return jnp.mean(jax.nn.softmax(phead_logits(text_cfg, layer_w, p_head_w, x, positions, query_row, img_pos),
+                                   axis=-1), axis=1)
+
+
+def p_head_weights(p_head: PHead) -> dict[str, jax.Array]:
+    return {"gate_q": p_head.gate_q[...], "gate_k": p_head.gate_k[...]}
+
+
+def with_p_head(twig, seed: int = 0):
+    """The twig with a freshly initialised P-head (its config says p_head=True); the twig's own
+    layers, norm and head are shared, not copied. A twig that has one already is returned as is."""
+    import dataclasses
+
+    if twig.p_head is not None:
+        return twig
+    twig.p_head = nnx.data(PHead(twig.text_cfg, rngs=nnx.Rngs(seed), dtype=twig.norm.get_value().dtype))
+    twig.twig_cfg = dataclasses.replace(twig.twig_cfg, p_head=True)
+    return twig
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling keep-sets and their log-probability
+
+
+def gumbel_top_k(key: jax.Array, log_s: jax.Array, r: int, samples: int) -> jax.Array:  # [B, G, R] int32
+    """`samples` ordered draws of r indices without replacement from softmax(log_s) per row.
+
+    Adding Gumbel noise and taking the top r is one Plackett-Luce sample, in the order drawn
+    (largest perturbed score first).
+    """
+    b, n = log_s.shape
+    g = jax.random.gumbel(key, (b, samples, n), jnp.float32)
+    _, idx = jax.lax.top_k(log_s[:, None, :] + g, r)
+    return idx.astype(jnp.int32)
+
+
+def plackett_luce_logprob(log_s: jax.Array, order: jax.Array) -> jax.Array:  # [B, G] float32
+    """log P(order) for ordered draws without replacement: sum_i log s_{o_i} - log(1 - sum_{j<i} s_{o_j}).
+
+    log_s: [B, N] log-probabilities (normalised); order: [B, G, R] indices.
+    """
+    ls = jnp.take_along_axis(log_s[:, None, :], order, axis=2)  # [B, G, R]
+    p = jnp.exp(ls)
+    taken_before = jnp.cumsum(p, axis=2) - p  # mass already drawn before step i
+    rest = jnp.log(jnp.maximum(1.0 - taken_before, 1e-12))
+    return jnp.sum(ls - rest, axis=2)
+
+
+def group_advantage(rewards: jax.Array, eps: float = 1e-6) -> jax.Array:  # [B, G]
+    """Group-normalised advantage: (r - mean) / std over each example's G samples."""
+    mean = jnp.mean(rewards, axis=1, keepdims=True)
+    std = jnp.std(rewards, axis=1, keepdims=True)
+    return (rewards - mean) / (std + eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The reward: the frozen base on a pruned, teacher-forced sequence
+
+
+def pruned_logits(text_cfg: TextConfig, base_w: dict, head_fn, h_k: jax.Array, is_image: jax.Array,
+                  keep: jax.Array, *, K: int, Kf: int, N: int) -> tuple[jax.Array, jax.Array]:
+    """Teacher-forced logits of the pruned base at every text position.
+
+    h_k: [B, S, D] hidden state entering base layer K (full sequence); is_image: [B, S];
+    keep: [B, R] kept visual indices (any order); base_w: stacked base weights; head_fn: final
+    norm + LM head. Base layers K..Kf-1 see text + the kept visual tokens, layers Kf..L-1 text only
+    (FinalWipe), all at their original RoPE positions, causal in sequence order.
+    Returns logits [B, S-N, V] (float32) and the sequence position of each text entry [B, S-N].
+    """
+    # Imported here: ttp.py imports the Twig, which imports this module.
+    from twig_jax.train_lib import scan_layers
+    from twig_jax.ttp import _gather_rows, pruned_indices, visual_positions
+
+    b, s = is_image.shape
+    r = keep.shape[1]
+    img_pos = visual_positions(is_image, N)
+    idx = pruned_indices(is_image, img_pos, jnp.sort(keep, axis=1), s - N + r)  # [B, M]
+    h = scan_layers(text_cfg, base_w, _gather_rows(h_k, idx), idx, K, Kf)  # [B, M, D]
+    text_in_mid = jax.vmap(lambda m: jnp.nonzero(m, size=s - N, fill_value=0)[0])(
+        ~jnp.take_along_axis(is_image, idx, axis=1))  # [B, S-N]
+    text_pos = _gather_rows(idx, text_in_mid)  # [B, S-N]
+    h = scan_layers(text_cfg, base_w, _gather_rows(h, text_in_mid), text_pos, Kf, text_cfg.num_hidden_layers)
+    return head_fn(h), text_pos
+
+
+def pruned_answer_logprob(text_cfg: TextConfig, base_w: dict, head_fn, h_k: jax.Array, tokens: jax.Array,
+                          label_mask: jax.Array, is_image: jax.Array, keep: jax.Array, *, K: int, Kf: int,
+                          N: int) -> jax.Array:  # [B] float32
+    """Mean log-probability of the answer tokens (label_mask) under the pruned base, teacher forced."""
+    logits, text_pos = pruned_logits(text_cfg, base_w, head_fn, h_k, is_image, keep, K=K, Kf=Kf, N=N)
+    targets, weights = shift_targets(tokens, label_mask)  # next token of each sequence position
+    t = jnp.take_along_axis(targets, text_pos, axis=1)
+    w = jnp.take_along_axis(weights, text_pos, axis=1)
+    lp = -token_ce(logits, t)  # [B, S-N]
+    return jnp.sum(lp * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
