@@ -1,4 +1,4 @@
-"""Accuracy kept after pruning: twig (TTP), FastV and random at 88.9%, 77.8% and 66.7% of the
+"""Accuracy kept after pruning: twig (TTP), the TwigVLM++ P-head, FastV and random at 88.9%, 77.8% and 66.7% of the
 visual tokens pruned (R = N/9, 2N/9, 3N/9), short answers (exact match) and descriptions
 (object-level F1) separately, each relative to the unpruned model.
 
@@ -30,8 +30,9 @@ from twig_jax.eval import (DEFAULT_MODEL, DEFAULT_TWIG, DESCRIPTION, SHORT, Eval
                            attach_categories, build_generator, json_safe, read_answers, read_questions, run_eval)
 
 PRUNED_NINTHS = (1, 2, 3)  # R = k N / 9 kept: 88.9%, 77.8%, 66.7% pruned
-METHODS = ("twig", "fastv", "random")
-LABELS = {"twig": "TwigVLM (TTP)", "fastv": "FastV", "random": "random", "none": "unpruned"}
+METHODS = ("twig", "phead", "fastv", "random")
+LABELS = {"twig": "TwigVLM (TTP)", "phead": "TwigVLM++ P-head", "fastv": "FastV", "random": "random",
+          "none": "unpruned"}
 
 
 def kept_for(n_visual: int, k: int) -> int:
@@ -112,7 +113,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="shapes eval split seed (without --questions/--data)")
     p.add_argument("--n-eval", type=int, default=200, help="shapes eval images (without --questions/--data)")
     p.add_argument("--limit", type=int, help="first N questions only")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list of twig, fastv, random")
+    p.add_argument("--methods", default=None, help="comma list of twig, phead, fastv, random (default: all; "
+                   "phead only when the twig has a P-head)")
     p.add_argument("--ninths", default=",".join(map(str, PRUNED_NINTHS)),
                    help="comma list of k: runs keep R = k N / 9 visual tokens (default 1,2,3)")
     p.add_argument("--Kf", type=int, default=None, help="FinalWipe layer of every pruned run (default: the twig's; "
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--out-md", help="write the markdown table here")
     p.add_argument("--preds-dir", help="write each run's answer JSONL into this folder")
     args = p.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad:
         p.error(f"unknown method(s) {bad}; have {list(METHODS)}")
@@ -158,8 +160,12 @@ def main(argv=None) -> int:
         twig = None
         if args.twig and os.path.exists(args.twig):
             twig, _ = load_twig_any(args.twig, model.cfg.text, dtype=model.text.embed[...].dtype)
-        elif "twig" in methods:
-            p.error(f"twig dir not found: {args.twig} (give --twig, or leave twig out of --methods)")
+        elif {"twig", "phead"} & set(methods):
+            p.error(f"twig dir not found: {args.twig} (give --twig, or leave twig and phead out of --methods)")
+        if "phead" in methods and (twig is None or getattr(twig, "p_head", None) is None):
+            if args.methods:
+                p.error(f"--methods phead: the twig {args.twig} has no P-head (train one: python -m train.prune_rl)")
+            methods.remove("phead")  # the default list: phead only where there is one
         L, N = model.cfg.text.num_hidden_layers, model.cfg.num_image_tokens
         max_new = {SHORT: args.max_new_short, DESCRIPTION: args.max_new_description}
         counts = {c: sum(q.category == c for q in questions) for c in (SHORT, DESCRIPTION)}

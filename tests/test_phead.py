@@ -319,8 +319,12 @@ def test_prune_rl_command_end_to_end(tmp_path, tiny_shapes_dirs):
     base_dir, twig_dir, data_json, images = tiny_shapes_dirs
     out = str(tmp_path / "rl")
     rc = main(["--base", base_dir, "--twig", twig_dir, "--data", data_json, "--images", images, "--out", out,
-               "--steps", "2", "--batch", "2", "--group", "3", "--R", "8", "--lr", "0.05", "--log-every", "1"])
+               "--steps", "2", "--batch", "2", "--group", "3", "--R", "8", "--lr", "0.05", "--log-every", "1",
+               "--eval-records", "1"])
     assert rc == 0
+    ev = [json.loads(line) for line in open(os.path.join(out, "rl_eval.jsonl"))]
+    assert [e["step"] for e in ev] == [0, 2]
+    assert all(np.isfinite(v) for v in ev[-1]["R8"].values() if v == v)  # nan: no example of that length
     before = with_p_head(load_twig(twig_dir), seed=0)
     after = load_twig(out)
     assert after.twig_cfg.p_head
@@ -329,3 +333,5 @@ def test_prune_rl_command_end_to_end(tmp_path, tiny_shapes_dirs):
     assert len(rows) == 2 and all(np.isfinite(r["reward"]) and r["R"] == 8 for r in rows)
     assert main(["--base", base_dir, "--twig", twig_dir, "--data", data_json, "--images", images, "--out", out,
                  "--steps", "1", "--R", "100000"]) == 2
+    assert main(["--base", base_dir, "--twig", twig_dir, "--data", data_json, "--images", images, "--out", out,
+                 "--steps", "1", "--R", "8", "--eval-records", "4"]) == 2  # nothing left to train on

@@ -56,16 +56,50 @@ def curriculum_probs(step: int, total: int, count: int) -> np.ndarray:  # [count
     return w / w.sum()
 
 
-@dataclasses.dataclass(frozen=True)
-class RLConfig:
-    R_values: tuple[int, ...] = (16, 32, 48)  # budgets, most aggressive first
-    group: int = 8  # G: keep-sets sampled per example
-    lr: float = 1e-3
-    steps: int = 300
-    seed: int = 0
+class _Frozen:
+    """The frozen pieces both jitted functions close over, and the shared forward prelude."""
+
+    def __init__(self, base, twig, kf: int):
+        self.base, self.tc, self.kf = base, base.cfg.text, kf
+        self.K, self.T, self.N = twig.twig_cfg.K, twig.twig_cfg.T, base.cfg.num_image_tokens
+        self.base_w = base.text.layers.weights()
+        self.twig_w = twig.layers.weights()
+        self.last_w = {k: v[self.T - 1] for k, v in self.twig_w.items()}
+
+    def prelude(self, batch):
+        """h_k [B, S, D] (enters base layer K), h_t [B, S, D] (enters the last twig layer), positions,
+        the last prompt token [B], visual positions [B, N], is_image [B, S]."""
+        import jax.numpy as jnp
+
+        from twig_jax.train_lib import scan_layers
+        from twig_jax.ttp import visual_positions
+
+        tokens = batch["tokens"]
+        b, s = tokens.shape
+        is_image = tokens == self.base.cfg.image_token_index
+        pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
+        x = self.base.embed(tokens, self.base.image_features(batch["pixel_values"]))
+        h_k = scan_layers(self.tc, self.base_w, x, pos, 0, self.K)
+        h_t = scan_layers(self.tc, self.twig_w, h_k, pos, 0, self.T - 1)
+        query = (jnp.argmax(batch["label_mask"], axis=1) - 1).astype(jnp.int32)  # answer starts after it
+        return h_k, h_t, pos, query, visual_positions(is_image, self.N), is_image
+
+    def reward(self, h_k, batch, is_image, keep, kf=None):  # [B]
+        from twig_jax.phead import pruned_answer_logprob
+
+        return pruned_answer_logprob(self.tc, self.base_w, self.base.text.logits, h_k, batch["tokens"],
+                                     batch["label_mask"], is_image, keep, K=self.K,
+                                     Kf=self.kf if kf is None else kf, N=self.N)
+
+    def log_scores(self, params, h_t, pos, query, img_pos):  # [B, N]
+        import jax.numpy as jnp
+
+        from twig_jax.phead import phead_scores
+
+        return jnp.log(jnp.maximum(phead_scores(self.tc, self.last_w, params, h_t, pos, query, img_pos), 1e-30))
 
 
-def make_rl_step(base, twig, plan_kf: int, tx, group: int):
+def make_rl_step(base, twig, kf: int, tx, group: int):
     """rl_step(p_head_params, opt_state, batch, key, R) -> (params, opt_state, metrics), jitted; R static.
 
     Everything frozen (base, twig layers) is closed over as constants of the jitted function.
@@ -74,55 +108,56 @@ def make_rl_step(base, twig, plan_kf: int, tx, group: int):
     import jax.numpy as jnp
     import optax
 
-    from twig_jax.phead import (gumbel_top_k, group_advantage, phead_scores, plackett_luce_logprob,
-                                pruned_answer_logprob)
-    from twig_jax.train_lib import scan_layers
-    from twig_jax.ttp import visual_positions
+    from twig_jax.phead import group_advantage, gumbel_top_k, plackett_luce_logprob
 
-    tc = base.cfg.text
-    K, T, N = twig.twig_cfg.K, twig.twig_cfg.T, base.cfg.num_image_tokens
-    base_w = base.text.layers.weights()
-    twig_w = twig.layers.weights()
-    last_w = {k: v[T - 1] for k, v in twig_w.items()}
+    fz = _Frozen(base, twig, kf)
 
     def step(params, opt_state, batch, key, R):
-        tokens, label_mask = batch["tokens"], batch["label_mask"]
-        b, s = tokens.shape
-        g = group
-        is_image = tokens == base.cfg.image_token_index  # [B, S]
-        pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
-        x = base.embed(tokens, base.image_features(batch["pixel_values"]))  # [B, S, D]
-        h_k = scan_layers(tc, base_w, x, pos, 0, K)  # [B, S, D] enters base layer K
-        h_t = scan_layers(tc, twig_w, h_k, pos, 0, T - 1)  # [B, S, D] enters the last twig layer
-        query = (jnp.argmax(label_mask, axis=1) - 1).astype(jnp.int32)  # [B] last prompt token
-        img_pos = visual_positions(is_image, N)
-
-        def log_scores(p):  # [B, N]
-            return jnp.log(jnp.maximum(phead_scores(tc, last_w, p, h_t, pos, query, img_pos), 1e-30))
-
-        ls = log_scores(params)
-        order = gumbel_top_k(key, jax.lax.stop_gradient(ls), R, g)  # [B, G, R]
-        rep = lambda a: jnp.repeat(a, g, axis=0)  # [B*G, ...]
-        reward = pruned_answer_logprob(tc, base_w, base.text.logits, rep(h_k), rep(tokens), rep(label_mask),
-                                       rep(is_image), order.reshape(b * g, R), K=K, Kf=plan_kf, N=N)
-        reward = jax.lax.stop_gradient(reward.reshape(b, g))
+        b = batch["tokens"].shape[0]
+        h_k, h_t, pos, query, img_pos, is_image = fz.prelude(batch)
+        ls = fz.log_scores(params, h_t, pos, query, img_pos)
+        order = gumbel_top_k(key, jax.lax.stop_gradient(ls), R, group)  # [B, G, R]
+        rep = lambda a: jnp.repeat(a, group, axis=0)  # [B*G, ...]
+        reward = fz.reward(rep(h_k), {k: rep(v) for k, v in batch.items()}, rep(is_image), order.reshape(b * group, R))
+        reward = jax.lax.stop_gradient(reward.reshape(b, group))
         adv = group_advantage(reward)
-        greedy = jax.lax.top_k(ls, R)[1]  # the keep-set inference would use
-        greedy_reward = pruned_answer_logprob(tc, base_w, base.text.logits, h_k, tokens, label_mask, is_image,
-                                              greedy, K=K, Kf=plan_kf, N=N)
 
         def loss_fn(p):
-            return -jnp.mean(adv * plackett_luce_logprob(log_scores(p), order))
+            return -jnp.mean(adv * plackett_luce_logprob(fz.log_scores(p, h_t, pos, query, img_pos), order))
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        s_ = jnp.exp(ls)
-        entropy = -jnp.mean(jnp.sum(s_ * ls, axis=1))
-        return params, opt_state, {"loss": loss, "reward": jnp.mean(reward), "greedy_reward": jnp.mean(greedy_reward),
-                                   "entropy": entropy, "grad_norm": optax.tree.norm(grads)}
+        entropy = -jnp.mean(jnp.sum(jnp.exp(ls) * ls, axis=1))
+        return params, opt_state, {"loss": loss, "reward": jnp.mean(reward), "entropy": entropy,
+                                   "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(step, static_argnames=("R",), donate_argnums=(0, 1))
+
+
+def make_rl_eval(base, twig, kf: int):
+    """rl_eval(params, batch, key, R) -> per-example rewards [B] of the top-R keep-set of the P-head,
+    of the twig's own attention (TTP), of a random keep-set, and unpruned (all N, no FinalWipe)."""
+    import jax
+    import jax.numpy as jnp
+
+    from twig_jax.phead import layer_attention_scores
+
+    fz = _Frozen(base, twig, kf)
+    L = base.cfg.text.num_hidden_layers
+
+    def ev(params, batch, key, R):
+        h_k, h_t, pos, query, img_pos, is_image = fz.prelude(batch)
+        b = h_k.shape[0]
+        top = lambda sc: jax.lax.top_k(sc, R)[1]
+        twig_s = layer_attention_scores(fz.tc, fz.last_w, h_t, pos, query, img_pos)
+        return {"phead": fz.reward(h_k, batch, is_image, top(fz.log_scores(params, h_t, pos, query, img_pos))),
+                "twig": fz.reward(h_k, batch, is_image, top(twig_s)),
+                "random": fz.reward(h_k, batch, is_image, top(jax.random.uniform(key, (b, fz.N)))),
+                "unpruned": fz.reward(h_k, batch, is_image, jnp.broadcast_to(jnp.arange(fz.N)[None], (b, fz.N)),
+                                      kf=L)}
+
+    return jax.jit(ev, static_argnames=("R",))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--every", type=int, default=50, help="save the twig every N steps (and at the end)")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-records", type=int, default=24, help="records held out for the reward eval (0: none)")
+    p.add_argument("--eval-every", type=int, default=100, help="held-out eval at the smallest R every N steps")
     return p
 
 
@@ -178,15 +215,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --group must be >= 2 (the advantage is normalised within each group)", file=sys.stderr)
         return 2
 
-    records = single_turn_records(load_records(args.data))
-    cfg = DataConfig(json_path=args.data, image_dir=args.images, max_len=args.max_len, batch_size=args.batch,
-                     seed=args.seed, on_too_long="skip")
+    all_records = load_records(args.data)
+    if args.eval_records >= len(all_records):
+        print(f"error: --eval-records {args.eval_records} leaves no training records (the data has "
+              f"{len(all_records)})", file=sys.stderr)
+        return 2
+    # The last --eval-records records are held out: every turn of them is an eval example.
+    cut = len(all_records) - args.eval_records
+    records = single_turn_records(all_records[:cut])
+    eval_recs = single_turn_records(all_records[cut:])
     size = base.cfg.vision.image_size
-    ds, report = build_dataset(cfg, load_tokenizer(args.base), image_token_index=base.cfg.image_token_index,
-                               num_image_tokens=N, image_preprocessor=image_preprocessor_for(base, args.base),
-                               pixel_shape=(base.cfg.vision.num_channels, size, size), records=records,
-                               shard=_single_shard())
+    tokenizer = load_tokenizer(args.base)
+
+    def dataset(recs, batch, shuffle, epochs):
+        cfg = DataConfig(json_path=args.data, image_dir=args.images, max_len=args.max_len, batch_size=batch,
+                         seed=args.seed, on_too_long="skip", shuffle=shuffle, num_epochs=epochs)
+        return build_dataset(cfg, tokenizer, image_token_index=base.cfg.image_token_index,
+                             num_image_tokens=N, image_preprocessor=image_preprocessor_for(base, args.base),
+                             pixel_shape=(base.cfg.vision.num_channels, size, size), records=recs,
+                             shard=_single_shard())
+
+    ds, report = dataset(records, args.batch, True, None)
     data = iter(ds)
+    eval_batches = _eval_batches(list(dataset(eval_recs, 1, False, 1)[0]) if eval_recs else [], args.batch)
+    eval_fn = make_rl_eval(base, twig, kf)
 
     tx = optax.adam(optax.cosine_decay_schedule(args.lr, args.steps, alpha=0.1))
     params = p_head_weights(twig.p_head)
@@ -199,6 +251,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"P-head RL: {len(records)} single-turn examples, budgets R={R_values}, G={args.group}, "
           f"batch {args.batch}, Kf={kf}, {'continuing its P-head' if had else 'new P-head'}", flush=True)
 
+    def evaluate(step, Rs):
+        """Mean held-out reward of each keep rule, by answer length (long: >= 8 answer tokens)."""
+        out = {}
+        for r in Rs:
+            acc: dict[str, list] = {}
+            for i, b in enumerate(eval_batches):
+                feed = {k: jnp.asarray(b[k]) for k in ("tokens", "label_mask", "pixel_values")}
+                res = eval_fn(params, feed, jax.random.key(1000 + i), R=r)
+                long_ = np.asarray(b["label_mask"]).sum(1) >= 8
+                for name, v in res.items():
+                    v = np.asarray(v)
+                    acc.setdefault(f"{name}/long", []).extend(v[long_ & b["valid"]].tolist())
+                    acc.setdefault(f"{name}/short", []).extend(v[~long_ & b["valid"]].tolist())
+            out[r] = {k: float(np.mean(v)) if v else float("nan") for k, v in acc.items()}
+            line = "  ".join(f"{cat}: " + " ".join(f"{m} {out[r][f'{m}/{cat}']:.3f}"
+                                                   for m in ("unpruned", "phead", "twig", "random"))
+                             for cat in ("long", "short"))
+            print(f"  eval step {step} R={r} (mean answer log-prob)  {line}", flush=True)
+        with open(os.path.join(args.out, "rl_eval.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **{f"R{r}": v for r, v in out.items()}}) + "\n")
+        return out
+
     def save(step):
         twig.p_head.gate_q.set_value(params["gate_q"])
         twig.p_head.gate_k.set_value(params["gate_k"])
@@ -209,6 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       indent=2)
 
     t0 = time.time()
+    if eval_batches:
+        print(f"held out: {len(eval_batches) * args.batch} examples (the last {args.eval_records} records)", flush=True)
+        evaluate(0, R_values[:1])
     window: dict[int, list] = {}
     with open(log_path, "a") as log:
         for step in range(1, args.steps + 1):
@@ -224,8 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             window.setdefault(r, []).append(m)
             log.write(json.dumps({"step": step, "R": r, **m}) + "\n")
             if step % args.log_every == 0 or step == args.steps:
-                parts = [f"R={rr}: reward {np.mean([x['reward'] for x in ms]):.3f} greedy "
-                         f"{np.mean([x['greedy_reward'] for x in ms]):.3f} (n={len(ms)})" for rr, ms in sorted(window.items())]
+                parts = [f"R={rr}: reward {np.mean([x['reward'] for x in ms]):.3f} (n={len(ms)})"
+                         for rr, ms in sorted(window.items())]
                 ent = np.mean([x["entropy"] for ms in window.values() for x in ms])
                 print(f"step {step}/{args.steps} {time.time() - t0:.0f}s  " + "; ".join(parts) +
                       f"; entropy {ent:.2f} (uniform {math.log(N):.2f})", flush=True)
@@ -233,9 +310,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 window = {}
             if step % args.every == 0 or step == args.steps:
                 save(step)
+            if eval_batches and step % args.eval_every == 0 and step != args.steps:
+                evaluate(step, R_values[:1])
+    if eval_batches:
+        evaluate(args.steps, R_values)
     print(f"saved the twig with its P-head to {args.out} ({time.time() - t0:.0f}s)"
           f"{'; bad samples: ' + json.dumps(report.to_dict()['counts']) if report.to_dict()['counts'] else ''}")
     return 0
+
+
+def _eval_batches(examples: list[dict], batch: int) -> list[dict]:
+    """Single examples (batches of 1) regrouped into batches of `batch`; the last one is filled up
+    with copies of the first example, marked invalid (one compiled shape, every example counted once)."""
+    out = []
+    for i in range(0, len(examples), batch):
+        chunk = examples[i:i + batch]
+        valid = np.array([True] * len(chunk) + [False] * (batch - len(chunk)))
+        chunk = chunk + [examples[0]] * (batch - len(chunk))
+        b = {k: np.concatenate([c[k] for c in chunk]) for k in ("tokens", "label_mask", "pixel_values")}
+        out.append(dict(b, valid=valid))
+    return out
 
 
 def _single_shard():

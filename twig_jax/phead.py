@@ -79,6 +79,29 @@ def phead_scores(text_cfg: TextConfig, layer_w: dict, p_head_w: dict, x: jax.Arr
                                    axis=-1), axis=1)
 
 
+def layer_attention_scores(text_cfg: TextConfig, layer_w: dict, x: jax.Array, positions: jax.Array,
+                           query_row: jax.Array, img_pos: jax.Array) -> jax.Array:  # [B, N] float32
+    """TTP's own scores from the same layer: its head-averaged attention probabilities from the
+    query row over every causal key, read at the visual tokens (what method "twig" keeps by)."""
+    b, s, _ = x.shape
+    dh, h, hkv = text_cfg.head_dim, text_cfg.num_attention_heads, text_cfg.num_key_value_heads
+    hn = rms_norm(x, layer_w["attn_norm"], text_cfg.rms_norm_eps)  # [B, S, D]
+    cos, sin = rope_cos_sin(positions, dh, text_cfg.rope_theta, jnp.float32)
+    q_in = jnp.take_along_axis(hn, query_row[:, None, None].astype(jnp.int32), axis=1)  # [B, 1, D]
+    q = q_in @ layer_w["wq"]
+    k = hn @ layer_w["wk"]
+    if "bq" in layer_w:
+        q, k = q + layer_w["bq"], k + layer_w["bk"]
+    qc = jnp.take_along_axis(cos, query_row[:, None, None].astype(jnp.int32), axis=1)
+    qs = jnp.take_along_axis(sin, query_row[:, None, None].astype(jnp.int32), axis=1)
+    q = apply_rope(q.reshape(b, 1, h, dh).transpose(0, 2, 1, 3).astype(jnp.float32), qc, qs)  # [B, H, 1, Dh]
+    k = apply_rope(k.reshape(b, s, hkv, dh).transpose(0, 2, 1, 3).astype(jnp.float32), cos, sin)  # [B, Hkv, S, Dh]
+    logits = jnp.einsum("bkgd,bksd->bkgs", q[:, :, 0].reshape(b, hkv, h // hkv, dh), k) * dh ** -0.5
+    causal = jnp.arange(s)[None, None, None, :] <= query_row[:, None, None, None]
+    probs = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1).reshape(b, h, s)
+    return jnp.take_along_axis(jnp.mean(probs, axis=1), img_pos, axis=1)
+
+
 def p_head_weights(p_head: PHead) -> dict[str, jax.Array]:
     return {"gate_q": p_head.gate_q[...], "gate_k": p_head.gate_k[...]}
 
