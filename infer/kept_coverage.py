@@ -90,7 +90,9 @@ def main(argv=None) -> int:
         p.error(f"--R {args.R}: must be in 1..{cfg.num_image_tokens} (the visual token count)")
     tc = dataclasses.replace(twig.twig_cfg, R=args.R, R_bar=None,
                              score_rows=args.score_rows or twig.twig_cfg.score_rows)
-    gens = {m: TwigGenerator(model, twig if m == "twig" else None, tc, method=m, ssd=False) for m in ("twig", "fastv")}
+    scored = ("twig", "phead", "fastv") if twig.p_head is not None else ("twig", "fastv")
+    gens = {m: TwigGenerator(model, twig if m in ("twig", "phead") else None, tc, method=m, ssd=False)
+            for m in scored}
     prompt = tokenize_with_image(tok, build_prompt(args.prompt, "vicuna_v1"), cfg.image_token_index,
                                  cfg.num_image_tokens)
     cell_map = cell_of_patch(grid)
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
         for r in map(json.loads, f):
             scenes.setdefault(image_of[str(r["question_id"])], [POSITIONS.index(o[3]) for o in r["objects"]])
     names = sorted(scenes)[:args.images]
-    rows = {m: [] for m in ("twig", "fastv", "random")}
+    rows = {m: [] for m in scored + ("random",)}
     for name in names:
         image = Image.open(os.path.join(args.data, "images", name)).convert("RGB")
         obj = object_patches(np.asarray(image), grid, args.min_pixels)

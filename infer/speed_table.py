@@ -1,5 +1,5 @@
-"""End-to-end speed of TwigVLM on the bundled shapes model: FastV, TTP, SSD, TTP + SSD against
-plain decoding, on descriptions (long answers), at batch 1 and batch 8.
+"""End-to-end speed of TwigVLM on the bundled shapes model: FastV, TTP, SSD, TTP + SSD (and the
+TwigVLM++ P-head with and without SSD, when the twig has one) against plain decoding, on descriptions (long answers), at batch 1 and batch 8.
 
     python -m infer.speed_table [--model DIR] [--twig DIR] [--R 16] [--images N] [--repeats 3]
                                 [--out-json F] [--out-md F]
@@ -27,7 +27,10 @@ VARIANTS = {  # name -> (method, ssd)
     "ttp": ("twig", False),
     "ssd": ("none", True),
     "ttp+ssd": ("twig", True),
+    "phead": ("phead", False),  # TwigVLM++ P-head pruning (only when the twig has a P-head)
+    "phead+ssd": ("phead", True),
 }
+PHEAD_VARIANTS = ("phead", "phead+ssd")
 
 
 def description_inputs(pipe, questions, images_dir: str, n: int):
@@ -128,7 +131,7 @@ def measure_speed(model, tokenizer, twig, twig_cfg, prompts, pixels, *, batches=
             rows.append(row)
         # Greedy SSD is lossless: it must reproduce its non-speculative counterpart token for token.
         outs = {name: passes[name][0]["outputs"] for name in gens}
-        for spec, ref in (("ssd", "plain"), ("ttp+ssd", "ttp")):
+        for spec, ref in (("ssd", "plain"), ("ttp+ssd", "ttp"), ("phead+ssd", "phead")):
             if spec in outs and ref in outs:
                 same = outs[spec] == outs[ref]
                 next(r for r in rows if r["batch"] == batch and r["variant"] == spec)["same_tokens_as_" + ref] = same
@@ -201,8 +204,10 @@ def main(argv=None) -> int:
         p.error(str(e))
     prompts, pixels = description_batch(pipe, args.data, args.images)
     batches = tuple(int(b) for b in args.batches.split(","))
+    variants = tuple(v for v in VARIANTS if twig.p_head is not None or v not in PHEAD_VARIANTS)
     rows = measure_speed(model, tokenizer, twig, twig_cfg, prompts, pixels, batches=batches, repeats=args.repeats,
-                         max_new_tokens=args.max_new_tokens, log=lambda s: print(s, file=sys.stderr))
+                         max_new_tokens=args.max_new_tokens, variants=variants,
+                         log=lambda s: print(s, file=sys.stderr))
     N = model.cfg.num_image_tokens
     R = make_generator_plan_R(model, twig_cfg)
     meta = dict(model=args.model, twig=args.twig, R=R, N=N, K=twig_cfg.K, Kf=twig_cfg.Kf,

@@ -1,4 +1,4 @@
-"""TwigVLM++ stage 2: train the P-head by reinforcement learning (DESIGN.md s.5).
+"""TwigVLM++ P-head training: stage 2, reinforcement learning (default), or stage 1, AttnKL (DESIGN.md s.5).
 
 Only the P-head learns; the base and the twig stay frozen. For each single-turn example (image,
 question, reference answer) the P-head scores the visual tokens, G keep-sets of R tokens are drawn
@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -56,6 +56,16 @@ def curriculum_probs(step: int, total: int, count: int) -> np.ndarray:  # [count
     return w / w.sum()
 
 
+class _Prelude(NamedTuple):
+    x: Any
+    h_k: Any
+    h_t: Any
+    pos: Any
+    query: Any
+    img_pos: Any
+    is_image: Any
+
+
 class _Frozen:
     """The frozen pieces both jitted functions close over, and the shared forward prelude."""
 
@@ -67,8 +77,8 @@ class _Frozen:
         self.last_w = {k: v[self.T - 1] for k, v in self.twig_w.items()}
 
     def prelude(self, batch):
-        """h_k [B, S, D] (enters base layer K), h_t [B, S, D] (enters the last twig layer), positions,
-        the last prompt token [B], visual positions [B, N], is_image [B, S]."""
+        """The embedded sequence x, h_k (enters base layer K), h_t (enters the last twig layer), all
+        [B, S, D]; positions, the last prompt token [B], visual positions [B, N], is_image [B, S]."""
         import jax.numpy as jnp
 
         from twig_jax.train_lib import scan_layers
@@ -82,7 +92,7 @@ class _Frozen:
         h_k = scan_layers(self.tc, self.base_w, x, pos, 0, self.K)
         h_t = scan_layers(self.tc, self.twig_w, h_k, pos, 0, self.T - 1)
         query = (jnp.argmax(batch["label_mask"], axis=1) - 1).astype(jnp.int32)  # answer starts after it
-        return h_k, h_t, pos, query, visual_positions(is_image, self.N), is_image
+        return _Prelude(x, h_k, h_t, pos, query, visual_positions(is_image, self.N), is_image)
 
     def reward(self, h_k, batch, is_image, keep, kf=None):  # [B]
         from twig_jax.phead import pruned_answer_logprob
@@ -114,7 +124,7 @@ def make_rl_step(base, twig, kf: int, tx, group: int):
 
     def step(params, opt_state, batch, key, R):
         b = batch["tokens"].shape[0]
-        h_k, h_t, pos, query, img_pos, is_image = fz.prelude(batch)
+        _, h_k, h_t, pos, query, img_pos, is_image = fz.prelude(batch)
         ls = fz.log_scores(params, h_t, pos, query, img_pos)
         order = gumbel_top_k(key, jax.lax.stop_gradient(ls), R, group)  # [B, G, R]
         rep = lambda a: jnp.repeat(a, group, axis=0)  # [B*G, ...]
@@ -135,6 +145,37 @@ def make_rl_step(base, twig, kf: int, tx, group: int):
     return jax.jit(step, static_argnames=("R",), donate_argnums=(0, 1))
 
 
+def make_attn_step(base, twig, kf: int, tx, layer: int, rows: str):
+    """TwigVLM++ stage 1 for the P-head alone: attn_step(params, opt_state, batch) -> (params,
+    opt_state, metrics) minimising KL(a_base || s), a_base = base layer `layer`'s head-averaged
+    attention over the visual tokens from the query rows `rows` (phead.attention_rows), jitted."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from twig_jax.losses import attn_kl
+    from twig_jax.phead import attention_rows, base_attention_target
+    from twig_jax.train_lib import scan_layers
+
+    fz = _Frozen(base, twig, kf)
+
+    def step(params, opt_state, batch):
+        x, h_k, h_t, pos, query, img_pos, is_image = fz.prelude(batch)
+        h_l = (scan_layers(fz.tc, fz.base_w, h_k, pos, fz.K, layer) if layer >= fz.K
+               else scan_layers(fz.tc, fz.base_w, x, pos, 0, layer))
+        target = base_attention_target(fz.tc, fz.base_w, h_l, pos, layer,
+                                       attention_rows(batch["label_mask"], rows), img_pos)
+
+        def loss_fn(p):
+            return jnp.mean(attn_kl(target, jnp.exp(fz.log_scores(p, h_t, pos, query, img_pos))))
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, {"attn_kl": loss, "grad_norm": optax.tree.norm(grads)}
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
 def make_rl_eval(base, twig, kf: int):
     """rl_eval(params, batch, key, R) -> per-example rewards [B] of the top-R keep-set of the P-head,
     of the twig's own attention (TTP), of a random keep-set, and unpruned (all N, no FinalWipe)."""
@@ -147,13 +188,15 @@ def make_rl_eval(base, twig, kf: int):
     L = base.cfg.text.num_hidden_layers
 
     def ev(params, batch, key, R):
-        h_k, h_t, pos, query, img_pos, is_image = fz.prelude(batch)
+        _, h_k, h_t, pos, query, img_pos, is_image = fz.prelude(batch)
         b = h_k.shape[0]
         top = lambda sc: jax.lax.top_k(sc, R)[1]
         twig_s = layer_attention_scores(fz.tc, fz.last_w, h_t, pos, query, img_pos)
         return {"phead": fz.reward(h_k, batch, is_image, top(fz.log_scores(params, h_t, pos, query, img_pos))),
                 "twig": fz.reward(h_k, batch, is_image, top(twig_s)),
-                "random": fz.reward(h_k, batch, is_image, top(jax.random.uniform(key, (b, fz.N)))),
+                # mean of 4 random keep-sets: one draw per example is too noisy a baseline
+                "random": sum(fz.reward(h_k, batch, is_image, top(jax.random.uniform(k, (b, fz.N))))
+                              for k in jax.random.split(key, 4)) / 4,
                 "unpruned": fz.reward(h_k, batch, is_image, jnp.broadcast_to(jnp.arange(fz.N)[None], (b, fz.N)),
                                       kf=L)}
 
@@ -173,6 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--R", default=None, help="budgets, comma-separated (default: N/9, 2N/9, 3N/9)")
     p.add_argument("--Kf", type=int, default=None, help="FinalWipe layer of the reward model (default: the twig's)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--objective", choices=["rl", "attn"], default="rl",
+                   help="rl: stage 2, REINFORCE on the answer's log-prob (default); attn: stage 1, AttnKL to the "
+                        "base's attention (the P-head alone; run rl on its output after)")
+    p.add_argument("--attn-layer", type=int, default=None,
+                   help="attn: the base layer whose attention is the target (default round(19/32 L), the paper's 19 of 32)")
+    p.add_argument("--attn-rows", choices=["last", "answer"], default="last",
+                   help="attn: the target's query rows: the last prompt token (paper) or every row that predicts "
+                        "an answer token")
+    p.add_argument("--init-scale", type=float, default=1.0,
+                   help="a new P-head's gate init scale (1: near the layer's own attention; small: near uniform, "
+                        "i.e. random pruning)")
     p.add_argument("--max-len", type=int, default=352)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--every", type=int, default=50, help="save the twig every N steps (and at the end)")
@@ -198,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = load_model(args.base, dtype=jnp.float32)
     twig = load_twig(args.twig, base.cfg.text, dtype=jnp.float32)
     had = twig.p_head is not None
-    twig = with_p_head(twig, seed=args.seed)
+    twig = with_p_head(twig, seed=args.seed, init_scale=args.init_scale)
     tc, N = twig.twig_cfg, base.cfg.num_image_tokens
     R_values = tuple(int(r) for r in args.R.split(",")) if args.R else (N // 9, 2 * N // 9, 3 * N // 9)
     R_values = tuple(sorted(R_values))
@@ -243,13 +297,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     tx = optax.adam(optax.cosine_decay_schedule(args.lr, args.steps, alpha=0.1))
     params = p_head_weights(twig.p_head)
     opt_state = tx.init(params)
-    step_fn = make_rl_step(base, twig, kf, tx, args.group)
+    attn_layer = args.attn_layer if args.attn_layer is not None else round(19 / 32 * L)
+    if not 0 <= attn_layer < L:
+        print(f"error: --attn-layer {attn_layer} must be in [0, {L})", file=sys.stderr)
+        return 2
+    if args.objective == "rl":
+        step_fn = make_rl_step(base, twig, kf, tx, args.group)
+    else:
+        step_fn = make_attn_step(base, twig, kf, tx, attn_layer, args.attn_rows)
     rng = np.random.default_rng(args.seed)
     key = jax.random.key(args.seed)
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "rl_log.jsonl")
-    print(f"P-head RL: {len(records)} single-turn examples, budgets R={R_values}, G={args.group}, "
-          f"batch {args.batch}, Kf={kf}, {'continuing its P-head' if had else 'new P-head'}", flush=True)
+    what = (f"RL: budgets R={R_values}, G={args.group}" if args.objective == "rl" else
+            f"AttnKL to base layer {attn_layer}'s attention from the {args.attn_rows} rows")
+    print(f"P-head {what}; {len(records)} single-turn examples, batch {args.batch}, Kf={kf}, "
+          f"{'continuing its P-head' if had else 'new P-head'}", flush=True)
 
     def evaluate(step, Rs):
         """Mean held-out reward of each keep rule, by answer length (long: >= 8 answer tokens)."""
@@ -278,7 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         twig.p_head.gate_k.set_value(params["gate_k"])
         save_twig(twig, args.out, overwrite=True)
         with open(os.path.join(args.out, "rl_config.json"), "w") as f:
-            json.dump({"step": step, "R_values": R_values, "group": args.group, "batch": args.batch, "lr": args.lr,
+            json.dump({"step": step, "objective": args.objective, "attn_layer": attn_layer, "attn_rows": args.attn_rows,
+                       "R_values": R_values, "group": args.group, "batch": args.batch, "lr": args.lr,
+                       "init_scale": args.init_scale,
                        "Kf": kf, "seed": args.seed, "data": args.data, "base": args.base, "twig": args.twig}, f,
                       indent=2)
 
@@ -293,7 +358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             r = int(R_values[rng.choice(len(R_values), p=curriculum_probs(step - 1, args.steps, len(R_values)))])
             key, sub = jax.random.split(key)
             feed = {k: jnp.asarray(batch[k]) for k in ("tokens", "label_mask", "pixel_values")}
-            params, opt_state, m = step_fn(params, opt_state, feed, sub, R=r)
+            if args.objective == "rl":
+                params, opt_state, m = step_fn(params, opt_state, feed, sub, R=r)
+            else:
+                params, opt_state, m = step_fn(params, opt_state, feed)
+                r = 0  # no budget: the target is a distribution over every visual token
             m = {k: float(v) for k, v in m.items()}
             if not all(math.isfinite(v) for v in m.values()):
                 print(f"error: non-finite metrics at step {step}: {m}", file=sys.stderr)
@@ -301,11 +370,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             window.setdefault(r, []).append(m)
             log.write(json.dumps({"step": step, "R": r, **m}) + "\n")
             if step % args.log_every == 0 or step == args.steps:
-                parts = [f"R={rr}: reward {np.mean([x['reward'] for x in ms]):.3f} (n={len(ms)})"
-                         for rr, ms in sorted(window.items())]
-                ent = np.mean([x["entropy"] for ms in window.values() for x in ms])
+                parts = [f"R={rr}: reward {np.mean([x['reward'] for x in ms]):.3f} (n={len(ms)})" if rr else
+                         f"attn KL {np.mean([x['attn_kl'] for x in ms]):.4f}" for rr, ms in sorted(window.items())]
+                ent = [x["entropy"] for ms in window.values() for x in ms if "entropy" in x]
                 print(f"step {step}/{args.steps} {time.time() - t0:.0f}s  " + "; ".join(parts) +
-                      f"; entropy {ent:.2f} (uniform {math.log(N):.2f})", flush=True)
+                      (f"; entropy {np.mean(ent):.2f} (uniform {math.log(N):.2f})" if ent else ""), flush=True)
                 log.flush()
                 window = {}
             if step % args.every == 0 or step == args.steps:

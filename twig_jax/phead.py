@@ -28,13 +28,14 @@ from twig_jax.model.layers import apply_rope, rms_norm, rope_cos_sin
 class PHead(nnx.Module):
     """The two gates of the P-head: G_q over the query features, G_k over the key features."""
 
-    def __init__(self, text_cfg: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, text_cfg: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, init_scale: float = 1.0):
         d = text_cfg.hidden_size
         hq = text_cfg.num_attention_heads * text_cfg.head_dim
         hkv = text_cfg.num_key_value_heads * text_cfg.head_dim
-        # std d^-1/2: gate pre-activations of unit scale, so the head starts near a smoothed copy of
-        # the layer's attention and both gates get gradient (a near-zero bilinear start is a saddle).
-        std = d ** -0.5
+        # init_scale 1 (std d^-1/2): gate pre-activations of unit scale, the head starts near a
+        # smoothed copy of the layer's attention. A small init_scale starts near uniform scores, i.e.
+        # near random pruning; both gates still get gradient (relu(z) sigmoid(z) has slope 1/2 at 0+).
+        std = init_scale * d ** -0.5
         self.gate_q = nnx.Param((std * jax.random.normal(rngs.params(), (d, hq), jnp.float32)).astype(dtype))
         self.gate_k = nnx.Param((std * jax.random.normal(rngs.params(), (d, hkv), jnp.float32)).astype(dtype))
 
@@ -106,14 +107,15 @@ def p_head_weights(p_head: PHead) -> dict[str, jax.Array]:
     return {"gate_q": p_head.gate_q[...], "gate_k": p_head.gate_k[...]}
 
 
-def with_p_head(twig, seed: int = 0):
+def with_p_head(twig, seed: int = 0, init_scale: float = 1.0):
     """The twig with a freshly initialised P-head (its config says p_head=True); the twig's own
     layers, norm and head are shared, not copied. A twig that has one already is returned as is."""
     import dataclasses
 
     if twig.p_head is not None:
         return twig
-    twig.p_head = nnx.data(PHead(twig.text_cfg, rngs=nnx.Rngs(seed), dtype=twig.norm.get_value().dtype))
+    twig.p_head = nnx.data(PHead(twig.text_cfg, rngs=nnx.Rngs(seed), dtype=twig.norm.get_value().dtype,
+                                 init_scale=init_scale))
     twig.twig_cfg = dataclasses.replace(twig.twig_cfg, p_head=True)
     return twig
 
@@ -193,3 +195,38 @@ def pruned_answer_logprob(text_cfg: TextConfig, base_w: dict, head_fn, h_k: jax.
     w = jnp.take_along_axis(weights, text_pos, axis=1)
     lp = -token_ce(logits, t)  # [B, S-N]
     return jnp.sum(lp * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage-1 target: where the frozen base looks (AttnKL)
+
+
+def attention_rows(label_mask: jax.Array, rows: str) -> jax.Array:  # [B, S] float32
+    """Query-row weights for the AttnKL target. "last": the last prompt token (DESIGN.md s.5);
+    "answer": every row that predicts an answer token (the last prompt token and the answer but its
+    last token), i.e. where the base looks while it produces the whole reference answer."""
+    m = label_mask.astype(jnp.float32)
+    predicts = jnp.concatenate([m[:, 1:], jnp.zeros_like(m[:, :1])], axis=1)  # row t predicts token t+1
+    if rows == "answer":
+        return predicts
+    if rows == "last":
+        first = jnp.argmax(label_mask, axis=1) - 1
+        return jax.nn.one_hot(first, label_mask.shape[1], dtype=jnp.float32)
+    raise ValueError(f"rows={rows!r} must be 'last' or 'answer'")
+
+
+def base_attention_target(text_cfg: TextConfig, base_w: dict, h: jax.Array, positions: jax.Array, layer: int,
+                          row_weights: jax.Array, img_pos: jax.Array) -> jax.Array:  # [B, N] float32
+    """a_base: base layer `layer`'s head-averaged attention over the visual tokens, summed over the
+    query rows in row_weights [B, S] and renormalised over the visual tokens (a distribution).
+
+    h: [B, S, D] the hidden state entering that layer (full, unpruned sequence, causal)."""
+    from twig_jax.model.llama import _layer
+
+    b, s, _ = h.shape
+    w = {k: v[layer] for k, v in base_w.items()}
+    cos, sin = rope_cos_sin(positions, text_cfg.head_dim, text_cfg.rope_theta, h.dtype)
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool))[None], (b, s, s))
+    _, probs = _layer(text_cfg, w, h, cos, sin, lambda k, v: (k, v), mask, True, probs_query=row_weights)
+    per_key = jnp.take_along_axis(jnp.mean(probs, axis=1), img_pos, axis=1)  # [B, N]
+    return per_key / jnp.maximum(jnp.sum(per_key, axis=1, keepdims=True), 1e-30)
