@@ -30,9 +30,11 @@ from twig_jax.eval import (DEFAULT_MODEL, DEFAULT_TWIG, DESCRIPTION, SHORT, Eval
                            attach_categories, build_generator, json_safe, read_answers, read_questions, run_eval)
 
 PRUNED_NINTHS = (1, 2, 3)  # R = k N / 9 kept: 88.9%, 77.8%, 66.7% pruned
-METHODS = ("twig", "phead", "fastv", "random")
-LABELS = {"twig": "TwigVLM (TTP)", "phead": "TwigVLM++ P-head", "fastv": "FastV", "random": "random",
-          "none": "unpruned"}
+METHODS = ("twig", "phead", "phead_sampled", "fastv", "random")
+LABELS = {"twig": "TwigVLM (TTP)", "phead": "TwigVLM++ P-head (top R)",
+          "phead_sampled": "TwigVLM++ P-head (sampled)", "fastv": "FastV", "random": "random", "none": "unpruned"}
+# table method -> (pruning method, keep-set rule)
+RUN_AS = {"phead_sampled": ("phead", "sample")}
 
 
 def kept_for(n_visual: int, k: int) -> int:
@@ -113,8 +115,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="shapes eval split seed (without --questions/--data)")
     p.add_argument("--n-eval", type=int, default=200, help="shapes eval images (without --questions/--data)")
     p.add_argument("--limit", type=int, help="first N questions only")
-    p.add_argument("--methods", default=None, help="comma list of twig, phead, fastv, random (default: all; "
-                   "phead only when the twig has a P-head)")
+    p.add_argument("--methods", default=None, help="comma list of twig, phead, phead_sampled, fastv, random "
+                   "(default: all; the phead rows only when the twig has a P-head)")
     p.add_argument("--ninths", default=",".join(map(str, PRUNED_NINTHS)),
                    help="comma list of k: runs keep R = k N / 9 visual tokens (default 1,2,3)")
     p.add_argument("--Kf", type=int, default=None, help="FinalWipe layer of every pruned run (default: the twig's; "
@@ -162,10 +164,10 @@ def main(argv=None) -> int:
             twig, _ = load_twig_any(args.twig, model.cfg.text, dtype=model.text.embed[...].dtype)
         elif {"twig", "phead"} & set(methods):
             p.error(f"twig dir not found: {args.twig} (give --twig, or leave twig and phead out of --methods)")
-        if "phead" in methods and (twig is None or getattr(twig, "p_head", None) is None):
+        if {"phead", "phead_sampled"} & set(methods) and (twig is None or getattr(twig, "p_head", None) is None):
             if args.methods:
                 p.error(f"--methods phead: the twig {args.twig} has no P-head (train one: python -m train.prune_rl)")
-            methods.remove("phead")  # the default list: phead only where there is one
+            methods = [m for m in methods if m not in ("phead", "phead_sampled")]  # the default list
         L, N = model.cfg.text.num_hidden_layers, model.cfg.num_image_tokens
         max_new = {SHORT: args.max_new_short, DESCRIPTION: args.max_new_description}
         counts = {c: sum(q.category == c for q in questions) for c in (SHORT, DESCRIPTION)}
@@ -173,18 +175,19 @@ def main(argv=None) -> int:
         image_cache: dict = {}
         model_id = os.path.basename(os.path.normpath(args.model))
 
-        def one(method: str, R: int | None):
+        def one(name: str, R: int | None):
+            method, select = RUN_AS.get(name, (name, "top" if name != "none" else None))
             cfg = EvalConfig(method=method, R=R, Kf=args.Kf if method != "none" else None,
-                             score_rows=args.score_rows if method != "none" else None, ssd=False,
+                             score_rows=args.score_rows if method != "none" else None, select=select, ssd=False,
                              batch_size=args.batch, max_new_tokens=max_new)
             gen = build_generator(model, twig, cfg, batch_buckets=bucket)  # compiled once, serves both categories
-            out = os.path.join(args.preds_dir, f"{method}_R{R or N}.jsonl") if args.preds_dir else None
+            out = os.path.join(args.preds_dir, f"{name}_R{R or N}.jsonl") if args.preds_dir else None
             t0 = time.perf_counter()
             _, m = run_eval(model, tokenizer, questions, cfg, images_dir=images, twig=twig, image_processor=improc,
                             answers=answers, model_id=model_id, out_path=out, generator=gen, image_cache=image_cache)
             acc = {c: (accuracy(m, c) if counts[c] else None) for c in (SHORT, DESCRIPTION)}
             d = acc[DESCRIPTION]
-            print(f"{method:>7} R={m['R']:>4}: short EM {_pct(acc[SHORT])}, description F1 "
+            print(f"{name:>13} R={m['R']:>4}: short EM {_pct(acc[SHORT])}, description F1 "
                   f"{_f3(d)} ({time.perf_counter() - t0:.1f} s)",
                   file=sys.stderr, flush=True)
             return m, acc

@@ -206,11 +206,12 @@ def main(argv=None) -> int:
           f"load {load_s:.1f} s")
 
     runs = [("plain", "none", False)]
-    if twig is not None:
-        runs.insert(0, ("TTP+SSD", "twig", True))
+    if twig is not None:  # TwigVLM++ P-head pruning when the twig has a P-head, else the twig's attention
+        runs.insert(0, ("P-head+SSD", "phead", True) if twig.p_head is not None else ("TTP+SSD", "twig", True))
     results, cache = {}, {}
     for label, method, ssd in runs:
-        gen = make_generator(model, twig if ssd or method == "twig" else None, twig_cfg, method=method, ssd=ssd)
+        gen = make_generator(model, twig if ssd or method in ("twig", "phead") else None, twig_cfg, method=method,
+                             ssd=ssd)
         kw = dict(twig=twig, twig_cfg=twig_cfg, method=method, ssd=ssd, max_new_tokens=max_new, generator=gen,
                   image_cache=cache)
         t0 = time.perf_counter()

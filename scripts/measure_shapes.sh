@@ -22,6 +22,12 @@ python -m infer.kept_coverage --data "$D" --images 100 --score-rows text --out-j
 python -m infer.kept_coverage --data "$D" --images 100 --prompt "what colour is the cross ?" \
     --out-json bench_results/shapes_coverage_q.json
 python -m infer.lookup_probe --data "$D" --n 40 --out-json bench_results/shapes_lookup_probe.json
+# Which keep-sets the pruned model needs: reward of each keep rule on held-out training records
+# (needs the training split: DATA_DIR/train.json; skipped without it).
+if [ -f "$D/train.json" ]; then
+    python -m infer.keep_set_probe --data "$D/train.json" --images "$D/images" --R 16 \
+        --out-json bench_results/shapes_keep_sets.json
+fi
 B=infer/assets/shapes-llava
 for i in 0 1 2; do
     twig-jax prune-viz --model "$B/base" --twig "$B/twig" --image "$D/images/eval_00000$i.png" \

@@ -22,7 +22,7 @@ import subprocess
 import pytest
 
 from twig_jax.bundle import (BUNDLE_DIR, EXPECTED_FIELDS, EXPECTED_FILE, EXPECTED_METHODS, MAX_BUNDLE_BYTES,
-                             MEASURED_FLOOR, MINI_DIR, REPO, TOLERANCE, bundle_files)
+                             MEASURED_FLOOR, MINI_DIR, REPO, TOLERANCE, bundle_files, expected_methods, main_method)
 
 BUNDLE = os.environ.get("TWIG_JAX_BUNDLE", BUNDLE_DIR)
 MINI = os.environ.get("TWIG_JAX_MINI", MINI_DIR)
@@ -118,9 +118,22 @@ def test_twig_pruned_accuracy_as_measured(bundle, subset):
     _check_accuracy(bundle, subset, "twig", None)
 
 
+def test_phead_pruned_accuracy_as_measured(bundle, subset):
+    """With a P-head in the bundled twig, expected.json must hold its measured accuracy and the
+    bundle must reach it; without one, expected.json must not claim P-head figures."""
+    methods = expected_methods(bundle.twig)
+    assert set(methods) - {"phead"} == set(EXPECTED_METHODS)
+    if "phead" not in methods:
+        assert "phead" not in _expected(), "expected.json has P-head figures but the bundled twig has no P-head"
+        return
+    _check_accuracy(bundle, subset, "phead", None)
+
+
 def test_ttp_ssd_equals_pruned_greedy(bundle, subset):
-    pruned, _ = answers_for(bundle, subset, "twig", False)
-    spec, stats = answers_for(bundle, subset, "twig", True)
+    """The demo's main run (SSD on the P-head's pruning when the twig has one, else on TTP)."""
+    method = main_method(bundle.twig)
+    pruned, _ = answers_for(bundle, subset, method, False)
+    spec, stats = answers_for(bundle, subset, method, True)
     diff = [(k, pruned[k].text, spec[k].text) for k in pruned if pruned[k].tokens != spec[k].tokens]
     assert not diff, f"{len(diff)}/{len(pruned)} TTP+SSD answers differ from the pruned greedy ones: {diff[:3]}"
     for cat, st in stats.items():  # SSD ran: rounds counted, each emitting >= 1 token

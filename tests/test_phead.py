@@ -335,3 +335,27 @@ def test_prune_rl_command_end_to_end(tmp_path, tiny_shapes_dirs):
                  "--steps", "1", "--R", "100000"]) == 2
     assert main(["--base", base_dir, "--twig", twig_dir, "--data", data_json, "--images", images, "--out", out,
                  "--steps", "1", "--R", "8", "--eval-records", "4"]) == 2  # nothing left to train on
+
+
+def test_sampled_keep_sets(setup):
+    """select='sample': keep-sets are Gumbel-top-R draws from the scores (the RL policy): they
+    depend on the generation seed, favour high-scoring tokens, and SSD on them stays lossless."""
+    import dataclasses
+
+    cfg, model, twig, prompts, pixels = setup
+    tc = dataclasses.replace(twig.twig_cfg, select="sample")
+    plain = TwigGenerator(model, twig, tc, method="phead", ssd=False, **BUCKETS)
+    ssd = TwigGenerator(model, twig, tc, method="phead", ssd=True, **BUCKETS)
+    top = TwigGenerator(model, twig, twig.twig_cfg, method="phead", ssd=False, **BUCKETS)
+    keeps = [plain.generate(prompts, pixels, max_new_tokens=1, eos_ids=[], seed=s).keep for s in range(12)]
+    assert any(not np.array_equal(keeps[0], k) for k in keeps[1:]), "sampled keep-sets ignore the seed"
+    scores, top_keep = top.prune_scores(prompts, pixels)
+    for i in range(len(prompts)):  # a sampled token's score beats a random token's on average
+        kept = np.mean([scores[i][k[i]].mean() for k in keeps])
+        assert kept > scores[i].mean(), (i, kept, scores[i].mean())
+    want = plain.generate(prompts, pixels, max_new_tokens=NEW, eos_ids=[], seed=3)
+    got = ssd.generate(prompts, pixels, max_new_tokens=NEW, eos_ids=[], seed=3)
+    assert got.tokens == want.tokens
+    np.testing.assert_array_equal(got.keep, want.keep)
+    with pytest.raises(TwigConfigError, match="select"):
+        dataclasses.replace(twig.twig_cfg, select="best").validate(cfg.text.num_hidden_layers, cfg.num_image_tokens)

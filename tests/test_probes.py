@@ -97,3 +97,15 @@ def test_find_probe_fields_and_prompts(tmp_path):
         assert image.startswith("eval_") and text.count("</s>USER: ") == 2
         question = text.split("</s>USER: ")[-1]
         assert question.startswith("describe the ") and question.split()[2:2 + key_len] == answer.split()[:key_len]
+
+
+def test_keep_set_probe_grid_spreads_over_regions():
+    from infer.keep_set_probe import grid_keep
+
+    nine = grid_keep(12, 3, 9)
+    assert [(int(i) // 12, int(i) % 12) for i in nine] == [(y, x) for y in (1, 5, 9) for x in (1, 5, 9)]
+    for r in (16, 40, 144):
+        keep = grid_keep(12, 3, r)
+        assert len(keep) == r and len(set(keep.tolist())) == r and list(keep) == sorted(keep)
+        regions = np.bincount([(int(i) // 12 // 4) * 3 + (int(i) % 12) // 4 for i in keep], minlength=9)
+        assert regions.max() - regions.min() <= 1, regions  # round-robin: as even as r allows

@@ -178,6 +178,7 @@ def make_attn_step(base, twig, kf: int, tx, layer: int, rows: str):
 
 def make_rl_eval(base, twig, kf: int):
     """rl_eval(params, batch, key, R) -> per-example rewards [B] of the top-R keep-set of the P-head,
+    of keep-sets drawn from it (the policy RL trains),
     of the twig's own attention (TTP), of a random keep-set, and unpruned (all N, no FinalWipe)."""
     import jax
     import jax.numpy as jnp
@@ -192,7 +193,12 @@ def make_rl_eval(base, twig, kf: int):
         b = h_k.shape[0]
         top = lambda sc: jax.lax.top_k(sc, R)[1]
         twig_s = layer_attention_scores(fz.tc, fz.last_w, h_t, pos, query, img_pos)
-        return {"phead": fz.reward(h_k, batch, is_image, top(fz.log_scores(params, h_t, pos, query, img_pos))),
+        ls = fz.log_scores(params, h_t, pos, query, img_pos)
+        draws = jax.random.split(jax.random.fold_in(key, 1), 4)
+        return {"phead": fz.reward(h_k, batch, is_image, top(ls)),
+                # the trained policy itself: Gumbel-top-R draws from s (select="sample"), mean of 4
+                "phead_sampled": sum(fz.reward(h_k, batch, is_image, top(ls + jax.random.gumbel(k, ls.shape)))
+                                     for k in draws) / 4,
                 "twig": fz.reward(h_k, batch, is_image, top(twig_s)),
                 # mean of 4 random keep-sets: one draw per example is too noisy a baseline
                 "random": sum(fz.reward(h_k, batch, is_image, top(jax.random.uniform(k, (b, fz.N))))
@@ -329,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     acc.setdefault(f"{name}/short", []).extend(v[~long_ & b["valid"]].tolist())
             out[r] = {k: float(np.mean(v)) if v else float("nan") for k, v in acc.items()}
             line = "  ".join(f"{cat}: " + " ".join(f"{m} {out[r][f'{m}/{cat}']:.3f}"
-                                                   for m in ("unpruned", "phead", "twig", "random"))
+                                                   for m in ("unpruned", "phead", "phead_sampled", "twig", "random"))
                              for cat in ("long", "short"))
             print(f"  eval step {step} R={r} (mean answer log-prob)  {line}", flush=True)
         with open(os.path.join(args.out, "rl_eval.jsonl"), "a") as f:

@@ -24,6 +24,8 @@ def _add_twig_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-len", type=int, help="most tokens drafted per SSD round (delta)")
     g.add_argument("--theta", type=float, help="stop drafting when the draft's top probability is below this")
     g.add_argument("--score-rows", choices=["last", "text"], help="attention rows that score visual tokens")
+    g.add_argument("--select", choices=["top", "sample"],
+                   help="keep-set from the scores: top R (the paper) or a Gumbel-top-R draw (P-head RL's policy)")
 
 
 def _twig_setup(p: argparse.ArgumentParser, args, model, *, need_prune: bool = False):
@@ -34,7 +36,7 @@ def _twig_setup(p: argparse.ArgumentParser, args, model, *, need_prune: bool = F
     from twig_jax.twig import TwigConfig
 
     L, N = model.cfg.text.num_hidden_layers, model.cfg.num_image_tokens
-    over = {k: getattr(args, k) for k in ("K", "T", "Kf", "R", "R_bar", "draft_len", "theta", "score_rows")
+    over = {k: getattr(args, k) for k in ("K", "T", "Kf", "R", "R_bar", "draft_len", "theta", "score_rows", "select")
             if getattr(args, k, None) is not None}
     twig = None
     if args.twig:

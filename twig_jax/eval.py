@@ -294,6 +294,7 @@ class EvalConfig:
     K: int | None = None  # trunk depth / FastV scoring layer (default: the twig's; else 2, or 1 for L <= 2)
     Kf: int | None = None  # FinalWipe layer (default: the twig's; else round(0.75 L))
     score_rows: str | None = None  # TTP / FastV query rows: "last" | "text" (default: the twig's; else "last")
+    select: str | None = None  # keep-set from the scores: "top" | "sample" (default: the twig's; else "top")
     ssd: bool = False  # self-speculative decoding (needs a twig; greedy output is unchanged)
     batch_size: int = 16
     max_new_tokens: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MAX_NEW_TOKENS))
@@ -332,7 +333,8 @@ def resolve_twig_config(model, twig=None, cfg: EvalConfig = EvalConfig()):
         base = TwigConfig(K=k, T=1, Kf=max(k + 1, round(0.75 * L)), R=N)
         if cfg.R is None and cfg.method != "none":
             raise TwigConfigError(f"method {cfg.method!r} without a twig needs R (kept visual tokens, N = {N})")
-    over: dict[str, Any] = {k: v for k, v in (("K", cfg.K), ("Kf", cfg.Kf), ("score_rows", cfg.score_rows))
+    over: dict[str, Any] = {k: v for k, v in (("K", cfg.K), ("Kf", cfg.Kf), ("score_rows", cfg.score_rows),
+                                              ("select", cfg.select))
                             if v is not None}
     if cfg.R is not None:
         over.update(R=cfg.R, R_bar=None)
@@ -390,7 +392,8 @@ def run_eval(model, tokenizer, questions: Sequence[Question], cfg: EvalConfig = 
     pipe = Pipeline(model, tokenizer, image_processor, generator=generator)
     info = pipe._generator_info()
     meta_run = {"method": cfg.method, "R": info.get("R") if cfg.method != "none" else model.cfg.num_image_tokens,
-                "ssd": bool(cfg.ssd), "K": info.get("K"), "Kf": info.get("Kf"), "score_rows": info.get("score_rows")}
+                "ssd": bool(cfg.ssd), "K": info.get("K"), "Kf": info.get("Kf"), "score_rows": info.get("score_rows"),
+                "select": info.get("select")}
     cache = {} if image_cache is None else image_cache
 
     def image(q: Question):
@@ -503,6 +506,9 @@ def eval_main(argv=None) -> int:
     p.add_argument("--R", type=int, help="kept visual tokens (default: the twig's)")
     p.add_argument("--K", type=int, help="trunk depth / FastV scoring layer (default: the twig's, else 2)")
     p.add_argument("--Kf", type=int, help="FinalWipe layer (default: the twig's, else 3/4 of the depth)")
+    p.add_argument("--select", choices=["top", "sample"],
+                   help="keep-set from the pruning scores: top R (the paper) or a Gumbel-top-R draw from them "
+                        "(the policy P-head RL trains); default: the twig's, else top")
     p.add_argument("--score-rows", choices=["last", "text"],
                    help="pruning-score query rows: the last prompt token (the released code) or every text "
                         "token (the paper's equation); default: the twig's, else last")
@@ -557,7 +563,8 @@ def eval_main(argv=None) -> int:
         if args.twig:
             twig, _ = load_twig_any(args.twig, model.cfg.text, dtype=model.text.embed[...].dtype)
         method = args.method or "none"
-        cfg = EvalConfig(method=method, R=args.R, K=args.K, Kf=args.Kf, score_rows=args.score_rows, ssd=args.ssd,
+        cfg = EvalConfig(method=method, R=args.R, K=args.K, Kf=args.Kf, score_rows=args.score_rows,
+                         select=args.select, ssd=args.ssd,
                          batch_size=args.batch,
                          max_new_tokens={SHORT: args.max_new_short, DESCRIPTION: args.max_new_description})
         try:

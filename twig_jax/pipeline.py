@@ -126,7 +126,8 @@ def make_generator(model: Llava, twig=None, twig_cfg=None, method: str | None = 
     from twig_jax.twig_generate import TwigGenerator
 
     force = kwargs.pop("force_twig_generator", False)
-    method = method or ("twig" if twig is not None else "none")
+    # TTP by default with a twig: the TwigVLM++ P-head when the twig has one, else its attention.
+    method = method or (("phead" if twig.p_head is not None else "twig") if twig is not None else "none")
     ssd = (twig is not None) if ssd is None else ssd
     if twig is None and ssd:
         raise TwigConfigError("--ssd (self-speculative decoding) needs a twig: the twig is the draft model; "
@@ -186,7 +187,8 @@ class Pipeline:
             return {"method": "plain", "ssd": False}
         p = g.plan
         return {"method": g.method, "ssd": bool(g.ssd), "K": p.K, "T": p.T, "Kf": p.Kf, "R": p.R,
-                "draft_len": p.draft_len, "theta": p.theta, "score_rows": p.score_rows}
+                "draft_len": p.draft_len, "theta": p.theta, "score_rows": p.score_rows,
+                "select": p.select}
 
     def decode_text(self, toks: Sequence[int]) -> str:
         eos, _ = self._eos()

@@ -67,6 +67,7 @@ class PrunePlan:
     Kf: int  # FinalWipe: base layers Kf..L-1 see text only
     R: int  # kept visual tokens in base layers K..Kf-1
     score_rows: str = "last"  # "last" or "text"
+    select: str = "top"  # "top" or "sample" (Gumbel-top-R from the scores; needs the key)
     draft_len: int = 5  # delta (SSD)
     theta: float = 0.6  # SSD early-stop threshold on the draft's top probability
 
@@ -92,7 +93,7 @@ def make_plan(cfg: LlavaConfig, twig_cfg: TwigConfig, method: str = "twig") -> P
         twig_cfg = dataclasses.replace(twig_cfg, R=N, R_bar=None, Kf=L)
     twig_cfg.validate(L, N)
     return PrunePlan(method=method, L=L, N=N, K=twig_cfg.K, T=twig_cfg.T, Kf=twig_cfg.Kf,
-                     R=twig_cfg.kept_count(L, N), score_rows=twig_cfg.score_rows,
+                     R=twig_cfg.kept_count(L, N), score_rows=twig_cfg.score_rows, select=twig_cfg.select,
                      draft_len=twig_cfg.draft_len, theta=float(twig_cfg.theta))
 
 
@@ -305,7 +306,13 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
         scores = jax.random.uniform(key, (b, n), jnp.float32)
     else:
         scores = jnp.zeros((b, n), jnp.float32)
-    keep = select_visual(scores, r)  # [B, R]
+    if plan.select == "sample" and plan.method in ("twig", "phead", "fastv"):
+        if key is None:
+            raise TwigConfigError("select='sample' needs a PRNG key")
+        # A Plackett-Luce draw of R tokens from the scores (a distribution over the visual tokens).
+        keep = select_visual(jnp.log(jnp.maximum(scores, 1e-30)) + jax.random.gumbel(key, (b, n), jnp.float32), r)
+    else:
+        keep = select_visual(scores, r)  # [B, R]
 
     # Middle: base layers K..Kf-1 on text + kept visual tokens, original positions.
     m = plan.mid_len(s)
@@ -414,7 +421,7 @@ def pruned_generate(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: ja
     """TTP prefill + plain pruned decode: tokens [B, out_len], counts [B], and the prefill result."""
     key_prune, key_dec = jax.random.split(key)
     pre = ttp_prefill(model, twig if needs_twig(plan.method) else None, plan, tokens, lengths, pixel_values,
-                      extra=out_len + 1, key=key_prune, weights=weights)
+                      extra=out_len + 1, key=key_prune, weights=weights)  # key: random / select="sample"
     out, count, _ = pruned_decode_loop(model, plan, pre.caches, pre.logits, active, key_dec, max_new_tokens,
                                        out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
                                        weights=weights)

@@ -29,6 +29,8 @@ class TwigConfig:
     theta: float = 0.6  # stop drafting when the draft's top probability falls below this
     score_rows: str = "last"  # "last": last prompt token's attention row; "text": sum over text rows
     p_head: bool = False  # TwigVLM++ pruning head (P-head) on the last twig layer's attention input
+    select: str = "top"  # keep-set from the scores: "top" (top R, the paper) or "sample" (Gumbel-top-R
+    # draw from the scores as a distribution, with the generation key: the policy P-head RL trains)
 
     def kept_count(self, num_layers: int, num_visual: int) -> int:
         """R, from R directly or from R_bar via R = ceil((L*R_bar - K*N) / (Kf - K))."""
@@ -61,6 +63,8 @@ class TwigConfig:
             raise TwigConfigError(f"theta={self.theta} must be in [0, 1]")
         if self.score_rows not in ("last", "text"):
             raise TwigConfigError(f"score_rows={self.score_rows!r} must be 'last' or 'text'")
+        if self.select not in ("top", "sample"):
+            raise TwigConfigError(f"select={self.select!r} must be 'top' or 'sample'")
         self.kept_count(num_layers, num_visual)
         return self
 
