@@ -220,13 +220,15 @@ def accuracy_of(answers: dict, references: dict) -> dict:
 # Bundling
 
 
-def inference_twig_config(trained_cfg, *, Kf: int, R: int, draft_len: int = 5, theta: float = 0.6):
-    """The trained twig's K and T with the inference-time pruning / drafting settings."""
-    return dataclasses.replace(trained_cfg, Kf=Kf, R=R, R_bar=None, draft_len=draft_len, theta=theta)
+def inference_twig_config(trained_cfg, *, Kf: int, R: int, draft_len: int = 5, theta: float = 0.6,
+                          select: str = "top"):
+    """The trained twig's K and T (and P-head) with the inference-time pruning / drafting settings."""
+    return dataclasses.replace(trained_cfg, Kf=Kf, R=R, R_bar=None, draft_len=draft_len, theta=theta, select=select)
 
 
 def make_bundle(base_dir: str, twig_dir: str, out: str, *, dtype: str = "bfloat16", Kf: int = 6, R: int = 16,
-                draft_len: int = 5, theta: float = 0.6, force: bool = False, log=sys.stdout) -> dict:
+                draft_len: int = 5, theta: float = 0.6, select: str = "top", force: bool = False,
+                log=sys.stdout) -> dict:
     """Write OUT/base, OUT/twig and OUT/bundle.json from a trained base model dir and twig dir.
 
     The new bundle is built beside OUT and moved into place only when complete (a failed run
@@ -245,7 +247,7 @@ def make_bundle(base_dir: str, twig_dir: str, out: str, *, dtype: str = "bfloat1
     tokenizer = load_tokenizer(base_dir)
     twig, trained = load_twig_any(twig_dir, model.cfg.text, dtype=dt)
     L, N = model.cfg.text.num_hidden_layers, model.cfg.num_image_tokens
-    tc = inference_twig_config(trained, Kf=Kf, R=R, draft_len=draft_len, theta=theta).validate(L, N)
+    tc = inference_twig_config(trained, Kf=Kf, R=R, draft_len=draft_len, theta=theta, select=select).validate(L, N)
     twig.twig_cfg = tc
 
     parent = os.path.dirname(out)
@@ -269,7 +271,8 @@ def make_bundle(base_dir: str, twig_dir: str, out: str, *, dtype: str = "bfloat1
             "num_visual_tokens": N, "num_layers": L,
             "command": "python scripts/bundle_shapes.py " + " ".join(
                 [f"--base {base_dir}", f"--twig {twig_dir}", f"--out {_repo_rel(out)}",
-                 f"--dtype {dtype}", f"--Kf {Kf}", f"--R {R}", f"--draft-len {draft_len}", f"--theta {theta}"]),
+                 f"--dtype {dtype}", f"--Kf {Kf}", f"--R {R}", f"--draft-len {draft_len}", f"--theta {theta}",
+                 f"--select {select}"]),
             "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         }
         with open(os.path.join(tmp, BUNDLE_INFO), "w") as f:
@@ -283,7 +286,8 @@ def make_bundle(base_dir: str, twig_dir: str, out: str, *, dtype: str = "bfloat1
         raise
     _update_info(out, bytes=info["bytes"])
     print(f"wrote {out}: base ({dtype}, {L} layers, N={N}) + twig (K={tc.K}, T={tc.T}, Kf={tc.Kf}, R={tc.R}, "
-          f"draft_len={tc.draft_len}, theta={tc.theta})", file=log)
+          f"draft_len={tc.draft_len}, theta={tc.theta}, P-head {'yes, select=' + tc.select if tc.p_head else 'no'})",
+          file=log)
     return info
 
 
@@ -485,6 +489,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--R", type=int, default=16, help="kept visual tokens (16 = N/9: 88.9%% pruned)")
     p.add_argument("--draft-len", type=int, default=5)
     p.add_argument("--theta", type=float, default=0.6)
+    p.add_argument("--select", choices=["top", "sample"], default="top",
+                   help="keep-set rule of the inference TwigConfig: top R of the scores, or a draw from them "
+                        "(the policy a P-head's RL trains)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--check-images", type=int, default=8, help="eval images (seed 0) for the agreement check")
     p.add_argument("--min-agreement", type=float, default=0.9,
@@ -505,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.base:
             t0 = time.perf_counter()
             make_bundle(args.base, args.twig, args.out, dtype=args.dtype, Kf=args.Kf, R=args.R,
-                        draft_len=args.draft_len, theta=args.theta, force=args.force)
+                        draft_len=args.draft_len, theta=args.theta, select=args.select, force=args.force)
             check_preprocessor(args.out)
             if args.check_images > 0:
                 check_agreement(args.base, args.twig, args.out, n_images=args.check_images,

@@ -294,7 +294,7 @@ class EvalConfig:
     K: int | None = None  # trunk depth / FastV scoring layer (default: the twig's; else 2, or 1 for L <= 2)
     Kf: int | None = None  # FinalWipe layer (default: the twig's; else round(0.75 L))
     score_rows: str | None = None  # TTP / FastV query rows: "last" | "text" (default: the twig's; else "last")
-    select: str | None = None  # keep-set from the scores: "top" | "sample" (default: the twig's; else "top")
+    select: str | None = None  # the P-head's keep-set: "top" | "sample" (default: the twig's; else "top")
     ssd: bool = False  # self-speculative decoding (needs a twig; greedy output is unchanged)
     batch_size: int = 16
     max_new_tokens: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MAX_NEW_TOKENS))

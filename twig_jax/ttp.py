@@ -67,7 +67,7 @@ class PrunePlan:
     Kf: int  # FinalWipe: base layers Kf..L-1 see text only
     R: int  # kept visual tokens in base layers K..Kf-1
     score_rows: str = "last"  # "last" or "text"
-    select: str = "top"  # "top" or "sample" (Gumbel-top-R from the scores; needs the key)
+    select: str = "top"  # P-head keep-set: "top" or "sample" (Gumbel-top-R from its scores; needs the key)
     draft_len: int = 5  # delta (SSD)
     theta: float = 0.6  # SSD early-stop threshold on the draft's top probability
 
@@ -306,7 +306,7 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
         scores = jax.random.uniform(key, (b, n), jnp.float32)
     else:
         scores = jnp.zeros((b, n), jnp.float32)
-    if plan.select == "sample" and plan.method in ("twig", "phead", "fastv"):
+    if plan.select == "sample" and plan.method == "phead":
         if key is None:
             raise TwigConfigError("select='sample' needs a PRNG key")
         # A Plackett-Luce draw of R tokens from the scores (a distribution over the visual tokens).

@@ -29,8 +29,8 @@ class TwigConfig:
     theta: float = 0.6  # stop drafting when the draft's top probability falls below this
     score_rows: str = "last"  # "last": last prompt token's attention row; "text": sum over text rows
     p_head: bool = False  # TwigVLM++ pruning head (P-head) on the last twig layer's attention input
-    select: str = "top"  # keep-set from the scores: "top" (top R, the paper) or "sample" (Gumbel-top-R
-    # draw from the scores as a distribution, with the generation key: the policy P-head RL trains)
+    select: str = "top"  # the P-head's keep-set: "top" (top R, the paper) or "sample" (a Gumbel-top-R
+    # draw from its scores, with the generation key: the policy P-head RL trains); TTP / FastV use top R
 
     def kept_count(self, num_layers: int, num_visual: int) -> int:
         """R, from R directly or from R_bar via R = ceil((L*R_bar - K*N) / (Kf - K))."""
