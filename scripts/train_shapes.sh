@@ -10,7 +10,9 @@
 #   3. grown to 8 layers: its two layers at depths 0 and 4, six zero-output layers that read like
 #      the next trained layer (train/grow.py --at 0,4 --fill next); exactly the 2-layer function
 #   4. the twig (K=2, T=2) distilled from the frozen grown base with the training stack
-#   5. bundle (bfloat16, <= 25 MB), check, and measure the CI subset
+#   5. its TwigVLM++ P-head trained by RL (train/prune_rl.py: base and twig frozen, 400 steps)
+#   6. bundle (bfloat16, <= 25 MB; the P-head's keep-sets drawn from its scores), check, and
+#      measure the CI subset
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/setup_env.sh"
 cd "$TWIG_ROOT"
@@ -27,5 +29,8 @@ python -m train.grow --lm "$W/lm2/final" --into infer/assets/shapes-llava/base -
 twig-jax train --base "$W/base" --twig-k 2 --twig-t 2 --data "$W/data/train.json" --images "$W/data/images" \
     --max-len 352 --on-too-long truncate --batch 8 --steps "${TWIG_STEPS:-400}" --lr 5e-4 --alpha 0.1 \
     --seed 0 --ckpt-dir "$W/twig-run" --every 200 --keep 1 --out "$W/twig" --no-progress
-python scripts/bundle_shapes.py --base "$W/base" --twig "$W/twig" --out infer/assets/shapes-llava \
-    --force --measure
+python -m train.prune_rl --base "$W/base" --twig "$W/twig" --data "$W/data/train.json" --images "$W/data/images" \
+    --out "$W/twig-phead" --steps "${PHEAD_STEPS:-400}" --batch 8 --group 8 --lr 1e-3 --seed 0 --every 100 \
+    --eval-every 50
+python scripts/bundle_shapes.py --base "$W/base" --twig "$W/twig-phead" --out infer/assets/shapes-llava \
+    --force --select sample --measure
