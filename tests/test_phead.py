@@ -25,7 +25,7 @@ from flax import nnx
 from test_ttp import NumpyPrunedModel, _np_weights, _ref_layers, _rms, _rope, _sharpen
 from twig_jax.config import load_preset
 from twig_jax.model.llava import Llava
-from twig_jax.phead import (group_advantage, gumbel_top_k, p_head_weights, phead_scores, plackett_luce_logprob,
+from twig_jax.phead import (group_advantage, gumbel_top_k, p_head_weights, plackett_luce_logprob,
                             pruned_logits, with_p_head)
 from twig_jax.ttp import make_plan, ttp_prefill
 from twig_jax.twig import Twig, TwigConfig, TwigConfigError
@@ -359,3 +359,11 @@ def test_sampled_keep_sets(setup):
     np.testing.assert_array_equal(got.keep, want.keep)
     with pytest.raises(TwigConfigError, match="select"):
         dataclasses.replace(twig.twig_cfg, select="best").validate(cfg.text.num_hidden_layers, cfg.num_image_tokens)
+
+
+def test_twig_training_refuses_a_p_head_twig(setup):
+    from twig_jax.train_lib import split_model
+
+    cfg, model, twig, prompts, pixels = setup
+    with pytest.raises(ValueError, match="P-head"):
+        split_model(model, twig, train_all=False)

@@ -18,7 +18,6 @@ The result is the twig with its P-head (TwigConfig p_head=True) in --out; prune 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -247,7 +246,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import jax
     import jax.numpy as jnp
     import optax
-    from flax import nnx
 
     from twig_jax.convert import load_model
     from twig_jax.data.llava_data import DataConfig, build_dataset, load_records

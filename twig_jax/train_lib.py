@@ -220,6 +220,9 @@ def split_model(base: Llava, twig: Twig | None, train_all: bool, freeze: tuple[s
     base_def, base_state = nnx.split(base)
     if twig is None:
         raise ValueError("twig training needs a twig (init_twig_from_base)")
+    if getattr(twig, "p_head", None) is not None:
+        raise ValueError("this twig has a P-head, which twig training does not train (it would only get optimizer "
+                         "state): train the twig without one, then its P-head with python -m train.prune_rl")
     twig_def, twig_state = nnx.split(twig)
     return TrainModel(base_def, twig_def, twig_state, base_state, False)
 

@@ -12,6 +12,7 @@ from flax import nnx
 from twig_jax.config import LlavaConfig, TextConfig
 from twig_jax.model.layers import rms_norm
 from twig_jax.model.llama import DecoderLayers, _normal
+from twig_jax.phead import PHead
 
 
 class TwigConfigError(ValueError):
@@ -78,9 +79,6 @@ class Twig(nnx.Module):
         self.layers = DecoderLayers(text_cfg, twig_cfg.T, rngs=rngs, dtype=dtype)
         self.norm = nnx.Param(jnp.ones((text_cfg.hidden_size,), dtype))
         self.head = _normal(rngs, (text_cfg.hidden_size, text_cfg.vocab_size), dtype)
-        # Imported here: phead.py builds on this module's Twig.
-        from twig_jax.phead import PHead
-
         self.p_head = PHead(text_cfg, rngs=rngs, dtype=dtype) if twig_cfg.p_head else None
 
     def logits(self, x: jax.Array) -> jax.Array:  # [B, T, V] float32
