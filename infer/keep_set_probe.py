@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     from train.prune_rl import _eval_batches, _Frozen, _single_shard, single_turn_records
     from twig_jax.convert import load_model
     from twig_jax.data.llava_data import DataConfig, build_dataset, load_records
-    from twig_jax.phead import attention_rows, base_attention_target, layer_attention_scores
+    from twig_jax.phead import attention_over_visual, attention_rows
     from twig_jax.pipeline import image_preprocessor_for, load_tokenizer
     from twig_jax.train_lib import scan_layers
     from twig_jax.twig_io import load_twig
@@ -102,7 +102,8 @@ def main(argv=None) -> int:
         top = lambda s: jax.lax.top_k(s, args.R)[1]
         rw = lambda keep: fz.reward(h_k, batch, is_image, keep)
         out = {"unpruned": fz.reward(h_k, batch, is_image, jnp.broadcast_to(jnp.arange(N)[None], (b, N)), kf=L),
-               "twig": rw(top(layer_attention_scores(fz.tc, fz.last_w, h_t, pos, query, img_pos))),
+               "twig": rw(top(attention_over_visual(fz.tc, fz.twig_w, h_t, pos, fz.T - 1,
+                                                    attention_rows(batch["label_mask"], "last"), img_pos))),
                "random": sum(rw(top(jax.random.uniform(k, (b, N)))) for k in jax.random.split(key, 4)) / 4,
                "grid": rw(jnp.broadcast_to(grid[None], (b, args.R)))}
         if twig.p_head is not None:
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
         for layer in layers:
             h_l = scan_layers(fz.tc, fz.base_w, x, pos, 0, layer)
             for rows in ("last", "answer"):
-                a = base_attention_target(fz.tc, fz.base_w, h_l, pos, layer, attention_rows(batch["label_mask"], rows),
+                a = attention_over_visual(fz.tc, fz.base_w, h_l, pos, layer, attention_rows(batch["label_mask"], rows),
                                           img_pos)
                 out[f"base L{layer} {rows}"] = rw(top(a))
         return out

@@ -367,3 +367,47 @@ def test_twig_training_refuses_a_p_head_twig(setup):
     cfg, model, twig, prompts, pixels = setup
     with pytest.raises(ValueError, match="P-head"):
         split_model(model, twig, train_all=False)
+
+
+def test_attention_over_visual_is_ttps_scores(setup):
+    """The probe's / RL eval's "twig" rule: the last twig layer's attention from the last prompt row,
+    renormalised over the visual tokens, equals TTP's scores up to that normalisation."""
+    from twig_jax.phead import attention_over_visual, attention_rows
+    from twig_jax.train_lib import scan_layers
+    from twig_jax.ttp import visual_positions
+
+    cfg, model, twig, prompts, pixels = setup
+    tokens = _batch(cfg, prompts)
+    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    plan = make_plan(cfg, twig.twig_cfg, "twig")
+    pre = ttp_prefill(model, twig, plan, tokens, lengths, jnp.asarray(pixels), extra=2)
+    pos = jnp.broadcast_to(jnp.arange(32)[None], tokens.shape)
+    x = model.embed(tokens, model.image_features(jnp.asarray(pixels)))
+    h_k = scan_layers(cfg.text, model.text.layers.weights(), x, pos, 0, plan.K)
+    h_t = scan_layers(cfg.text, twig.layers.weights(), h_k, pos, 0, plan.T - 1)
+    label_mask = jax.nn.one_hot(lengths, 32, dtype=jnp.int32)  # the answer starts right after the prompt
+    img_pos = visual_positions(tokens == cfg.image_token_index, cfg.num_image_tokens)
+    a = attention_over_visual(cfg.text, twig.layers.weights(), h_t, pos, plan.T - 1,
+                              attention_rows(label_mask, "last"), img_pos)
+    want = np.asarray(pre.scores) / np.asarray(pre.scores).sum(1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(a), want, rtol=1e-4, atol=1e-7)
+
+
+def test_keep_set_probe_runs(tmp_path, tiny_shapes_dirs):
+    """infer/keep_set_probe.py end to end on the tiny model: every rule scored on both answer kinds;
+    keeping everything (R = N) gives every rule the same reward."""
+    from infer.keep_set_probe import main
+
+    base_dir, twig_dir, data_json, images = tiny_shapes_dirs
+    out = tmp_path / "probe.json"
+    assert main(["--model", base_dir, "--twig", twig_dir, "--data", data_json, "--images", images, "--records", "2",
+                 "--R", "4", "--cells", "2", "--batch", "4", "--out-json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert {"unpruned", "twig", "random", "grid", "base L0 last", "base L0 answer"} <= set(res["rules"])
+    assert all(v[c] is None or np.isfinite(v[c]) for v in res["rules"].values() for c in ("long", "short"))
+    assert main(["--model", base_dir, "--twig", twig_dir, "--data", data_json, "--images", images, "--records", "2",
+                 "--R", "16", "--cells", "2", "--batch", "4", "--out-json", str(out)]) == 0
+    rules = {k: v for k, v in json.loads(out.read_text())["rules"].items() if k != "unpruned"}
+    for c in ("long", "short"):
+        vals = [v[c] for v in rules.values() if v[c] is not None]
+        assert vals and max(vals) - min(vals) < 1e-4, (c, rules)  # every rule keeps all 16 tokens

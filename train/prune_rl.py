@@ -153,7 +153,7 @@ def make_attn_step(base, twig, kf: int, tx, layer: int, rows: str):
     import optax
 
     from twig_jax.losses import attn_kl
-    from twig_jax.phead import attention_rows, base_attention_target
+    from twig_jax.phead import attention_rows, attention_over_visual
     from twig_jax.train_lib import scan_layers
 
     fz = _Frozen(base, twig, kf)
@@ -162,7 +162,7 @@ def make_attn_step(base, twig, kf: int, tx, layer: int, rows: str):
         x, h_k, h_t, pos, query, img_pos, is_image = fz.prelude(batch)
         h_l = (scan_layers(fz.tc, fz.base_w, h_k, pos, fz.K, layer) if layer >= fz.K
                else scan_layers(fz.tc, fz.base_w, x, pos, 0, layer))
-        target = base_attention_target(fz.tc, fz.base_w, h_l, pos, layer,
+        target = attention_over_visual(fz.tc, fz.base_w, h_l, pos, layer,
                                        attention_rows(batch["label_mask"], rows), img_pos)
 
         def loss_fn(p):
@@ -182,7 +182,7 @@ def make_rl_eval(base, twig, kf: int):
     import jax
     import jax.numpy as jnp
 
-    from twig_jax.phead import layer_attention_scores
+    from twig_jax.phead import attention_over_visual, attention_rows
 
     fz = _Frozen(base, twig, kf)
     L = base.cfg.text.num_hidden_layers
@@ -191,7 +191,8 @@ def make_rl_eval(base, twig, kf: int):
         _, h_k, h_t, pos, query, img_pos, is_image = fz.prelude(batch)
         b = h_k.shape[0]
         top = lambda sc: jax.lax.top_k(sc, R)[1]
-        twig_s = layer_attention_scores(fz.tc, fz.last_w, h_t, pos, query, img_pos)
+        twig_s = attention_over_visual(fz.tc, fz.twig_w, h_t, pos, fz.T - 1,
+                                       attention_rows(batch["label_mask"], "last"), img_pos)
         ls = fz.log_scores(params, h_t, pos, query, img_pos)
         draws = jax.random.split(jax.random.fold_in(key, 1), 4)
         return {"phead": fz.reward(h_k, batch, is_image, top(ls)),

@@ -80,29 +80,6 @@ def phead_scores(text_cfg: TextConfig, layer_w: dict, p_head_w: dict, x: jax.Arr
                                    axis=-1), axis=1)
 
 
-def layer_attention_scores(text_cfg: TextConfig, layer_w: dict, x: jax.Array, positions: jax.Array,
-                           query_row: jax.Array, img_pos: jax.Array) -> jax.Array:  # [B, N] float32
-    """TTP's own scores from the same layer: its head-averaged attention probabilities from the
-    query row over every causal key, read at the visual tokens (what method "twig" keeps by)."""
-    b, s, _ = x.shape
-    dh, h, hkv = text_cfg.head_dim, text_cfg.num_attention_heads, text_cfg.num_key_value_heads
-    hn = rms_norm(x, layer_w["attn_norm"], text_cfg.rms_norm_eps)  # [B, S, D]
-    cos, sin = rope_cos_sin(positions, dh, text_cfg.rope_theta, jnp.float32)
-    q_in = jnp.take_along_axis(hn, query_row[:, None, None].astype(jnp.int32), axis=1)  # [B, 1, D]
-    q = q_in @ layer_w["wq"]
-    k = hn @ layer_w["wk"]
-    if "bq" in layer_w:
-        q, k = q + layer_w["bq"], k + layer_w["bk"]
-    qc = jnp.take_along_axis(cos, query_row[:, None, None].astype(jnp.int32), axis=1)
-    qs = jnp.take_along_axis(sin, query_row[:, None, None].astype(jnp.int32), axis=1)
-    q = apply_rope(q.reshape(b, 1, h, dh).transpose(0, 2, 1, 3).astype(jnp.float32), qc, qs)  # [B, H, 1, Dh]
-    k = apply_rope(k.reshape(b, s, hkv, dh).transpose(0, 2, 1, 3).astype(jnp.float32), cos, sin)  # [B, Hkv, S, Dh]
-    logits = jnp.einsum("bkgd,bksd->bkgs", q[:, :, 0].reshape(b, hkv, h // hkv, dh), k) * dh ** -0.5
-    causal = jnp.arange(s)[None, None, None, :] <= query_row[:, None, None, None]
-    probs = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1).reshape(b, h, s)
-    return jnp.take_along_axis(jnp.mean(probs, axis=1), img_pos, axis=1)
-
-
 def p_head_weights(p_head: PHead) -> dict[str, jax.Array]:
     return {"gate_q": p_head.gate_q[...], "gate_k": p_head.gate_k[...]}
 
@@ -215,16 +192,18 @@ def attention_rows(label_mask: jax.Array, rows: str) -> jax.Array:  # [B, S] flo
     raise ValueError(f"rows={rows!r} must be 'last' or 'answer'")
 
 
-def base_attention_target(text_cfg: TextConfig, base_w: dict, h: jax.Array, positions: jax.Array, layer: int,
+def attention_over_visual(text_cfg: TextConfig, stacked_w: dict, h: jax.Array, positions: jax.Array, layer: int,
                           row_weights: jax.Array, img_pos: jax.Array) -> jax.Array:  # [B, N] float32
-    """a_base: base layer `layer`'s head-averaged attention over the visual tokens, summed over the
-    query rows in row_weights [B, S] and renormalised over the visual tokens (a distribution).
+    """Layer `layer` (of the stacked weights: the base's, or the twig's) head-averaged attention
+    over the visual tokens, summed over the query rows in row_weights [B, S] and renormalised over
+    the visual tokens (a distribution). As AttnKL's a_base; with the last prompt row of the last
+    twig layer, its top R is TTP's keep-set (renormalising does not change the order).
 
     h: [B, S, D] the hidden state entering that layer (full, unpruned sequence, causal)."""
     from twig_jax.model.llama import _layer
 
     b, s, _ = h.shape
-    w = {k: v[layer] for k, v in base_w.items()}
+    w = {k: v[layer] for k, v in stacked_w.items()}
     cos, sin = rope_cos_sin(positions, text_cfg.head_dim, text_cfg.rope_theta, h.dtype)
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool))[None], (b, s, s))
     _, probs = _layer(text_cfg, w, h, cos, sin, lambda k, v: (k, v), mask, True, probs_query=row_weights)
