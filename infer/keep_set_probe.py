@@ -7,8 +7,9 @@ long answers (>= 8 answer tokens: descriptions) and short ones.
         [--records 24] [--cells 3] [--out-json F]
 
 Rules: "twig" (TTP: the last twig layer's attention from the last prompt token), "phead" (when the
-twig has a P-head: its top R, and "phead sampled", keep-sets drawn from its scores as in RL), base layer attention top-R from the last prompt row or from every answer row
-("base L<l> last/answer"; where the model looks, as AttnKL would distil it), "random" (mean of 4
+twig has a P-head: its top R, and "phead_sampled", keep-sets drawn from its scores as in RL), base
+layer attention top-R from the last prompt row or from every answer row ("base L<l>
+last/answer"; where the model looks, as AttnKL would distil it), "random" (mean of 4
 draws), and "grid": a fixed, image-independent layout that keeps the patches nearest the centre of
 each of cells x cells equal regions, evenly (a coverage control, not a method).
 """
@@ -64,10 +65,10 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from train.prune_rl import _eval_batches, _Frozen, _single_shard, single_turn_records
+    from train.prune_rl import _eval_batches, _Frozen, _single_shard, accumulate, single_turn_records
     from twig_jax.convert import load_model
     from twig_jax.data.llava_data import DataConfig, build_dataset, load_records
-    from twig_jax.phead import attention_over_visual, attention_rows
+    from twig_jax.phead import attention_over_visual, attention_rows, p_head_weights
     from twig_jax.pipeline import image_preprocessor_for, load_tokenizer
     from twig_jax.train_lib import scan_layers
     from twig_jax.twig_io import load_twig
@@ -93,44 +94,28 @@ def main(argv=None) -> int:
     batches = _eval_batches(list(ds), args.batch)
     fz = _Frozen(base, twig, tc.Kf)
     grid = jnp.asarray(grid_keep(side, args.cells, args.R))
-    L = base.cfg.text.num_hidden_layers
+
+    p_head = p_head_weights(twig.p_head) if twig.p_head is not None else None
 
     @jax.jit
     def rules(batch, key):
-        x, h_k, h_t, pos, query, img_pos, is_image = fz.prelude(batch)
+        pre = fz.prelude(batch)
+        x, h_k, h_t, pos, query, img_pos, is_image = pre
         b = x.shape[0]
-        top = lambda s: jax.lax.top_k(s, args.R)[1]
-        rw = lambda keep: fz.reward(h_k, batch, is_image, keep)
-        out = {"unpruned": fz.reward(h_k, batch, is_image, jnp.broadcast_to(jnp.arange(N)[None], (b, N)), kf=L),
-               "twig": rw(top(attention_over_visual(fz.tc, fz.twig_w, h_t, pos, fz.T - 1,
-                                                    attention_rows(batch["label_mask"], "last"), img_pos))),
-               "random": sum(rw(top(jax.random.uniform(k, (b, N)))) for k in jax.random.split(key, 4)) / 4,
-               "grid": rw(jnp.broadcast_to(grid[None], (b, args.R)))}
-        if twig.p_head is not None:
-            from twig_jax.phead import p_head_weights
-
-            ls = fz.log_scores(p_head_weights(twig.p_head), h_t, pos, query, img_pos)
-            out["phead"] = rw(top(ls))
-            # the policy RL trains: keep-sets drawn from s (Gumbel-top-k), mean of 4 draws
-            out["phead sampled"] = sum(rw(top(ls + jax.random.gumbel(k, ls.shape)))
-                                       for k in jax.random.split(jax.random.fold_in(key, 1), 4)) / 4
+        out = fz.rule_rewards(p_head, pre, batch, key, args.R)
+        out["grid"] = fz.reward(h_k, batch, is_image, jnp.broadcast_to(grid[None], (b, args.R)))
         for layer in layers:
             h_l = scan_layers(fz.tc, fz.base_w, x, pos, 0, layer)
             for rows in ("last", "answer"):
                 a = attention_over_visual(fz.tc, fz.base_w, h_l, pos, layer, attention_rows(batch["label_mask"], rows),
                                           img_pos)
-                out[f"base L{layer} {rows}"] = rw(top(a))
+                out[f"base L{layer} {rows}"] = fz.reward(h_k, batch, is_image, jax.lax.top_k(a, args.R)[1])
         return out
 
-    acc: dict[str, dict[str, list]] = {}
+    acc: dict = {}
     for i, b in enumerate(batches):
-        res = rules({k: jnp.asarray(b[k]) for k in ("tokens", "label_mask", "pixel_values")}, jax.random.key(i))
-        long_ = np.asarray(b["label_mask"]).sum(1) >= 8
-        for name, v in res.items():
-            v = np.asarray(v)
-            acc.setdefault(name, {"long": [], "short": []})
-            acc[name]["long"].extend(v[long_ & b["valid"]].tolist())
-            acc[name]["short"].extend(v[~long_ & b["valid"]].tolist())
+        accumulate(acc, rules({k: jnp.asarray(b[k]) for k in ("tokens", "label_mask", "pixel_values")},
+                              jax.random.key(i)), b)
     result = {"R": args.R, "N": N, "records": args.records, "cells": args.cells,
               "rules": {k: {c: float(np.mean(v[c])) if v[c] else None for c in v} for k, v in acc.items()},
               "counts": {c: len(next(iter(acc.values()))[c]) for c in ("long", "short")}}

@@ -100,6 +100,33 @@ class _Frozen:
                                      batch["label_mask"], is_image, keep, K=self.K,
                                      Kf=self.kf if kf is None else kf, N=self.N)
 
+    def rule_rewards(self, params, pre, batch, key, R: int) -> dict:  # {rule: [B]}
+        """Rewards of the keep rules every probe compares: the P-head's top R and the mean of 4
+        keep-sets drawn from it (when params is not None), the twig's own attention (TTP), the mean
+        of 4 random keep-sets (one draw is too noisy a baseline), and unpruned (all N, no FinalWipe)."""
+        import jax
+        import jax.numpy as jnp
+
+        from twig_jax.phead import attention_over_visual, attention_rows, gumbel_top_k
+
+        _, h_k, h_t, pos, query, img_pos, is_image = pre
+        b = h_k.shape[0]
+        rw = lambda keep: self.reward(h_k, batch, is_image, keep)
+        top = lambda sc: jax.lax.top_k(sc, R)[1]
+        twig_s = attention_over_visual(self.tc, self.twig_w, h_t, pos, self.T - 1,
+                                       attention_rows(batch["label_mask"], "last"), img_pos)
+        out = {"twig": rw(top(twig_s)),
+               "random": sum(rw(top(jax.random.uniform(k, (b, self.N)))) for k in jax.random.split(key, 4)) / 4,
+               "unpruned": self.reward(h_k, batch, is_image, jnp.broadcast_to(jnp.arange(self.N)[None], (b, self.N)),
+                                       kf=self.base.cfg.text.num_hidden_layers)}
+        if params is not None:
+            ls = self.log_scores(params, h_t, pos, query, img_pos)
+            out["phead"] = rw(top(ls))
+            # the policy RL trains: Gumbel-top-R draws from s (select="sample")
+            out["phead_sampled"] = sum(rw(gumbel_top_k(k, ls, R, 1)[:, 0])
+                                       for k in jax.random.split(jax.random.fold_in(key, 1), 4)) / 4
+        return out
+
     def log_scores(self, params, h_t, pos, query, img_pos):  # [B, N]
         import jax.numpy as jnp
 
@@ -176,37 +203,27 @@ def make_attn_step(base, twig, kf: int, tx, layer: int, rows: str):
 
 
 def make_rl_eval(base, twig, kf: int):
-    """rl_eval(params, batch, key, R) -> per-example rewards [B] of the top-R keep-set of the P-head,
-    of keep-sets drawn from it (the policy RL trains),
-    of the twig's own attention (TTP), of a random keep-set, and unpruned (all N, no FinalWipe)."""
+    """rl_eval(params, batch, key, R) -> per-example rewards [B] of each keep rule (_Frozen.rule_rewards), jitted."""
     import jax
-    import jax.numpy as jnp
-
-    from twig_jax.phead import attention_over_visual, attention_rows
 
     fz = _Frozen(base, twig, kf)
-    L = base.cfg.text.num_hidden_layers
+    return jax.jit(lambda params, batch, key, R: fz.rule_rewards(params, fz.prelude(batch), batch, key, R),
+                   static_argnames=("R",))
 
-    def ev(params, batch, key, R):
-        _, h_k, h_t, pos, query, img_pos, is_image = fz.prelude(batch)
-        b = h_k.shape[0]
-        top = lambda sc: jax.lax.top_k(sc, R)[1]
-        twig_s = attention_over_visual(fz.tc, fz.twig_w, h_t, pos, fz.T - 1,
-                                       attention_rows(batch["label_mask"], "last"), img_pos)
-        ls = fz.log_scores(params, h_t, pos, query, img_pos)
-        draws = jax.random.split(jax.random.fold_in(key, 1), 4)
-        return {"phead": fz.reward(h_k, batch, is_image, top(ls)),
-                # the trained policy itself: Gumbel-top-R draws from s (select="sample"), mean of 4
-                "phead_sampled": sum(fz.reward(h_k, batch, is_image, top(ls + jax.random.gumbel(k, ls.shape)))
-                                     for k in draws) / 4,
-                "twig": fz.reward(h_k, batch, is_image, top(twig_s)),
-                # mean of 4 random keep-sets: one draw per example is too noisy a baseline
-                "random": sum(fz.reward(h_k, batch, is_image, top(jax.random.uniform(k, (b, fz.N))))
-                              for k in jax.random.split(key, 4)) / 4,
-                "unpruned": fz.reward(h_k, batch, is_image, jnp.broadcast_to(jnp.arange(fz.N)[None], (b, fz.N)),
-                                      kf=L)}
 
-    return jax.jit(ev, static_argnames=("R",))
+LONG_ANSWER_TOKENS = 8  # an answer this long or longer counts as long (descriptions)
+
+
+def accumulate(acc: dict, rewards: dict, batch: dict) -> dict:
+    """Add one batch's per-example rewards {rule: [B]} to acc {rule: {"long": [...], "short": [...]}},
+    skipping the padding rows of a last, filled-up batch (batch["valid"])."""
+    long_ = np.asarray(batch["label_mask"]).sum(1) >= LONG_ANSWER_TOKENS
+    for name, v in rewards.items():
+        v = np.asarray(v)
+        d = acc.setdefault(name, {"long": [], "short": []})
+        d["long"].extend(v[long_ & batch["valid"]].tolist())
+        d["short"].extend(v[~long_ & batch["valid"]].tolist())
+    return acc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -320,19 +337,14 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{'continuing its P-head' if had else 'new P-head'}", flush=True)
 
     def evaluate(step, Rs):
-        """Mean held-out reward of each keep rule, by answer length (long: >= 8 answer tokens)."""
+        """Mean held-out reward of each keep rule, by answer length (LONG_ANSWER_TOKENS)."""
         out = {}
         for r in Rs:
-            acc: dict[str, list] = {}
+            acc: dict = {}
             for i, b in enumerate(eval_batches):
                 feed = {k: jnp.asarray(b[k]) for k in ("tokens", "label_mask", "pixel_values")}
-                res = eval_fn(params, feed, jax.random.key(1000 + i), R=r)
-                long_ = np.asarray(b["label_mask"]).sum(1) >= 8
-                for name, v in res.items():
-                    v = np.asarray(v)
-                    acc.setdefault(f"{name}/long", []).extend(v[long_ & b["valid"]].tolist())
-                    acc.setdefault(f"{name}/short", []).extend(v[~long_ & b["valid"]].tolist())
-            out[r] = {k: float(np.mean(v)) if v else float("nan") for k, v in acc.items()}
+                accumulate(acc, eval_fn(params, feed, jax.random.key(1000 + i), R=r), b)
+            out[r] = {f"{k}/{c}": float(np.mean(v[c])) if v[c] else float("nan") for k, v in acc.items() for c in v}
             line = "  ".join(f"{cat}: " + " ".join(f"{m} {out[r][f'{m}/{cat}']:.3f}"
                                                    for m in ("unpruned", "phead", "phead_sampled", "twig", "random"))
                              for cat in ("long", "short"))

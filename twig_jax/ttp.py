@@ -39,7 +39,7 @@ from twig_jax.generate import token_loop
 from twig_jax.model.llama import run_layers, unstack_layers
 from twig_jax.model.llava import Llava
 from twig_jax.sampling import SamplingConfig
-from twig_jax.phead import p_head_weights, phead_scores
+from twig_jax.phead import gumbel_top_k, p_head_weights, phead_scores
 from twig_jax.twig import Twig, TwigConfig, TwigConfigError
 
 METHODS = ("twig", "phead", "fastv", "random", "none")
@@ -309,8 +309,8 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
     if plan.select == "sample" and plan.method == "phead":
         if key is None:
             raise TwigConfigError("select='sample' needs a PRNG key")
-        # A Plackett-Luce draw of R tokens from the scores (a distribution over the visual tokens).
-        keep = select_visual(jnp.log(jnp.maximum(scores, 1e-30)) + jax.random.gumbel(key, (b, n), jnp.float32), r)
+        # One Plackett-Luce draw of R tokens from the scores (a distribution over the visual tokens).
+        keep = jnp.sort(gumbel_top_k(key, jnp.log(jnp.maximum(scores, 1e-30)), r, 1)[:, 0], axis=1)
     else:
         keep = select_visual(scores, r)  # [B, R]
 
