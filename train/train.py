@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--warmup-ratio", type=float, default=0.03)
     o.add_argument("--clip", type=float, default=1.0, help="global-norm gradient clipping (<= 0: off)")
     o.add_argument("--alpha", type=float, default=0.1, help="PredKL weight (0: plain next-token CE)")
+    o.add_argument("--attn-layer", type=int, default=None,
+                   help="with --train-all: a training-only attention target (twig_jax/attn_target.py) on this "
+                        "layer: its first --attn-heads heads are pulled onto the cells each short question is "
+                        "about (shapes-world data: the records' 'objects')")
+    o.add_argument("--attn-heads", type=int, default=1, help="heads of --attn-layer that get the target")
+    o.add_argument("--attn-weight", type=float, default=1.0, help="weight of the attention target's loss")
     o.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     o.add_argument("--remat", action="store_true")
     o.add_argument("--seed", type=int, default=0)
@@ -95,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
         print(f"twig-jax train: error: --stop-at {args.stop_at} must be in 1..--steps ({args.steps})", file=sys.stderr)
+        return 2
+    if args.attn_layer is not None and not args.train_all:
+        print("twig-jax train: error: --attn-layer trains the base's attention: it needs --train-all", file=sys.stderr)
         return 2
     if args.freeze and not args.train_all:
         print("twig-jax train: error: --freeze needs --train-all (twig training already freezes the whole base)",
@@ -153,13 +162,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         freeze=tuple(n for n in args.freeze.split(",") if n),
         twig_K=args.twig_k, twig_T=args.twig_t, compute_dtype=args.dtype, remat=args.remat, mesh=args.mesh,
         seed=args.seed, optim=OptimConfig(lr=args.lr, warmup_ratio=args.warmup_ratio, clip_norm=args.clip),
-        loss=LossConfig(alpha=args.alpha), ckpt_dir=ckpt, save_every=args.every, keep=args.keep,
+        loss=LossConfig(alpha=args.alpha, gamma=args.attn_weight), attn_layer=args.attn_layer,
+        attn_heads=args.attn_heads, ckpt_dir=ckpt, save_every=args.every, keep=args.keep,
         metrics_path=args.metrics or (os.path.join(ckpt, "metrics.jsonl") if ckpt else None),
         plot_path=args.plot or (os.path.join(ckpt, "loss.png") if ckpt else None),
         progress=not args.no_progress, benchmark=args.benchmark)
     data_cfg = DataConfig(json_path=args.data, image_dir=args.images, max_len=args.max_len, batch_size=args.batch,
                           seed=args.seed, on_too_long=args.on_too_long, num_threads=args.data_threads,
-                          worker_count=args.data_workers)
+                          worker_count=args.data_workers,
+                          attn_targets="shapes" if args.attn_layer is not None else None)
     it, report = make_train_iterator(data_cfg, tokenizer, base.cfg, model_dir=model_dir)
     out = train(base, cfg, it, twig=twig, bad_report=report, kill_after_checkpoint=args.kill_after_checkpoint)
     if args.out and jax.process_index() == 0 and not args.train_all:

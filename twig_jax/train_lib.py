@@ -37,6 +37,7 @@ import optax
 from flax import nnx
 
 from twig_jax import sharding as shd
+from twig_jax.attn_target import ATTN_FIELDS, attention_mass_loss
 from twig_jax.losses import LossConfig, LossSums, twig_loss_sums
 from twig_jax.model.layers import rope_cos_sin
 from twig_jax.model.llama import _layer
@@ -88,6 +89,10 @@ class TrainConfig:
     plot_path: str | None = None  # loss-curve PNG at the end
     progress: bool = True
     benchmark: bool = False
+    # Training-only attention target (train_all; `twig_jax.attn_target`): layer attn_layer's first
+    # attn_heads heads are pulled onto the asked object's visual tokens, weight loss.gamma.
+    attn_layer: int | None = None
+    attn_heads: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,6 +177,25 @@ def base_forward(base: Llava, tokens: jax.Array, pixel_values: jax.Array | None,
     return base.text.logits(y)
 
 
+def base_forward_with_probs(base: Llava, tokens: jax.Array, pixel_values: jax.Array | None, layer: int, *,
+                            remat: bool = False, mesh=None) -> tuple[jax.Array, jax.Array]:
+    """base_forward's logits [B, S, V] and layer `layer`'s attention probabilities [B, H, S, S]
+    (the same computation: layers before it scanned, it run on its own, the rest scanned)."""
+    tc = base.cfg.text
+    if not 0 <= layer < tc.num_hidden_layers:
+        raise ValueError(f"attention target layer {layer} is not a layer of this {tc.num_hidden_layers}-layer model")
+    w = base.text.layers.weights()
+    pos = _positions(tokens)
+    x = _embed(base, tokens, pixel_values, mesh)
+    h = scan_layers(tc, w, x, pos, 0, layer, remat=remat)  # [B, S, D]
+    b, s, _ = h.shape
+    cos, sin = rope_cos_sin(pos, tc.head_dim, tc.rope_theta, h.dtype)
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool))[None], (b, s, s))
+    h, probs = _layer(tc, {k: v[layer] for k, v in w.items()}, h, cos, sin, lambda k, v: (k, v), mask, True)
+    y = scan_layers(tc, w, h, pos, layer + 1, tc.num_hidden_layers, remat=remat)
+    return base.text.logits(y), probs
+
+
 # ----------------------------------------------------------------------------------------------
 # Model split: trainable vs frozen
 
@@ -245,15 +269,25 @@ def make_loss_fn(model: TrainModel, cfg: TrainConfig, mesh=None) -> Callable:
 
     def loss_fn(trainable, frozen, batch):
         pix = batch.get("pixel_values")
+        probs = None
         if model.train_all:
             base, _ = model.modules(_cast_floats(trainable, cdt), _cast_floats(frozen, cdt))
-            logits = base_forward(base, batch["tokens"], pix, remat=cfg.remat, mesh=mesh)
+            if cfg.attn_layer is None:
+                logits = base_forward(base, batch["tokens"], pix, remat=cfg.remat, mesh=mesh)
+            else:
+                logits, probs = base_forward_with_probs(base, batch["tokens"], pix, cfg.attn_layer,
+                                                        remat=cfg.remat, mesh=mesh)
             teacher = None
         else:
             base, twig = model.modules(_cast_floats(trainable, cdt), _cast_floats(frozen, cdt))
             logits, teacher = twig_forward(base, twig, batch["tokens"], pix, teacher=use_teacher,
                                            remat=cfg.remat, mesh=mesh)
         sums = twig_loss_sums(logits, batch["tokens"], batch["label_mask"], cfg.loss, teacher)
+        if probs is not None and cfg.loss.gamma:
+            # The attention target rides in LossSums' attn slot: mean over supervised questions,
+            # weight gamma (metrics: "attn_kl" is then this -log mass).
+            nll, count = attention_mass_loss(probs, batch, cfg.attn_heads)
+            sums = sums._replace(attn_kl=nll, attn_count=count)
         return sums.total(cfg.loss), sums
 
     return loss_fn
@@ -339,7 +373,7 @@ def put_batch(batch: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[s
 
 def device_batch_keys(batch: dict[str, Any]) -> dict[str, Any]:
     """The batch fields the step consumes (ids / bookkeeping stay on the host)."""
-    return {k: batch[k] for k in ("tokens", "label_mask", "pixel_values") if k in batch}
+    return {k: batch[k] for k in ("tokens", "label_mask", "pixel_values") + ATTN_FIELDS if k in batch}
 
 
 class Trainer:
@@ -350,6 +384,8 @@ class Trainer:
         if cfg.batch_size % cfg.accum_steps:
             raise ValueError(f"batch_size {cfg.batch_size} not divisible by accum_steps {cfg.accum_steps}")
         check_freeze(cfg.freeze, cfg.train_all)
+        if cfg.attn_layer is not None and not cfg.train_all:
+            raise ValueError("an attention target (attn_layer) trains the base's attention: it needs train_all")
         self.mesh = mesh if mesh is not None else shd.make_mesh(cfg.mesh)
         if not cfg.train_all and twig is None:
             twig = init_twig_from_base(base, training_twig_config(base, cfg.twig_K, cfg.twig_T))
@@ -375,6 +411,10 @@ class Trainer:
         self.batch_sh = None
 
     def compile_for(self, batch: dict[str, np.ndarray]):
+        missing = [k for k in ATTN_FIELDS if k not in batch]
+        if self.cfg.attn_layer is not None and missing:
+            raise ValueError(f"attn_layer={self.cfg.attn_layer} needs attention targets in the batch, missing "
+                             f"{missing} (DataConfig.attn_targets, or --attn-layer with data that has them)")
         per_process = self.cfg.batch_size // jax.process_count()
         for k, v in batch.items():
             if np.shape(v)[0] != per_process:

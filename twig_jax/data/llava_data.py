@@ -63,10 +63,18 @@ class DataConfig:
     worker_count: int = 0  # grain multiprocessing workers (0 = off: the default, for CPU)
     log_first: int = 5  # log the first N bad samples of each reason
     system: str = VICUNA_V1_SYSTEM
+    # Training-only attention targets (twig_jax.attn_target): "shapes" reads each record's
+    # "objects" and marks the cells every short question is about; at most attn_slots per sample.
+    attn_targets: str | None = None
+    attn_slots: int = 8
 
     def validate(self) -> "DataConfig":
         if self.on_too_long not in ("skip", "truncate"):
             raise ValueError(f"on_too_long={self.on_too_long!r} must be 'skip' or 'truncate'")
+        if self.attn_targets not in (None, "shapes"):
+            raise ValueError(f"attn_targets={self.attn_targets!r}: the only provider is 'shapes'")
+        if self.attn_slots < 1:
+            raise ValueError(f"attn_slots={self.attn_slots} must be >= 1")
         if self.max_len < 2:
             raise ValueError(f"max_len={self.max_len} too small")
         return self
@@ -274,11 +282,30 @@ class SampleProcessor:
     """(index, record) -> a training sample dict, or {"_bad": reason, ...} (filtered later)."""
 
     def __init__(self, encoder: ConversationEncoder, image_preprocessor: ImagePreprocessor, image_dir: str | None,
-                 pixel_shape: tuple[int, int, int]):
+                 pixel_shape: tuple[int, int, int], attn_targets: str | None = None, attn_slots: int = 8):
         self.encoder = encoder
         self.images = image_preprocessor
         self.image_dir = image_dir
         self.pixel_shape = pixel_shape  # (3, H, W)
+        self.attn_targets = attn_targets
+        self.attn_slots = attn_slots
+
+    def _attn_fields(self, rec: Mapping, tokens: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        from twig_jax.attn_target import cells_patch_mask, supervision_fields
+        from twig_jax.data.shapes import ShapeObject, question_cells
+
+        try:
+            objects = [ShapeObject.from_key(k) for k in rec["objects"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise BadSample("malformed", f"attention targets need the record's shapes-world 'objects' ({e!r})") from None
+        n = self.encoder.num_image_tokens
+        targets = []
+        for msg in rec["conversations"]:
+            if str(msg.get("from", "")).lower() not in ("human", "user"):
+                continue
+            cells = question_cells(str(msg.get("value", "")), objects)
+            targets.append(None if cells is None else cells_patch_mask(cells, n))
+        return supervision_fields(tokens, mask, self.encoder.image_token_index, n, targets, self.attn_slots)
 
     def __call__(self, item: tuple[int, Any]) -> dict[str, Any]:
         index, rec = item
@@ -288,6 +315,7 @@ class SampleProcessor:
                 raise BadSample("malformed", "no 'conversations' list")
             has_image = rec.get("image") not in (None, "")
             tokens, mask, length, truncated = self.encoder.encode(rec["conversations"], has_image)
+            attn = self._attn_fields(rec, tokens, mask) if self.attn_targets else {}
             pix = np.zeros(self.pixel_shape, np.float32)  # [3, H, W]
             if has_image:
                 path = os.path.join(self.image_dir or "", str(rec["image"]))
@@ -304,7 +332,7 @@ class SampleProcessor:
         except Exception as e:  # noqa: BLE001 - one odd sample must not end the epoch; it is reported
             return {"_bad": "error", "_detail": f"{type(e).__name__}: {e}", "_id": sid}
         out = {"tokens": tokens, "label_mask": mask, "pixel_values": pix, "length": np.int32(length),
-               "has_image": np.bool_(has_image), "index": np.int64(index)}
+               "has_image": np.bool_(has_image), "index": np.int64(index), **attn}
         if truncated:
             out["_truncated"] = sid
         return out
@@ -350,7 +378,7 @@ def build_dataset(cfg: DataConfig, tokenizer, *, image_token_index: int, num_ima
         raise ValueError(f"batch_size {cfg.batch_size} not divisible by {shard.shard_count} processes")
     encoder = ConversationEncoder(tokenizer, image_token_index, num_image_tokens, cfg.max_len, cfg.on_too_long,
                                   system=cfg.system)
-    proc = SampleProcessor(encoder, image_preprocessor, cfg.image_dir, pixel_shape)
+    proc = SampleProcessor(encoder, image_preprocessor, cfg.image_dir, pixel_shape, cfg.attn_targets, cfg.attn_slots)
     ds = grain.MapDataset.source(list(enumerate(records)))
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)

@@ -251,6 +251,61 @@ def pick_questions(objects, rng: np.random.Generator, n: int) -> list[tuple[str,
     return uniq
 
 
+def question_cells(question: str, objects: Sequence[ShapeObject]) -> list[int] | None:
+    """The grid cells of the objects a short question is about, for a training-only attention
+    target (`twig_jax.attn_target`): the named object for colour_of / shape_of / position / size_of,
+    both for left_of / above, the matching objects for exists ("yes") and the two counts by colour
+    or shape (when any match). None for questions no object answers (describe, count_all, a "no"
+    to exists, a zero count) and for text this world does not ask."""
+    words = question.replace("<image>", " ").split()
+    if words and words[-1] in ("?", "."):
+        words = words[:-1]
+    text = " ".join(words)
+
+    def matching(**attrs) -> list[int]:
+        return [o.cell for o in objects if all(getattr(o, k) == v for k, v in attrs.items())]
+
+    def named(phrase: str) -> dict | None:
+        # "C S", "size S", "S", "C object"
+        p = phrase.split()
+        if len(p) == 2 and p[0] in COLOURS and p[1] in SHAPES:
+            return {"colour": p[0], "shape": p[1]}
+        if len(p) == 2 and p[0] in SIZES and p[1] in SHAPES:
+            return {"size": p[0], "shape": p[1]}
+        if len(p) == 2 and p[0] in COLOURS and p[1] == "object":
+            return {"colour": p[0]}
+        if len(p) == 1 and p[0] in SHAPES:
+            return {"shape": p[0]}
+        return None
+
+    for prefix in ("what colour is the ", "what shape is the ", "where is the ", "what size is the "):
+        if text.startswith(prefix):
+            attrs = named(text[len(prefix):])
+            cells = matching(**attrs) if attrs else []
+            return cells if len(cells) == 1 else None
+    for rel in (" left of the ", " above the "):
+        if text.startswith("is the ") and rel in text:
+            a, b = text[len("is the "):].split(rel, 1)
+            ca, cb = (named(a), named(b))
+            if ca is None or cb is None:
+                return None
+            ma, mb = matching(**ca), matching(**cb)
+            return sorted(ma + mb) if len(ma) == 1 and len(mb) == 1 else None
+    if text.startswith("is there a "):
+        attrs = named(text[len("is there a "):])
+        cells = matching(**attrs) if attrs else []
+        return cells or None
+    if text.startswith("how many ") and text.endswith(" are there"):
+        what = text[len("how many "):-len(" are there")]
+        if what.endswith(" objects") and what.split()[0] in COLOURS and len(what.split()) == 2:
+            cells = matching(colour=what.split()[0])
+        else:
+            shape = {v: k for k, v in PLURALS.items()}.get(what)
+            cells = matching(shape=shape) if shape else []
+        return cells or None
+    return None
+
+
 FIND = "describe the {} ."
 
 
