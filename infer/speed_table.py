@@ -179,6 +179,11 @@ def main(argv=None) -> int:
                                                 "default: the eval split generated for seed 0 in a temp dir")
     p.add_argument("--R", type=int, default=None, help="kept visual tokens (default: the twig's, N/9 when bundled)")
     p.add_argument("--Kf", type=int, default=None, help="FinalWipe layer (default: the twig's; L: no FinalWipe)")
+    p.add_argument("--draft-len", type=int, default=None, help="most tokens drafted per SSD round (default: the twig's)")
+    p.add_argument("--theta", type=float, default=None,
+                   help="stop drafting below this top probability (default: the twig's)")
+    p.add_argument("--variants", default=None,
+                   help=f"comma-separated subset of {','.join(VARIANTS)} (plain is always run: the reference)")
     p.add_argument("--images", type=int, default=16, help="descriptions per pass (a multiple of 8)")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--repeats", type=int, default=3)
@@ -188,6 +193,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights are cast to this on load (default %(default)s, as the demo and the eval run the bundle)")
     args = p.parse_args(argv)
+    asked = [v for v in (args.variants or "").split(",") if v]
+    if [v for v in asked if v not in VARIANTS]:
+        p.error(f"--variants {[v for v in asked if v not in VARIANTS]}: choose from {list(VARIANTS)}")
 
     import dataclasses
 
@@ -198,6 +206,10 @@ def main(argv=None) -> int:
         twig_cfg = dataclasses.replace(twig_cfg, R=args.R, R_bar=None)
     if args.Kf is not None:
         twig_cfg = dataclasses.replace(twig_cfg, Kf=args.Kf)
+    if args.draft_len is not None:
+        twig_cfg = dataclasses.replace(twig_cfg, draft_len=args.draft_len)
+    if args.theta is not None:
+        twig_cfg = dataclasses.replace(twig_cfg, theta=args.theta)
     try:
         twig_cfg.validate(model.cfg.text.num_hidden_layers, model.cfg.num_image_tokens)
     except TwigConfigError as e:
@@ -205,6 +217,10 @@ def main(argv=None) -> int:
     prompts, pixels = description_batch(pipe, args.data, args.images)
     batches = tuple(int(b) for b in args.batches.split(","))
     variants = tuple(v for v in VARIANTS if twig.p_head is not None or v not in PHEAD_VARIANTS)
+    if asked:
+        if twig.p_head is None and set(asked) & set(PHEAD_VARIANTS):
+            p.error(f"--variants {sorted(set(asked) & set(PHEAD_VARIANTS))}: the twig {args.twig} has no P-head")
+        variants = tuple(v for v in variants if v == "plain" or v in asked)
     rows = measure_speed(model, tokenizer, twig, twig_cfg, prompts, pixels, batches=batches, repeats=args.repeats,
                          max_new_tokens=args.max_new_tokens, variants=variants,
                          log=lambda s: print(s, file=sys.stderr))

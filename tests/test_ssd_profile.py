@@ -40,3 +40,26 @@ def test_loader_casts_the_bundle_to_the_run_dtype():
         assert model.text.embed[...].dtype == jnp.dtype(name)
         assert model.text.layers.wq[...].dtype == jnp.dtype(name)
         assert twig.layers.wq[...].dtype == jnp.dtype(name)
+
+
+def test_speed_table_variants_and_draft_settings(tmp_path, capsys):
+    """--variants runs plain plus the asked ones; --draft-len / --theta reach the generators (the
+    table's meta and at most draft_len + 1 tokens per round); greedy SSD stays lossless."""
+    import json
+
+    import pytest
+
+    from infer.speed_table import main
+
+    out = str(tmp_path / "speed.json")
+    assert main(["--images", "8", "--batches", "8", "--repeats", "1", "--max-new-tokens", "12",
+                 "--variants", "phead+ssd,phead", "--draft-len", "2", "--theta", "0.1", "--out-json", out]) == 0
+    with open(out) as f:
+        res = json.load(f)
+    assert res["meta"]["draft_len"] == 2 and res["meta"]["theta"] == 0.1
+    assert [r["variant"] for r in res["rows"]] == ["plain", "phead", "phead+ssd"]
+    spec = res["rows"][2]
+    assert 1 <= spec["mean_tokens_per_round"] <= 3 and spec["same_tokens_as_phead"]
+    with pytest.raises(SystemExit):
+        main(["--variants", "ssd,bogus"])
+    assert "bogus" in capsys.readouterr().err
