@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, help="shapes data dir (eval/questions.jsonl, eval/answers.jsonl, images/)")
     p.add_argument("--short", type=int, default=300, help="first N short questions")
     p.add_argument("--descriptions", type=int, default=20, help="first N descriptions")
+    p.add_argument("--freeze", default="vision",
+                   help="the run's --freeze (comma-separated; '' when it trained everything)")
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--out-json", default=None)
     p.add_argument("--export-dir", default=None, help="also write each step's model dir to EXPORT_DIR/step_N "
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
 
         steps = [int(x) for x in args.steps.split(",")] if args.steps else None
         try:
-            models = checkpoint_models(base, args.ckpt_dir, steps)
+            models = checkpoint_models(base, args.ckpt_dir, steps, tuple(n for n in args.freeze.split(',') if n))
         except FileNotFoundError as e:  # a step that was never saved: say which ones exist
             print(f"ckpt_eval: error: {e}", file=sys.stderr)
             return 2
