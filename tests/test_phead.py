@@ -22,9 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from test_ttp import NumpyPrunedModel, _np_weights, _ref_layers, _rms, _rope, _sharpen
-from twig_jax.config import load_preset
-from twig_jax.model.llava import Llava
+from test_ttp import NumpyPrunedModel, _np_weights, _ref_layers, _rms, _rope, _sharpen, sharpened_tiny_and_prompts
 from twig_jax.phead import (group_advantage, gumbel_top_k, p_head_weights, plackett_luce_logprob,
                             pruned_logits, with_p_head)
 from twig_jax.ttp import make_plan, ttp_prefill
@@ -32,24 +30,12 @@ from twig_jax.twig import Twig, TwigConfig, TwigConfigError
 from twig_jax.twig_generate import TwigGenerator
 
 NEW = 8
-LENGTHS = (16 + 5, 16 + 11, 16 + 3)
-IMG_AT = (2, 4, 1)
 BUCKETS = dict(batch_buckets=(4,), prompt_buckets=(32,), new_token_buckets=(NEW,))
 
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = load_preset("tiny")
-    model = Llava(cfg, rngs=nnx.Rngs(0))
-    _sharpen(model.text.layers)
-    n = cfg.num_image_tokens
-    rng = np.random.default_rng(1)
-    prompts = []
-    for length, at in zip(LENGTHS, IMG_AT):
-        p = rng.integers(3, 250, size=length)
-        p[at:at + n] = cfg.image_token_index
-        prompts.append(p.tolist())
-    pixels = rng.normal(size=(len(prompts), 3, 28, 28)).astype(np.float32)
+    cfg, model, prompts, pixels = sharpened_tiny_and_prompts(1)
     tc = TwigConfig(K=1, T=2, Kf=3, R=5, p_head=True)
     twig = Twig(cfg.text, tc, rngs=nnx.Rngs(7))
     _sharpen(twig.layers)

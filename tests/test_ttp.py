@@ -32,13 +32,14 @@ def _sharpen(layers, scale=4.0):
     layers.wk[...] = layers.wk[...] * scale
 
 
-@pytest.fixture(scope="module")
-def setup():
+def sharpened_tiny_and_prompts(seed: int):
+    """(cfg, sharpened tiny-preset model, 3 prompts of LENGTHS with the image at IMG_AT, pixels
+    [3, 3, 28, 28]); prompts and pixels drawn from `seed`. Shared with test_phead."""
     cfg = load_preset("tiny")
     model = Llava(cfg, rngs=nnx.Rngs(0))
     _sharpen(model.text.layers)
     n = cfg.num_image_tokens
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     prompts = []
     for length, at in zip(LENGTHS, IMG_AT):
         p = rng.integers(3, 250, size=length)
@@ -46,6 +47,11 @@ def setup():
         prompts.append(p.tolist())
     pixels = rng.normal(size=(len(prompts), 3, 28, 28)).astype(np.float32)
     return cfg, model, prompts, pixels
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return sharpened_tiny_and_prompts(0)
 
 
 # ----------------------------------------------------------------------------------------------
