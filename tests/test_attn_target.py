@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from twig_jax.attn_target import answer_rows, attention_mass_loss, cells_patch_mask, supervision_fields
+from twig_jax.attn_target import (answer_rows, attention_mass_loss, cells_patch_mask, key_mass_loss,
+                                  supervision_fields)
 from twig_jax.config import load_preset
-from twig_jax.data.shapes import (COLOURS, NUMBERS, POSITIONS, SHAPES, ShapeObject, generate_dataset,
+from twig_jax.data.shapes import (COLOURS, NUMBERS, POSITIONS, SHAPES, ShapeObject, generate_dataset, key_words,
                                   question_cells, sample_scene, short_questions)
 from twig_jax.model.llava import Llava
 from twig_jax.train_lib import OptimConfig, TrainConfig, Trainer, base_forward, base_forward_with_probs
@@ -94,6 +95,10 @@ def test_data_pipeline_rows_point_at_each_answer(tmp_path):
             first = tok.convert_ids_to_tokens(int(s["tokens"][row + 1]))
             assert first == answer.split()[0], (question, answer, first)
             np.testing.assert_array_equal(s["attn_target"][q], cells_patch_mask(question_cells(question, objs), 144))
+            # the key-word target marks exactly the question's attribute words, in this question
+            keys = [tok.convert_ids_to_tokens(int(t)) for t in s["tokens"][s["attn_key_target"][q] > 0]]
+            assert keys == [w for w in question.replace("<image>", " ").split() if w in key_words()], question
+            assert s["attn_key_target"][q, row + 1:].sum() == 0
             supervised += 1
         assert not s["attn_target"][len(expect):].any() and not s["attn_valid"][len(expect):].any()
     assert supervised >= 6
@@ -117,7 +122,8 @@ def _batch(cfg, b=4, s=32, seed=0):
     pix = rng.standard_normal((b, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(np.float32)
     fields = [supervision_fields(tokens[i], mask[i], cfg.image_token_index, n,
                                  [np.eye(n, dtype=np.float32)[i % n] + np.eye(n, dtype=np.float32)[(i + 5) % n],
-                                  None if i == 0 else np.eye(n, dtype=np.float32)[(3 * i) % n]], 3)
+                                  None if i == 0 else np.eye(n, dtype=np.float32)[(3 * i) % n]], 3,
+                                 key_ids=range(3, 100))
               for i in range(b)]
     batch = {"tokens": tokens, "label_mask": mask, "pixel_values": pix}
     batch.update({k: np.stack([f[k] for f in fields]) for k in fields[0]})
@@ -125,35 +131,55 @@ def _batch(cfg, b=4, s=32, seed=0):
 
 
 def test_loss_matches_the_inference_layer_runner(tiny):
-    """base_forward_with_probs = base_forward's logits, and its layer probabilities = the
-    inference runner's (run_layers, return_last_probs); the loss = -log of their target mass."""
+    """base_forward_with_probs = base_forward's logits, and its layer probabilities (in the order
+    asked) = the inference runner's (run_layers, return_last_probs); both losses = -log of their
+    target mass computed by hand."""
     from twig_jax.cache import KVCache
     from twig_jax.model.llama import run_layers
 
     cfg = tiny.cfg
     batch = _batch(cfg)
     tok, pix = jnp.asarray(batch["tokens"]), jnp.asarray(batch["pixel_values"])
-    layer = 2
-    logits, probs = base_forward_with_probs(tiny, tok, pix, layer)
+    logits, (probs, key_probs) = base_forward_with_probs(tiny, tok, pix, (2, 0))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(base_forward(tiny, tok, pix)), rtol=1e-5, atol=1e-5)
     b, s = tok.shape
     x = tiny.embed(tok, tiny.image_features(pix))
     pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
     tc = cfg.text
-    cache = KVCache.zeros(layer + 1, b, tc.num_key_value_heads, s, tc.head_dim, x.dtype)
-    ref = run_layers(cfg.text, tiny.text.layers.weights(), x, pos, cache.k, cache.v, jnp.zeros((b,), jnp.int32),
-                     stop=layer + 1, fresh=True, return_last_probs=True).attn_probs  # [B, H, S, S]
-    np.testing.assert_allclose(np.asarray(probs), np.asarray(ref), rtol=1e-5, atol=1e-6)
-    nll, count = attention_mass_loss(probs, {k: jnp.asarray(v) for k, v in batch.items()}, heads=2)
-    p, want = np.asarray(ref), []
+
+    def runner_probs(layer):  # [B, H, S, S]
+        cache = KVCache.zeros(layer + 1, b, tc.num_key_value_heads, s, tc.head_dim, x.dtype)
+        return np.asarray(run_layers(tc, tiny.text.layers.weights(), x, pos, cache.k, cache.v,
+                                     jnp.zeros((b,), jnp.int32), stop=layer + 1, fresh=True,
+                                     return_last_probs=True).attn_probs)
+
+    ref, key_ref = runner_probs(2), runner_probs(0)
+    np.testing.assert_allclose(np.asarray(probs), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(key_probs), key_ref, rtol=1e-5, atol=1e-6)
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    nll, count = attention_mass_loss(probs, jb, heads=2)
+    key_nll, key_count = key_mass_loss(key_probs, jb, heads=2)
+    want, key_want = [], []
     for i in range(b):
         for q in range(3):
             if batch["attn_valid"][i, q]:
                 r, s0 = batch["attn_rows"][i, q], batch["attn_img_start"][i]
-                m = (p[i, :2, r, s0:s0 + cfg.num_image_tokens] * batch["attn_target"][i, q]).sum(-1)
+                m = (ref[i, :2, r, s0:s0 + cfg.num_image_tokens] * batch["attn_target"][i, q]).sum(-1)
                 want.append(-np.log(m + 1e-6).mean())
-    assert float(count) == len(want) == 7
+                km = (key_ref[i, :2, r] * batch["attn_key_target"][i, q]).sum(-1)
+                if batch["attn_key_target"][i, q].any():
+                    key_want.append(-np.log(km + 1e-6).mean())
+    assert float(count) == len(want) == 7 and float(key_count) == len(key_want) >= 5
     np.testing.assert_allclose(float(nll), np.sum(want), rtol=1e-5)
+    np.testing.assert_allclose(float(key_nll), np.sum(key_want), rtol=1e-5)
+    # the key targets lie in each question's own span: after the image / previous answer, up to the row
+    for i in range(b):
+        for q in range(int(batch["attn_valid"][i].sum())):
+            marked = np.flatnonzero(batch["attn_key_target"][i, q])
+            r = batch["attn_rows"][i, q]
+            lo = 18 if r == 23 else 26
+            assert all(lo <= j <= r for j in marked)
+            assert set(marked) == {j for j in range(lo, r + 1) if 3 <= batch["tokens"][i, j] < 100}
 
 
 def test_training_pulls_the_heads_onto_the_target(tiny):
@@ -161,7 +187,7 @@ def test_training_pulls_the_heads_onto_the_target(tiny):
     the supervised heads' mass on the target; the unsupervised heads are not asked to."""
     batch = _batch(tiny.cfg, seed=1)
     tr = Trainer(tiny, TrainConfig(steps=30, batch_size=4, train_all=True, freeze=("vision",), attn_layer=1,
-                                   attn_heads=2, optim=OptimConfig(lr=3e-3, warmup_ratio=0.0)))
+                                   attn_heads=2, attn_key_layer=0, optim=OptimConfig(lr=3e-3, warmup_ratio=0.0)))
     first = float(tr.step(batch)["attn_kl"])
     for _ in range(29):
         last = float(tr.step(batch)["attn_kl"])
@@ -175,7 +201,9 @@ def test_clear_errors(tiny):
     plain = {k: v for k, v in _batch(tiny.cfg).items() if not k.startswith("attn")}
     with pytest.raises(ValueError, match="needs attention targets"):
         tr.step(plain)
-    with pytest.raises(ValueError, match="not a layer"):
-        base_forward_with_probs(tiny, jnp.zeros((1, 20), jnp.int32), None, 9)
+    with pytest.raises(ValueError, match="needs attn_layer"):
+        Trainer(tiny, TrainConfig(steps=1, batch_size=2, train_all=True, attn_key_layer=0))
+    with pytest.raises(ValueError, match=r"layers \[1, 9\]"):
+        base_forward_with_probs(tiny, jnp.zeros((1, 20), jnp.int32), None, (1, 9))
     with pytest.raises(ValueError, match="heads=5"):
         attention_mass_loss(jnp.zeros((1, 4, 3, 3)), {}, heads=5)

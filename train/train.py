@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "layer: its first --attn-heads heads are pulled onto the cells each short question is "
                         "about (shapes-world data: the records' 'objects')")
     o.add_argument("--attn-heads", type=int, default=1, help="heads of --attn-layer that get the target")
+    o.add_argument("--attn-key-layer", type=int, default=None,
+                   help="with --attn-layer: also pull this layer's first --attn-heads heads, from the same row, "
+                        "onto the question's key words (the lookup's first hop)")
     o.add_argument("--attn-weight", type=float, default=1.0, help="weight of the attention target's loss")
     o.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     o.add_argument("--remat", action="store_true")
@@ -104,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.attn_layer is not None and not args.train_all:
         print("twig-jax train: error: --attn-layer trains the base's attention: it needs --train-all", file=sys.stderr)
+        return 2
+    if args.attn_key_layer is not None and args.attn_layer is None:
+        print("twig-jax train: error: --attn-key-layer needs --attn-layer", file=sys.stderr)
         return 2
     if args.freeze and not args.train_all:
         print("twig-jax train: error: --freeze needs --train-all (twig training already freezes the whole base)",
@@ -163,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         twig_K=args.twig_k, twig_T=args.twig_t, compute_dtype=args.dtype, remat=args.remat, mesh=args.mesh,
         seed=args.seed, optim=OptimConfig(lr=args.lr, warmup_ratio=args.warmup_ratio, clip_norm=args.clip),
         loss=LossConfig(alpha=args.alpha, gamma=args.attn_weight), attn_layer=args.attn_layer,
-        attn_heads=args.attn_heads, ckpt_dir=ckpt, save_every=args.every, keep=args.keep,
+        attn_heads=args.attn_heads, attn_key_layer=args.attn_key_layer, ckpt_dir=ckpt, save_every=args.every, keep=args.keep,
         metrics_path=args.metrics or (os.path.join(ckpt, "metrics.jsonl") if ckpt else None),
         plot_path=args.plot or (os.path.join(ckpt, "loss.png") if ckpt else None),
         progress=not args.no_progress, benchmark=args.benchmark)

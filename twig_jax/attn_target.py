@@ -10,9 +10,15 @@ visual tokens of those cells. Attention supervision of this kind is an old VQA d
 attention maps); here the target is exact. It changes the trained model's attention, which is
 what TTP and FastV read, so any model trained with it is reported as such.
 
+The lookup is two hops (the answer row gathers the question's key words, then matches them
+against the patches), so an earlier layer can get a second target (`key layer`): from the same
+row, the mass of its heads on the current question's key words (colour, shape, size words).
+
 Batch fields (from `twig_jax.data.SampleProcessor` with `DataConfig.attn_targets`):
   attn_rows [B, Q] int32    the row predicting each supervised answer's first token (0 if unused)
   attn_target [B, Q, N]     1 on the visual tokens of the question's cells
+  attn_key_target [B, Q, S] 1 on the key words of the question (the tokens in key_ids between the
+                            previous answer, or the image, and the row)
   attn_valid [B, Q]         1 for a supervised question
   attn_img_start [B] int32  the sequence index of the first visual token
 """
@@ -20,13 +26,13 @@ Batch fields (from `twig_jax.data.SampleProcessor` with `DataConfig.attn_targets
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Collection, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-ATTN_FIELDS = ("attn_rows", "attn_target", "attn_valid", "attn_img_start")
+ATTN_FIELDS = ("attn_rows", "attn_target", "attn_key_target", "attn_valid", "attn_img_start")
 
 
 def cells_patch_mask(cells: Sequence[int], num_image_tokens: int, grid_cells: int = 3) -> np.ndarray:  # [N]
@@ -42,32 +48,71 @@ def cells_patch_mask(cells: Sequence[int], num_image_tokens: int, grid_cells: in
     return np.isin(cell, np.asarray(list(cells), np.int64)).astype(np.float32)
 
 
+def _label_runs(label_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) indices of the runs of label tokens (answers), in order; end exclusive."""
+    m = np.asarray(label_mask).astype(bool)
+    edges = np.diff(np.concatenate([[0], m.astype(np.int8), [0]]))
+    return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+
+
 def answer_rows(label_mask: np.ndarray) -> list[int]:
     """Per answer (a run of label tokens, in order) the row whose next-token prediction is the
     answer's first token."""
-    m = np.asarray(label_mask).astype(bool)
-    starts = np.flatnonzero(m & ~np.concatenate([[False], m[:-1]]))
-    return [int(j) - 1 for j in starts if j > 0]
+    return [int(j) - 1 for j in _label_runs(label_mask)[0] if j > 0]
 
 
 def supervision_fields(tokens: np.ndarray, label_mask: np.ndarray, image_token_index: int, num_image_tokens: int,
-                       targets: Sequence[np.ndarray | None], slots: int) -> dict[str, np.ndarray]:
+                       targets: Sequence[np.ndarray | None], slots: int,
+                       key_ids: Collection[int] = ()) -> dict[str, np.ndarray]:
     """The batch fields of one sample. targets: per answer turn in order, a [N] mask or None
-    (not supervised); answers cut off by truncation are dropped, and at most `slots` are kept."""
+    (not supervised); answers cut off by truncation are dropped, and at most `slots` are kept.
+    key_ids: token ids of the key words (attn_key_target)."""
+    tokens = np.asarray(tokens)
     rows = np.zeros((slots,), np.int32)  # [Q]
     target = np.zeros((slots, num_image_tokens), np.float32)  # [Q, N]
+    key_target = np.zeros((slots, tokens.shape[0]), np.float32)  # [Q, S]
     valid = np.zeros((slots,), np.float32)  # [Q]
-    img = np.flatnonzero(np.asarray(tokens) == image_token_index)
+    img = np.flatnonzero(tokens == image_token_index)
+    is_key = np.isin(tokens, np.asarray(list(key_ids), np.int64))  # [S]
+    starts, ends = _label_runs(label_mask)
     q = 0
-    for row, t in zip(answer_rows(label_mask), targets):
-        if t is None or q == slots or not t.any():
+    for i, (start, t) in enumerate(zip(starts, targets)):
+        if t is None or q == slots or not t.any() or start == 0:
             continue
+        row = int(start) - 1
+        # The question lies between the previous answer (or the image) and the row.
+        after = int(ends[i - 1]) if i else (int(img[-1]) + 1 if img.size else 0)
         rows[q], target[q], valid[q] = row, t, 1.0
+        key_target[q, after:row + 1] = is_key[after:row + 1]
         q += 1
     if q and not img.size:
         raise ValueError("attention targets need an image in the sequence")
-    return {"attn_rows": rows, "attn_target": target, "attn_valid": valid,
+    return {"attn_rows": rows, "attn_target": target, "attn_key_target": key_target, "attn_valid": valid,
             "attn_img_start": np.int32(img[0] if img.size else 0)}
+
+
+def _mass_nll(p_keys: jax.Array, target: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """p_keys [B, h, Q, K] attention of the supervised heads from each row over K keys, target
+    [B, Q, K] 0/1: (sum over valid rows of the head-mean -log mass on the target, row count).
+    Rows whose target is empty (no key word survived) are skipped."""
+    mass = jnp.einsum("bhqk,bqk->bhq", p_keys.astype(jnp.float32), target.astype(jnp.float32))  # [B, h, Q]
+    nll = -jnp.log(mass + 1e-6).mean(axis=1)  # [B, Q]
+    valid = valid.astype(jnp.float32) * (jnp.sum(target, axis=-1) > 0)
+    return jnp.sum(nll * valid), jnp.sum(valid)
+
+
+def _row_probs(probs: jax.Array, batch: dict, heads: int) -> jax.Array:  # [B, heads, Q, S]
+    """The supervised heads' attention from each batch row's attn_rows."""
+    h = probs.shape[1]
+    if not 1 <= heads <= h:
+        raise ValueError(f"attention target heads={heads} must be in 1..{h}")
+    return jnp.take_along_axis(probs[:, :heads], batch["attn_rows"][:, None, :, None], axis=2)
+
+
+def key_mass_loss(probs: jax.Array, batch: dict, heads: int) -> tuple[jax.Array, jax.Array]:
+    """As attention_mass_loss, for the key-word target: the mass on the question's key words."""
+    p = _row_probs(probs, batch, heads)  # [B, h, Q, S]
+    return _mass_nll(p, batch["attn_key_target"], batch["attn_valid"])
 
 
 def attention_mass_loss(probs: jax.Array, batch: dict, heads: int) -> tuple[jax.Array, jax.Array]:
@@ -75,19 +120,12 @@ def attention_mass_loss(probs: jax.Array, batch: dict, heads: int) -> tuple[jax.
 
     probs: [B, H, S, S] one layer's attention probabilities over the full causal sequence. The
     first `heads` heads are each supervised (a dedicated lookup head; the others stay free)."""
-    b, h, s, _ = probs.shape
-    if not 1 <= heads <= h:
-        raise ValueError(f"attention target heads={heads} must be in 1..{h}")
-    rows = batch["attn_rows"]  # [B, Q]
-    target = batch["attn_target"].astype(jnp.float32)  # [B, Q, N]
-    n = target.shape[-1]
-    p = jnp.take_along_axis(probs[:, :heads], rows[:, None, :, None], axis=2)  # [B, h, Q, S]
+    p = _row_probs(probs, batch, heads)  # [B, h, Q, S]
+    n = batch["attn_target"].shape[-1]
     key = batch["attn_img_start"][:, None] + jnp.arange(n)[None]  # [B, N]
-    p_img = jnp.take_along_axis(p, key[:, None, None, :], axis=3).astype(jnp.float32)  # [B, h, Q, N]
-    mass = jnp.einsum("bhqn,bqn->bhq", p_img, target)  # [B, h, Q]
-    nll = -jnp.log(mass + 1e-6).mean(axis=1)  # [B, Q]
-    valid = batch["attn_valid"].astype(jnp.float32)
-    return jnp.sum(nll * valid), jnp.sum(valid)
+    p_img = jnp.take_along_axis(p, key[:, None, None, :], axis=3)  # [B, h, Q, N]
+    return _mass_nll(p_img, batch["attn_target"], batch["attn_valid"])
 
 
-__all__ = ["ATTN_FIELDS", "cells_patch_mask", "answer_rows", "supervision_fields", "attention_mass_loss"]
+__all__ = ["ATTN_FIELDS", "cells_patch_mask", "answer_rows", "supervision_fields", "attention_mass_loss",
+           "key_mass_loss"]

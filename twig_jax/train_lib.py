@@ -37,7 +37,7 @@ import optax
 from flax import nnx
 
 from twig_jax import sharding as shd
-from twig_jax.attn_target import ATTN_FIELDS, attention_mass_loss
+from twig_jax.attn_target import ATTN_FIELDS, attention_mass_loss, key_mass_loss
 from twig_jax.losses import LossConfig, LossSums, twig_loss_sums
 from twig_jax.model.layers import rope_cos_sin
 from twig_jax.model.llama import _layer
@@ -93,6 +93,8 @@ class TrainConfig:
     # attn_heads heads are pulled onto the asked object's visual tokens, weight loss.gamma.
     attn_layer: int | None = None
     attn_heads: int = 1
+    # and, optionally, layer attn_key_layer's first attn_heads heads onto the question's key words
+    attn_key_layer: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -177,23 +179,30 @@ def base_forward(base: Llava, tokens: jax.Array, pixel_values: jax.Array | None,
     return base.text.logits(y)
 
 
-def base_forward_with_probs(base: Llava, tokens: jax.Array, pixel_values: jax.Array | None, layer: int, *,
-                            remat: bool = False, mesh=None) -> tuple[jax.Array, jax.Array]:
-    """base_forward's logits [B, S, V] and layer `layer`'s attention probabilities [B, H, S, S]
-    (the same computation: layers before it scanned, it run on its own, the rest scanned)."""
+def base_forward_with_probs(base: Llava, tokens: jax.Array, pixel_values: jax.Array | None, layers: Sequence[int], *,
+                            remat: bool = False, mesh=None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """base_forward's logits [B, S, V] and, for each of `layers` (in the order given), that layer's
+    attention probabilities [B, H, S, S] (the same computation: those layers run on their own,
+    the stretches between them scanned)."""
     tc = base.cfg.text
-    if not 0 <= layer < tc.num_hidden_layers:
-        raise ValueError(f"attention target layer {layer} is not a layer of this {tc.num_hidden_layers}-layer model")
+    bad = [l for l in layers if not 0 <= l < tc.num_hidden_layers]
+    if bad or not layers:
+        raise ValueError(f"attention target layers {list(layers)}: each must be a layer of this "
+                         f"{tc.num_hidden_layers}-layer model")
     w = base.text.layers.weights()
     pos = _positions(tokens)
-    x = _embed(base, tokens, pixel_values, mesh)
-    h = scan_layers(tc, w, x, pos, 0, layer, remat=remat)  # [B, S, D]
+    h = _embed(base, tokens, pixel_values, mesh)
     b, s, _ = h.shape
     cos, sin = rope_cos_sin(pos, tc.head_dim, tc.rope_theta, h.dtype)
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool))[None], (b, s, s))
-    h, probs = _layer(tc, {k: v[layer] for k, v in w.items()}, h, cos, sin, lambda k, v: (k, v), mask, True)
-    y = scan_layers(tc, w, h, pos, layer + 1, tc.num_hidden_layers, remat=remat)
-    return base.text.logits(y), probs
+    probs, done = {}, 0
+    for layer in sorted(set(layers)):
+        h = scan_layers(tc, w, h, pos, done, layer, remat=remat)  # [B, S, D] entering `layer`
+        h, probs[layer] = _layer(tc, {k: v[layer] for k, v in w.items()}, h, cos, sin, lambda k, v: (k, v), mask,
+                                 True)
+        done = layer + 1
+    y = scan_layers(tc, w, h, pos, done, tc.num_hidden_layers, remat=remat)
+    return base.text.logits(y), tuple(probs[l] for l in layers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,8 +284,9 @@ def make_loss_fn(model: TrainModel, cfg: TrainConfig, mesh=None) -> Callable:
             if cfg.attn_layer is None:
                 logits = base_forward(base, batch["tokens"], pix, remat=cfg.remat, mesh=mesh)
             else:
-                logits, probs = base_forward_with_probs(base, batch["tokens"], pix, cfg.attn_layer,
-                                                        remat=cfg.remat, mesh=mesh)
+                layers = (cfg.attn_layer,) + (() if cfg.attn_key_layer is None else (cfg.attn_key_layer,))
+                logits, probs = base_forward_with_probs(base, batch["tokens"], pix, layers, remat=cfg.remat,
+                                                        mesh=mesh)
             teacher = None
         else:
             base, twig = model.modules(_cast_floats(trainable, cdt), _cast_floats(frozen, cdt))
@@ -286,7 +296,11 @@ def make_loss_fn(model: TrainModel, cfg: TrainConfig, mesh=None) -> Callable:
         if probs is not None and cfg.loss.gamma:
             # The attention target rides in LossSums' attn slot: mean over supervised questions,
             # weight gamma (metrics: "attn_kl" is then this -log mass).
-            nll, count = attention_mass_loss(probs, batch, cfg.attn_heads)
+            # With a key layer too, its -log mass is added per question (same count).
+            nll, count = attention_mass_loss(probs[0], batch, cfg.attn_heads)
+            if cfg.attn_key_layer is not None:
+                key_nll, key_count = key_mass_loss(probs[1], batch, cfg.attn_heads)
+                nll = nll + key_nll * count / jnp.maximum(key_count, 1.0)
             sums = sums._replace(attn_kl=nll, attn_count=count)
         return sums.total(cfg.loss), sums
 
@@ -386,6 +400,8 @@ class Trainer:
         check_freeze(cfg.freeze, cfg.train_all)
         if cfg.attn_layer is not None and not cfg.train_all:
             raise ValueError("an attention target (attn_layer) trains the base's attention: it needs train_all")
+        if cfg.attn_key_layer is not None and cfg.attn_layer is None:
+            raise ValueError("attn_key_layer is the second hop of an attention target: it needs attn_layer")
         self.mesh = mesh if mesh is not None else shd.make_mesh(cfg.mesh)
         if not cfg.train_all and twig is None:
             twig = init_twig_from_base(base, training_twig_config(base, cfg.twig_K, cfg.twig_T))

@@ -305,7 +305,18 @@ class SampleProcessor:
                 continue
             cells = question_cells(str(msg.get("value", "")), objects)
             targets.append(None if cells is None else cells_patch_mask(cells, n))
-        return supervision_fields(tokens, mask, self.encoder.image_token_index, n, targets, self.attn_slots)
+        return supervision_fields(tokens, mask, self.encoder.image_token_index, n, targets, self.attn_slots,
+                                  self._key_ids())
+
+    def _key_ids(self) -> list[int]:
+        """Token ids of the shapes world's attribute words (one word-level token each)."""
+        if getattr(self, "_key_id_cache", None) is None:
+            from twig_jax.data.shapes import key_words
+
+            ids = [self.encoder.tok.convert_tokens_to_ids(w) for w in key_words()]
+            unk = getattr(self.encoder.tok, "unk_token_id", None)
+            self._key_id_cache = [i for i in ids if i is not None and i != unk]
+        return self._key_id_cache
 
     def __call__(self, item: tuple[int, Any]) -> dict[str, Any]:
         index, rec = item

@@ -251,6 +251,11 @@ def pick_questions(objects, rng: np.random.Generator, n: int) -> list[tuple[str,
     return uniq
 
 
+def key_words() -> list[str]:
+    """The words a short question names an object by (attention_target's key words)."""
+    return list(COLOURS) + list(SHAPES) + list(PLURALS.values()) + list(SIZES)
+
+
 def question_cells(question: str, objects: Sequence[ShapeObject]) -> list[int] | None:
     """The grid cells of the objects a short question is about, for a training-only attention
     target (`twig_jax.attn_target`): the named object for colour_of / shape_of / position / size_of,
