@@ -7,6 +7,9 @@
 #   1. the shapes world: 24000 training scenes + 300 eval scenes, seed 0
 #   2. the 2-layer LLaVA continued on all of its language model and projector (tower frozen),
 #      batch 32, 1500 steps
+#   2b. continued with the two-hop attention target (twig_jax/attn_target.py: layer 0's first two
+#      heads onto the question's key words, layer 1's onto the asked objects' cells), batch 16,
+#      400 steps, then 800 more from that model (session 11)
 #   3. grown to 8 layers: its two layers at depths 0 and 4, six zero-output layers that read like
 #      the next trained layer (train/grow.py --at 0,4 --fill next); exactly the 2-layer function
 #   4. the twig (K=2, T=2) distilled from the frozen grown base with the training stack
@@ -23,8 +26,15 @@ twig-jax train --base train/checkpoints/shapes-llava-2layer-step1750 --train-all
     --data "$W/data/train.json" --images "$W/data/images" --max-len 352 --on-too-long truncate --batch 32 \
     --steps 1500 --lr 1e-3 --warmup-ratio 0.02 --seed 1 --ckpt-dir "$W/lm2" --every 250 --keep 2 \
     --out "$W/lm2/final" --no-progress
+for stage in "att1 $W/lm2/final 400 0.05 12" "att2 $W/att1/final 800 0.02 14"; do
+    read -r name start steps warmup seed <<< "$stage"
+    twig-jax train --base "$start" --train-all --freeze vision --data "$W/data/train.json" --images "$W/data/images" \
+        --max-len 352 --on-too-long truncate --batch 16 --steps "$steps" --lr 3e-4 --warmup-ratio "$warmup" \
+        --attn-layer 1 --attn-key-layer 0 --attn-heads 2 --attn-weight 0.3 --seed "$seed" \
+        --ckpt-dir "$W/$name" --every 200 --keep 1 --out "$W/$name/final" --no-progress
+done
 # --into gives only the 8-layer config (every text weight is overwritten; tower and projector come from --lm).
-python -m train.grow --lm "$W/lm2/final" --into infer/assets/shapes-llava/base --out "$W/base" --image-side \
+python -m train.grow --lm "$W/att2/final" --into infer/assets/shapes-llava/base --out "$W/base" --image-side \
     --at 0,4 --fill next
 twig-jax train --base "$W/base" --twig-k 2 --twig-t 2 --data "$W/data/train.json" --images "$W/data/images" \
     --max-len 352 --on-too-long truncate --batch 8 --steps "${TWIG_STEPS:-400}" --lr 5e-4 --alpha 0.1 \
