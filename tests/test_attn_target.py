@@ -15,8 +15,9 @@ from flax import nnx
 from twig_jax.attn_target import (answer_rows, attention_mass_loss, cells_patch_mask, key_mass_loss,
                                   supervision_fields)
 from twig_jax.config import load_preset
-from twig_jax.data.shapes import (COLOURS, NUMBERS, POSITIONS, SHAPES, ShapeObject, generate_dataset, key_words,
-                                  question_cells, sample_scene, short_questions)
+from twig_jax.data.shapes import (COLOURS, NUMBERS, POSITIONS, RELATION_WORDS, SHAPES, ShapeObject,
+                                  generate_dataset, key_words, question_cells, relation_cells, sample_scene,
+                                  short_questions)
 from twig_jax.model.llava import Llava
 from twig_jax.train_lib import OptimConfig, TrainConfig, Trainer, base_forward, base_forward_with_probs
 
@@ -37,9 +38,16 @@ def test_question_cells_name_the_objects_that_answer():
                              "position": o.position}[kind], q
             elif kind in ("left_of", "above"):
                 assert len(cells) == 2 and len(set(cells)) == 2
+                subject, reference = relation_cells(q, objs)
+                assert sorted((subject, reference)) == cells
                 words = q.split()
-                for c in cells:  # each named object is one of the two
-                    assert by_cell[c].colour in words and by_cell[c].shape in words
+                cut = next(i for i, w in enumerate(words) if w in RELATION_WORDS)
+                # the subject is named before the relation word, the reference after it
+                for c, part in ((subject, words[:cut]), (reference, words[cut:])):
+                    assert by_cell[c].colour in part and by_cell[c].shape in part, q
+                # and the generator's answer is the subject's relation to the reference
+                (rs, cs), (rr, cr) = divmod(subject, 3), divmod(reference, 3)
+                assert a == ("yes" if (cs < cr if kind == "left_of" else rs < rr) else "no"), q
             elif kind == "exists":
                 assert (cells is None) == (a == "no")
             elif kind in ("count_colour", "count_shape"):
@@ -47,6 +55,8 @@ def test_question_cells_name_the_objects_that_answer():
                 assert (cells is None) if n == 0 else len(cells) == n
             else:
                 assert cells is None, (kind, q)
+            if kind not in ("left_of", "above"):
+                assert relation_cells(q, objs) is None, q
     assert ("colour_of", False) in seen and ("exists", True) in seen and ("count_shape", False) in seen
     objs = [ShapeObject("circle", "red", "small", 0), ShapeObject("circle", "blue", "large", 8)]
     assert question_cells("what colour is the circle ?", objs) is None  # ambiguous: not supervised
@@ -65,7 +75,8 @@ def test_cells_patch_mask_and_answer_rows():
     assert answer_rows(np.array([0, 0, 1, 1, 0, 0, 1, 0, 1])) == [1, 5, 7]
 
 
-def test_data_pipeline_rows_point_at_each_answer(tmp_path):
+@pytest.mark.parametrize("targets", ["shapes", "shapes-roles"])
+def test_data_pipeline_rows_point_at_each_answer(tmp_path, targets):
     from twig_jax.data import ConversationEncoder, SampleProcessor
     from twig_jax.data.shapes import build_tokenizer
 
@@ -77,8 +88,8 @@ def test_data_pipeline_rows_point_at_each_answer(tmp_path):
     image_id = tok.convert_tokens_to_ids("<image>")
     enc = ConversationEncoder(tok, image_id, 144, 400)
     proc = SampleProcessor(enc, lambda path: np.zeros((1, 3, 96, 96), np.float32), os.path.join(out, "images"),
-                           (3, 96, 96), attn_targets="shapes", attn_slots=8)
-    supervised = 0
+                           (3, 96, 96), attn_targets=targets, attn_slots=8)
+    supervised = relations = 0
     for i, rec in enumerate(records):
         s = proc((i, rec))
         assert "_bad" not in s, s
@@ -94,14 +105,24 @@ def test_data_pipeline_rows_point_at_each_answer(tmp_path):
             assert s["label_mask"][row] == 0 and s["label_mask"][row + 1] == 1
             first = tok.convert_ids_to_tokens(int(s["tokens"][row + 1]))
             assert first == answer.split()[0], (question, answer, first)
-            np.testing.assert_array_equal(s["attn_target"][q], cells_patch_mask(question_cells(question, objs), 144))
-            # the key-word target marks exactly the question's attribute words, in this question
-            keys = [tok.convert_ids_to_tokens(int(t)) for t in s["tokens"][s["attn_key_target"][q] > 0]]
-            assert keys == [w for w in question.replace("<image>", " ").split() if w in key_words()], question
-            assert s["attn_key_target"][q, row + 1:].sum() == 0
+            words = [w for w in question.replace("<image>", " ").split() if w in key_words()]
+            pair = relation_cells(question, objs) if targets == "shapes-roles" else None
+            if pair is None:  # one target, both roles
+                cells, role_words = (question_cells(question, objs),) * 2, (words, words)
+            else:  # the subject and its words, then the reference and its words
+                cut = next(i for i, w in enumerate(question.split()) if w in RELATION_WORDS)
+                before = [w for w in question.split()[:cut] if w in key_words()]
+                cells, role_words = ([pair[0]], [pair[1]]), (before, words[len(before):])
+                relations += 1
+            for role in range(2):
+                np.testing.assert_array_equal(s["attn_target"][q, role], cells_patch_mask(cells[role], 144))
+                # the key-word target marks exactly the role's attribute words, in this question
+                keys = [tok.convert_ids_to_tokens(int(t)) for t in s["tokens"][s["attn_key_target"][q, role] > 0]]
+                assert keys == role_words[role], (question, role)
+            assert s["attn_key_target"][q, :, row + 1:].sum() == 0
             supervised += 1
         assert not s["attn_target"][len(expect):].any() and not s["attn_valid"][len(expect):].any()
-    assert supervised >= 6
+    assert supervised >= 6 and (relations > 0) == (targets == "shapes-roles")
     bad = proc((0, {k: v for k, v in records[1].items() if k != "objects"}))
     assert bad["_bad"] == "malformed" and "objects" in bad["_detail"]
 
@@ -109,6 +130,9 @@ def test_data_pipeline_rows_point_at_each_answer(tmp_path):
 @pytest.fixture(scope="module")
 def tiny():
     return Llava(load_preset("tiny"), rngs=nnx.Rngs(3))
+
+
+SPLIT = 151  # the relation word's token id in _batch
 
 
 def _batch(cfg, b=4, s=32, seed=0):
@@ -120,10 +144,12 @@ def _batch(cfg, b=4, s=32, seed=0):
     mask[:, 24:26] = 1
     mask[:, 29:31] = 1
     pix = rng.standard_normal((b, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(np.float32)
+    eye = np.eye(n, dtype=np.float32)
+    tokens[1, 20] = SPLIT  # sample 1's first question is a relation: two roles, split at token 20
     fields = [supervision_fields(tokens[i], mask[i], cfg.image_token_index, n,
-                                 [np.eye(n, dtype=np.float32)[i % n] + np.eye(n, dtype=np.float32)[(i + 5) % n],
-                                  None if i == 0 else np.eye(n, dtype=np.float32)[(3 * i) % n]], 3,
-                                 key_ids=range(3, 100))
+                                 [(eye[1], eye[6]) if i == 1 else eye[i % n] + eye[(i + 5) % n],
+                                  None if i == 0 else eye[(3 * i) % n]], 3,
+                                 key_ids=range(3, 100), split_ids=[SPLIT])
               for i in range(b)]
     batch = {"tokens": tokens, "label_mask": mask, "pixel_values": pix}
     batch.update({k: np.stack([f[k] for f in fields]) for k in fields[0]})
@@ -164,22 +190,30 @@ def test_loss_matches_the_inference_layer_runner(tiny):
         for q in range(3):
             if batch["attn_valid"][i, q]:
                 r, s0 = batch["attn_rows"][i, q], batch["attn_img_start"][i]
-                m = (ref[i, :2, r, s0:s0 + cfg.num_image_tokens] * batch["attn_target"][i, q]).sum(-1)
-                want.append(-np.log(m + 1e-6).mean())
-                km = (key_ref[i, :2, r] * batch["attn_key_target"][i, q]).sum(-1)
-                if batch["attn_key_target"][i, q].any():
-                    key_want.append(-np.log(km + 1e-6).mean())
+                # head j is pulled onto role j % 2's target
+                m = [(ref[i, j, r, s0:s0 + cfg.num_image_tokens] * batch["attn_target"][i, q, j % 2]).sum()
+                     for j in range(2)]
+                want.append(-np.log(np.array(m) + 1e-6).mean())
+                km = [-np.log((key_ref[i, j, r] * batch["attn_key_target"][i, q, j % 2]).sum() + 1e-6)
+                      for j in range(2) if batch["attn_key_target"][i, q, j % 2].any()]
+                if km:
+                    key_want.append(np.mean(km))
     assert float(count) == len(want) == 7 and float(key_count) == len(key_want) >= 5
     np.testing.assert_allclose(float(nll), np.sum(want), rtol=1e-5)
     np.testing.assert_allclose(float(key_nll), np.sum(key_want), rtol=1e-5)
     # the key targets lie in each question's own span: after the image / previous answer, up to the row
     for i in range(b):
         for q in range(int(batch["attn_valid"][i].sum())):
-            marked = np.flatnonzero(batch["attn_key_target"][i, q])
             r = batch["attn_rows"][i, q]
             lo = 18 if r == 23 else 26
-            assert all(lo <= j <= r for j in marked)
-            assert set(marked) == {j for j in range(lo, r + 1) if 3 <= batch["tokens"][i, j] < 100}
+            is_key = {j for j in range(lo, r + 1) if 3 <= batch["tokens"][i, j] < 100}
+            subject, reference = (set(np.flatnonzero(batch["attn_key_target"][i, q, role])) for role in range(2))
+            if (i, q) == (1, 0):  # the relation: its words before the split token, then after it
+                assert subject == {j for j in is_key if j < 20} and reference == {j for j in is_key if j > 20}
+                np.testing.assert_array_equal(batch["attn_target"][i, q], np.eye(cfg.num_image_tokens)[[1, 6]])
+            else:
+                assert subject == reference == is_key
+                np.testing.assert_array_equal(batch["attn_target"][i, q, 0], batch["attn_target"][i, q, 1])
 
 
 def test_training_pulls_the_heads_onto_the_target(tiny):
@@ -207,3 +241,7 @@ def test_clear_errors(tiny):
         base_forward_with_probs(tiny, jnp.zeros((1, 20), jnp.int32), None, (1, 9))
     with pytest.raises(ValueError, match="heads=5"):
         attention_mass_loss(jnp.zeros((1, 4, 3, 3)), {}, heads=5)
+    eye = np.eye(16, dtype=np.float32)
+    tokens = np.array([5] * 2 + [tiny.cfg.image_token_index] * 16 + [7, 8, 9, 4, 4]), np.array([0] * 21 + [1, 1])
+    with pytest.raises(ValueError, match="relation word"):  # a two-role target in a question without one
+        supervision_fields(*tokens, tiny.cfg.image_token_index, 16, [(eye[0], eye[1])], 2, split_ids=[SPLIT])

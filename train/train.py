@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --attn-layer: also pull this layer's first --attn-heads heads, from the same row, "
                         "onto the question's key words (the lookup's first hop)")
     o.add_argument("--attn-weight", type=float, default=1.0, help="weight of the attention target's loss")
+    o.add_argument("--attn-roles", action="store_true",
+                   help="with --attn-layer: a relation's two objects are two targets (even heads: the subject "
+                        "and its words, odd heads: the reference and its words) instead of one")
     o.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     o.add_argument("--remat", action="store_true")
     o.add_argument("--seed", type=int, default=0)
@@ -107,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.attn_layer is not None and not args.train_all:
         print("twig-jax train: error: --attn-layer trains the base's attention: it needs --train-all", file=sys.stderr)
+        return 2
+    if args.attn_roles and args.attn_layer is None:
+        print("twig-jax train: error: --attn-roles needs --attn-layer", file=sys.stderr)
         return 2
     if args.attn_key_layer is not None and args.attn_layer is None:
         print("twig-jax train: error: --attn-key-layer needs --attn-layer", file=sys.stderr)
@@ -176,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_cfg = DataConfig(json_path=args.data, image_dir=args.images, max_len=args.max_len, batch_size=args.batch,
                           seed=args.seed, on_too_long=args.on_too_long, num_threads=args.data_threads,
                           worker_count=args.data_workers,
-                          attn_targets="shapes" if args.attn_layer is not None else None)
+                          attn_targets=None if args.attn_layer is None else
+                          "shapes-roles" if args.attn_roles else "shapes")
     it, report = make_train_iterator(data_cfg, tokenizer, base.cfg, model_dir=model_dir)
     out = train(base, cfg, it, twig=twig, bad_report=report, kill_after_checkpoint=args.kill_after_checkpoint)
     if args.out and jax.process_index() == 0 and not args.train_all:

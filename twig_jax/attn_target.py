@@ -14,13 +14,20 @@ The lookup is two hops (the answer row gathers the question's key words, then ma
 against the patches), so an earlier layer can get a second target (`key layer`): from the same
 row, the mass of its heads on the current question's key words (colour, shape, size words).
 
+A relation ("is the A left of the B ?") needs to know which object is which: both heads pulled
+onto the union of A's and B's cells read a sum that is the same for "A left of B" and "B left of
+A" (session 11: left_of fell from 23 to 17 of 28 under that target). With roles, each target has
+two: role 0 (the subject A: its cells and the key words before the relation word) and role 1 (the
+reference B: its cells and the key words after it); supervised head h gets role h % 2. Every
+other question's two roles are the same target.
+
 Batch fields (from `twig_jax.data.SampleProcessor` with `DataConfig.attn_targets`):
-  attn_rows [B, Q] int32    the row predicting each supervised answer's first token (0 if unused)
-  attn_target [B, Q, N]     1 on the visual tokens of the question's cells
-  attn_key_target [B, Q, S] 1 on the key words of the question (the tokens in key_ids between the
-                            previous answer, or the image, and the row)
-  attn_valid [B, Q]         1 for a supervised question
-  attn_img_start [B] int32  the sequence index of the first visual token
+  attn_rows [B, Q] int32       the row predicting each supervised answer's first token (0 if unused)
+  attn_target [B, Q, 2, N]     per role, 1 on the visual tokens of the question's cells
+  attn_key_target [B, Q, 2, S] per role, 1 on the key words of the question (the tokens in key_ids
+                               between the previous answer, or the image, and the row)
+  attn_valid [B, Q]            1 for a supervised question
+  attn_img_start [B] int32     the sequence index of the first visual token
 """
 
 from __future__ import annotations
@@ -62,28 +69,41 @@ def answer_rows(label_mask: np.ndarray) -> list[int]:
 
 
 def supervision_fields(tokens: np.ndarray, label_mask: np.ndarray, image_token_index: int, num_image_tokens: int,
-                       targets: Sequence[np.ndarray | None], slots: int,
-                       key_ids: Collection[int] = ()) -> dict[str, np.ndarray]:
-    """The batch fields of one sample. targets: per answer turn in order, a [N] mask or None
-    (not supervised); answers cut off by truncation are dropped, and at most `slots` are kept.
-    key_ids: token ids of the key words (attn_key_target)."""
+                       targets: Sequence[np.ndarray | tuple[np.ndarray, np.ndarray] | None], slots: int,
+                       key_ids: Collection[int] = (), split_ids: Collection[int] = ()) -> dict[str, np.ndarray]:
+    """The batch fields of one sample. targets: per answer turn in order, None (not supervised),
+    a [N] mask (both roles) or a pair of [N] masks (subject, reference: the question's key words
+    are split at its first token in split_ids); answers cut off by truncation are dropped, and at
+    most `slots` are kept. key_ids: token ids of the key words (attn_key_target)."""
     tokens = np.asarray(tokens)
     rows = np.zeros((slots,), np.int32)  # [Q]
-    target = np.zeros((slots, num_image_tokens), np.float32)  # [Q, N]
-    key_target = np.zeros((slots, tokens.shape[0]), np.float32)  # [Q, S]
+    target = np.zeros((slots, 2, num_image_tokens), np.float32)  # [Q, 2, N]
+    key_target = np.zeros((slots, 2, tokens.shape[0]), np.float32)  # [Q, 2, S]
     valid = np.zeros((slots,), np.float32)  # [Q]
     img = np.flatnonzero(tokens == image_token_index)
-    is_key = np.isin(tokens, np.asarray(list(key_ids), np.int64))  # [S]
+    is_key = np.isin(tokens, np.asarray(list(key_ids), np.int64)).astype(np.float32)  # [S]
+    is_split = np.isin(tokens, np.asarray(list(split_ids), np.int64))  # [S]
     starts, ends = _label_runs(label_mask)
     q = 0
     for i, (start, t) in enumerate(zip(starts, targets)):
-        if t is None or q == slots or not t.any() or start == 0:
+        if t is None or q == slots or start == 0:
+            continue
+        roles = t if isinstance(t, tuple) else (t, t)
+        if not all(np.asarray(r).any() for r in roles):
             continue
         row = int(start) - 1
         # The question lies between the previous answer (or the image) and the row.
         after = int(ends[i - 1]) if i else (int(img[-1]) + 1 if img.size else 0)
-        rows[q], target[q], valid[q] = row, t, 1.0
-        key_target[q, after:row + 1] = is_key[after:row + 1]
+        rows[q], target[q], valid[q] = row, np.stack(roles), 1.0
+        key_target[q, :, after:row + 1] = is_key[after:row + 1]
+        if isinstance(t, tuple):
+            split = np.flatnonzero(is_split[after:row + 1])
+            if not split.size:
+                raise ValueError(f"a two-role attention target needs a relation word (token ids {sorted(split_ids)}) "
+                                 f"in its question, tokens {after}..{row}")
+            cut = after + int(split[0])
+            key_target[q, 0, cut:] = 0.0  # the subject's words come before the relation word
+            key_target[q, 1, :cut] = 0.0
         q += 1
     if q and not img.size:
         raise ValueError("attention targets need an image in the sequence")
@@ -93,11 +113,16 @@ def supervision_fields(tokens: np.ndarray, label_mask: np.ndarray, image_token_i
 
 def _mass_nll(p_keys: jax.Array, target: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
     """p_keys [B, h, Q, K] attention of the supervised heads from each row over K keys, target
-    [B, Q, K] 0/1: (sum over valid rows of the head-mean -log mass on the target, row count).
-    Rows whose target is empty (no key word survived) are skipped."""
-    mass = jnp.einsum("bhqk,bqk->bhq", p_keys.astype(jnp.float32), target.astype(jnp.float32))  # [B, h, Q]
-    nll = -jnp.log(mass + 1e-6).mean(axis=1)  # [B, Q]
-    valid = valid.astype(jnp.float32) * (jnp.sum(target, axis=-1) > 0)
+    [B, Q, 2, K] 0/1 per role (head i gets role i % 2): (sum over valid rows of the mean over
+    heads of -log mass on the head's target, row count). A head whose target is empty (no key
+    word survived) is left out of its row's mean; a row with none is skipped."""
+    h = p_keys.shape[1]
+    per_head = target[:, :, jnp.arange(h) % 2].astype(jnp.float32)  # [B, Q, h, K]
+    mass = jnp.einsum("bhqk,bqhk->bqh", p_keys.astype(jnp.float32), per_head)  # [B, Q, h]
+    has = (jnp.sum(per_head, axis=-1) > 0).astype(jnp.float32)  # [B, Q, h]
+    n_heads = jnp.sum(has, axis=-1)  # [B, Q]
+    nll = jnp.sum(-jnp.log(mass + 1e-6) * has, axis=-1) / jnp.maximum(n_heads, 1.0)  # [B, Q]
+    valid = valid.astype(jnp.float32) * (n_heads > 0)
     return jnp.sum(nll * valid), jnp.sum(valid)
 
 

@@ -48,6 +48,9 @@ BAD_REASONS = ("missing_image", "unreadable_image", "too_long", "malformed", "no
                "error")  # "error": any other exception while processing the sample
 
 
+ATTN_TARGETS = (None, "shapes", "shapes-roles")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     json_path: str
@@ -65,14 +68,16 @@ class DataConfig:
     system: str = VICUNA_V1_SYSTEM
     # Training-only attention targets (twig_jax.attn_target): "shapes" reads each record's
     # "objects" and marks the cells every short question is about; at most attn_slots per sample.
+    # "shapes-roles": a relation's two objects are two targets (subject for even heads, reference
+    # for odd ones) instead of one.
     attn_targets: str | None = None
     attn_slots: int = 8
 
     def validate(self) -> "DataConfig":
         if self.on_too_long not in ("skip", "truncate"):
             raise ValueError(f"on_too_long={self.on_too_long!r} must be 'skip' or 'truncate'")
-        if self.attn_targets not in (None, "shapes"):
-            raise ValueError(f"attn_targets={self.attn_targets!r}: the only provider is 'shapes'")
+        if self.attn_targets not in ATTN_TARGETS:
+            raise ValueError(f"attn_targets={self.attn_targets!r} must be one of {ATTN_TARGETS}")
         if self.attn_slots < 1:
             raise ValueError(f"attn_slots={self.attn_slots} must be >= 1")
         if self.max_len < 2:
@@ -292,7 +297,7 @@ class SampleProcessor:
 
     def _attn_fields(self, rec: Mapping, tokens: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         from twig_jax.attn_target import cells_patch_mask, supervision_fields
-        from twig_jax.data.shapes import ShapeObject, question_cells
+        from twig_jax.data.shapes import ShapeObject, question_cells, relation_cells
 
         try:
             objects = [ShapeObject.from_key(k) for k in rec["objects"]]
@@ -303,20 +308,28 @@ class SampleProcessor:
         for msg in rec["conversations"]:
             if str(msg.get("from", "")).lower() not in ("human", "user"):
                 continue
-            cells = question_cells(str(msg.get("value", "")), objects)
-            targets.append(None if cells is None else cells_patch_mask(cells, n))
+            question = str(msg.get("value", ""))
+            cells = question_cells(question, objects)
+            pair = relation_cells(question, objects) if self.attn_targets == "shapes-roles" else None
+            if pair is not None:
+                targets.append((cells_patch_mask([pair[0]], n), cells_patch_mask([pair[1]], n)))
+            else:
+                targets.append(None if cells is None else cells_patch_mask(cells, n))
         return supervision_fields(tokens, mask, self.encoder.image_token_index, n, targets, self.attn_slots,
-                                  self._key_ids())
+                                  self._word_ids("key"), self._word_ids("relation"))
 
-    def _key_ids(self) -> list[int]:
-        """Token ids of the shapes world's attribute words (one word-level token each)."""
-        if getattr(self, "_key_id_cache", None) is None:
-            from twig_jax.data.shapes import key_words
+    def _word_ids(self, which: str) -> list[int]:
+        """Token ids of the shapes world's attribute words ("key") or relation words ("relation");
+        one word-level token each."""
+        cache = self.__dict__.setdefault("_word_id_cache", {})
+        if which not in cache:
+            from twig_jax.data.shapes import RELATION_WORDS, key_words
 
-            ids = [self.encoder.tok.convert_tokens_to_ids(w) for w in key_words()]
+            words = key_words() if which == "key" else list(RELATION_WORDS)
+            ids = [self.encoder.tok.convert_tokens_to_ids(w) for w in words]
             unk = getattr(self.encoder.tok, "unk_token_id", None)
-            self._key_id_cache = [i for i in ids if i is not None and i != unk]
-        return self._key_id_cache
+            cache[which] = [i for i in ids if i is not None and i != unk]
+        return cache[which]
 
     def __call__(self, item: tuple[int, Any]) -> dict[str, Any]:
         index, rec = item

@@ -256,57 +256,75 @@ def key_words() -> list[str]:
     return list(COLOURS) + list(SHAPES) + list(PLURALS.values()) + list(SIZES)
 
 
+RELATION_WORDS = ("left", "above")  # the word that splits a relation question into its two objects
+
+
+def _question_text(question: str) -> str:
+    words = question.replace("<image>", " ").split()
+    if words and words[-1] in ("?", "."):
+        words = words[:-1]
+    return " ".join(words)
+
+
+def _named(phrase: str) -> dict | None:
+    """The attributes a phrase names an object by: "C S", "size S", "S", "C object"."""
+    p = phrase.split()
+    if len(p) == 2 and p[0] in COLOURS and p[1] in SHAPES:
+        return {"colour": p[0], "shape": p[1]}
+    if len(p) == 2 and p[0] in SIZES and p[1] in SHAPES:
+        return {"size": p[0], "shape": p[1]}
+    if len(p) == 2 and p[0] in COLOURS and p[1] == "object":
+        return {"colour": p[0]}
+    if len(p) == 1 and p[0] in SHAPES:
+        return {"shape": p[0]}
+    return None
+
+
+def _matching(objects: Sequence[ShapeObject], **attrs) -> list[int]:
+    return [o.cell for o in objects if all(getattr(o, k) == v for k, v in attrs.items())]
+
+
+def relation_cells(question: str, objects: Sequence[ShapeObject]) -> tuple[int, int] | None:
+    """(subject cell, reference cell) of a left_of / above question ("is the A left of the B ?")
+    whose two objects are each unique in the scene; None otherwise."""
+    text = _question_text(question)
+    for rel in (" left of the ", " above the "):
+        if text.startswith("is the ") and rel in text:
+            a, b = text[len("is the "):].split(rel, 1)
+            ca, cb = _named(a), _named(b)
+            if ca is None or cb is None:
+                return None
+            ma, mb = _matching(objects, **ca), _matching(objects, **cb)
+            return (ma[0], mb[0]) if len(ma) == 1 and len(mb) == 1 else None
+    return None
+
+
 def question_cells(question: str, objects: Sequence[ShapeObject]) -> list[int] | None:
     """The grid cells of the objects a short question is about, for a training-only attention
     target (`twig_jax.attn_target`): the named object for colour_of / shape_of / position / size_of,
     both for left_of / above, the matching objects for exists ("yes") and the two counts by colour
     or shape (when any match). None for questions no object answers (describe, count_all, a "no"
     to exists, a zero count) and for text this world does not ask."""
-    words = question.replace("<image>", " ").split()
-    if words and words[-1] in ("?", "."):
-        words = words[:-1]
-    text = " ".join(words)
-
-    def matching(**attrs) -> list[int]:
-        return [o.cell for o in objects if all(getattr(o, k) == v for k, v in attrs.items())]
-
-    def named(phrase: str) -> dict | None:
-        # "C S", "size S", "S", "C object"
-        p = phrase.split()
-        if len(p) == 2 and p[0] in COLOURS and p[1] in SHAPES:
-            return {"colour": p[0], "shape": p[1]}
-        if len(p) == 2 and p[0] in SIZES and p[1] in SHAPES:
-            return {"size": p[0], "shape": p[1]}
-        if len(p) == 2 and p[0] in COLOURS and p[1] == "object":
-            return {"colour": p[0]}
-        if len(p) == 1 and p[0] in SHAPES:
-            return {"shape": p[0]}
-        return None
-
+    text = _question_text(question)
     for prefix in ("what colour is the ", "what shape is the ", "where is the ", "what size is the "):
         if text.startswith(prefix):
-            attrs = named(text[len(prefix):])
-            cells = matching(**attrs) if attrs else []
+            attrs = _named(text[len(prefix):])
+            cells = _matching(objects, **attrs) if attrs else []
             return cells if len(cells) == 1 else None
-    for rel in (" left of the ", " above the "):
-        if text.startswith("is the ") and rel in text:
-            a, b = text[len("is the "):].split(rel, 1)
-            ca, cb = (named(a), named(b))
-            if ca is None or cb is None:
-                return None
-            ma, mb = matching(**ca), matching(**cb)
-            return sorted(ma + mb) if len(ma) == 1 and len(mb) == 1 else None
+    if text.startswith("is the ") and any(f" {w} " in text for w in RELATION_WORDS):
+        pair = relation_cells(question, objects)
+        return None if pair is None else sorted(pair)
     if text.startswith("is there a "):
-        attrs = named(text[len("is there a "):])
-        cells = matching(**attrs) if attrs else []
+        attrs = _named(text[len("is there a "):])
+        cells = _matching(objects, **attrs) if attrs else []
         return cells or None
     if text.startswith("how many ") and text.endswith(" are there"):
         what = text[len("how many "):-len(" are there")]
         if what.endswith(" objects") and what.split()[0] in COLOURS and len(what.split()) == 2:
-            cells = matching(colour=what.split()[0])
+            cells = _matching(objects, colour=what.split()[0])
         else:
             shape = {v: k for k, v in PLURALS.items()}.get(what)
-            cells = matching(shape=shape) if shape else []
+            cells = _matching(objects, shape=shape) if shape else []
         return cells or None
     return None
 
