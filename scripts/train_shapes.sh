@@ -9,7 +9,8 @@
 #      batch 32, 1500 steps
 #   2b. continued with the two-hop attention target (twig_jax/attn_target.py: layer 0's first two
 #      heads onto the question's key words, layer 1's onto the asked objects' cells), batch 16,
-#      400 steps, then 800 more from that model (session 11)
+#      400 steps, then 800 more from that model (session 11); then 400 + 800 + 800 steps with roles
+#      (--attn-roles: a relation's subject and reference are separate targets; session 12)
 #   3. grown to 8 layers: its two layers at depths 0 and 4, six zero-output layers that read like
 #      the next trained layer (train/grow.py --at 0,4 --fill next); exactly the 2-layer function
 #   4. the twig (K=2, T=2) distilled from the frozen grown base with the training stack
@@ -26,15 +27,19 @@ twig-jax train --base train/checkpoints/shapes-llava-2layer-step1750 --train-all
     --data "$W/data/train.json" --images "$W/data/images" --max-len 352 --on-too-long truncate --batch 32 \
     --steps 1500 --lr 1e-3 --warmup-ratio 0.02 --seed 1 --ckpt-dir "$W/lm2" --every 250 --keep 2 \
     --out "$W/lm2/final" --no-progress
-for stage in "att1 $W/lm2/final 400 0.05 12" "att2 $W/att1/final 800 0.02 14"; do
-    read -r name start steps warmup seed <<< "$stage"
+# name, start, steps, lr, warmup, seed, roles (att3-5, session 12: a relation's two objects are two targets)
+for stage in "att1 $W/lm2/final 400 3e-4 0.05 12 no" "att2 $W/att1/final 800 3e-4 0.02 14 no" \
+             "att3 $W/att2/final 400 3e-4 0.02 16 roles" "att4 $W/att3/final 800 5e-4 0.02 18 roles" \
+             "att5 $W/att4/final 800 5e-4 0.02 20 roles"; do
+    read -r name start steps lr warmup seed roles <<< "$stage"
     twig-jax train --base "$start" --train-all --freeze vision --data "$W/data/train.json" --images "$W/data/images" \
-        --max-len 352 --on-too-long truncate --batch 16 --steps "$steps" --lr 3e-4 --warmup-ratio "$warmup" \
+        --max-len 352 --on-too-long truncate --batch 16 --steps "$steps" --lr "$lr" --warmup-ratio "$warmup" \
         --attn-layer 1 --attn-key-layer 0 --attn-heads 2 --attn-weight 0.3 --seed "$seed" \
+        $([ "$roles" = roles ] && echo --attn-roles) \
         --ckpt-dir "$W/$name" --every 200 --keep 1 --out "$W/$name/final" --no-progress
 done
 # --into gives only the 8-layer config (every text weight is overwritten; tower and projector come from --lm).
-python -m train.grow --lm "$W/att2/final" --into infer/assets/shapes-llava/base --out "$W/base" --image-side \
+python -m train.grow --lm "$W/att5/final" --into infer/assets/shapes-llava/base --out "$W/base" --image-side \
     --at 0,4 --fill next
 twig-jax train --base "$W/base" --twig-k 2 --twig-t 2 --data "$W/data/train.json" --images "$W/data/images" \
     --max-len 352 --on-too-long truncate --batch 8 --steps "${TWIG_STEPS:-400}" --lr 5e-4 --alpha 0.1 \
