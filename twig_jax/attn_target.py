@@ -14,9 +14,10 @@ The lookup is two hops (the answer row gathers the question's key words, then ma
 against the patches), so an earlier layer can get a second target (`key layer`): from the same
 row, the mass of its heads on the current question's key words (colour, shape, size words).
 
-A relation ("is the A left of the B ?") needs to know which object is which: both heads pulled
-onto the union of A's and B's cells read a sum that is the same for "A left of B" and "B left of
-A" (session 11: left_of fell from 23 to 17 of 28 under that target). With roles, each target has
+A relation ("is the A left of the B ?") needs both objects, each read by its own head: pulled
+onto the union of A's and B's cells, both heads met the target by looking at B alone (session 12's
+probe: 0.96-0.99 of their mass on B and its words), and left_of fell from 23 to 17 of 28 under
+that target (session 11). With roles, each target has
 two: role 0 (the subject A: its cells and the key words before the relation word) and role 1 (the
 reference B: its cells and the key words after it); supervised head h gets role h % 2. Every
 other question's two roles are the same target.

@@ -309,12 +309,12 @@ class SampleProcessor:
             if str(msg.get("from", "")).lower() not in ("human", "user"):
                 continue
             question = str(msg.get("value", ""))
-            cells = question_cells(question, objects)
             pair = relation_cells(question, objects) if self.attn_targets == "shapes-roles" else None
             if pair is not None:
                 targets.append((cells_patch_mask([pair[0]], n), cells_patch_mask([pair[1]], n)))
-            else:
-                targets.append(None if cells is None else cells_patch_mask(cells, n))
+                continue
+            cells = question_cells(question, objects)
+            targets.append(None if cells is None else cells_patch_mask(cells, n))
         return supervision_fields(tokens, mask, self.encoder.image_token_index, n, targets, self.attn_slots,
                                   self._word_ids("key"), self._word_ids("relation"))
 

@@ -311,7 +311,7 @@ def question_cells(question: str, objects: Sequence[ShapeObject]) -> list[int] |
             attrs = _named(text[len(prefix):])
             cells = _matching(objects, **attrs) if attrs else []
             return cells if len(cells) == 1 else None
-    if text.startswith("is the ") and any(f" {w} " in text for w in RELATION_WORDS):
+    if text.startswith("is the "):
         pair = relation_cells(question, objects)
         return None if pair is None else sorted(pair)
     if text.startswith("is there a "):
