@@ -27,6 +27,7 @@ each reason are logged with their ids, and they are skipped, or truncated when
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -316,20 +317,25 @@ class SampleProcessor:
             cells = question_cells(question, objects)
             targets.append(None if cells is None else cells_patch_mask(cells, n))
         return supervision_fields(tokens, mask, self.encoder.image_token_index, n, targets, self.attn_slots,
-                                  self._word_ids("key"), self._word_ids("relation"))
+                                  self._key_ids, self._relation_ids)
 
-    def _word_ids(self, which: str) -> list[int]:
-        """Token ids of the shapes world's attribute words ("key") or relation words ("relation");
-        one word-level token each."""
-        cache = self.__dict__.setdefault("_word_id_cache", {})
-        if which not in cache:
-            from twig_jax.data.shapes import RELATION_WORDS, key_words
+    def _token_ids(self, words: Sequence[str]) -> list[int]:
+        """Token ids of shapes-world words (one word-level token each; unknown words dropped)."""
+        ids = [self.encoder.tok.convert_tokens_to_ids(w) for w in words]
+        unk = getattr(self.encoder.tok, "unk_token_id", None)
+        return [i for i in ids if i is not None and i != unk]
 
-            words = key_words() if which == "key" else list(RELATION_WORDS)
-            ids = [self.encoder.tok.convert_tokens_to_ids(w) for w in words]
-            unk = getattr(self.encoder.tok, "unk_token_id", None)
-            cache[which] = [i for i in ids if i is not None and i != unk]
-        return cache[which]
+    @functools.cached_property
+    def _key_ids(self) -> list[int]:  # the attribute words a question names an object by
+        from twig_jax.data.shapes import key_words
+
+        return self._token_ids(key_words())
+
+    @functools.cached_property
+    def _relation_ids(self) -> list[int]:  # "left", "above": where a relation's subject ends
+        from twig_jax.data.shapes import RELATION_WORDS
+
+        return self._token_ids(RELATION_WORDS)
 
     def __call__(self, item: tuple[int, Any]) -> dict[str, Any]:
         index, rec = item
