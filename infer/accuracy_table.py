@@ -1,6 +1,7 @@
-"""Accuracy kept after pruning: twig (TTP), the TwigVLM++ P-head, FastV and random at 88.9%, 77.8% and 66.7% of the
-visual tokens pruned (R = N/9, 2N/9, 3N/9), short answers (exact match) and descriptions
-(object-level F1) separately, each relative to the unpruned model.
+"""Accuracy kept after pruning: twig (TTP), the TwigVLM++ P-head, FastV and random (each with its published top-R
+keep-set, and with the coverage keep-set) at 88.9%, 77.8% and 66.7% of the visual tokens pruned
+(R = N/9, 2N/9, 3N/9), short answers (exact match) and descriptions (object-level F1) separately,
+each relative to the unpruned model.
 
     python -m infer.accuracy_table [--model DIR] [--twig DIR] [--questions FILE --images DIR --answers FILE]
                                    [--data DIR] [--limit N] [--methods twig,fastv,random] [--ninths 1,2,3]
@@ -30,11 +31,18 @@ from twig_jax.eval import (DEFAULT_MODEL, DEFAULT_TWIG, DESCRIPTION, SHORT, Eval
                            attach_categories, build_generator, json_safe, read_answers, read_questions, run_eval)
 
 PRUNED_NINTHS = (1, 2, 3)  # R = k N / 9 kept: 88.9%, 77.8%, 66.7% pruned
-METHODS = ("twig", "phead", "phead_sampled", "fastv", "random")
+# table row -> (pruning method, keep-set rule): "top" R of the scores (the published methods), "sample"
+# (a draw from the P-head's scores), "cover" (score-weighted coverage, ttp.cover_visual)
+RUN_AS = {"twig": ("twig", "top"), "phead": ("phead", "top"), "phead_sampled": ("phead", "sample"),
+          "fastv": ("fastv", "top"), "random": ("random", "top"),
+          "twig_cover": ("twig", "cover"), "phead_cover": ("phead", "cover"), "fastv_cover": ("fastv", "cover"),
+          "random_cover": ("random", "cover")}
+METHODS = tuple(RUN_AS)
 LABELS = {"twig": "TwigVLM (TTP)", "phead": "TwigVLM++ P-head (top R)",
-          "phead_sampled": "TwigVLM++ P-head (sampled)", "fastv": "FastV", "random": "random", "none": "unpruned"}
-# table method -> (pruning method, keep-set rule)
-RUN_AS = {"phead_sampled": ("phead", "sample")}
+          "phead_sampled": "TwigVLM++ P-head (sampled)", "fastv": "FastV", "random": "random",
+          "twig_cover": "TTP, coverage keep-set", "phead_cover": "P-head, coverage keep-set",
+          "fastv_cover": "FastV scores, coverage keep-set (control)",
+          "random_cover": "random weights, coverage keep-set (control)", "none": "unpruned"}
 
 
 def kept_for(n_visual: int, k: int) -> int:
@@ -115,8 +123,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="shapes eval split seed (without --questions/--data)")
     p.add_argument("--n-eval", type=int, default=200, help="shapes eval images (without --questions/--data)")
     p.add_argument("--limit", type=int, help="first N questions only")
-    p.add_argument("--methods", default=None, help="comma list of twig, phead, phead_sampled, fastv, random "
-                   "(default: all; the phead rows only when the twig has a P-head)")
+    p.add_argument("--methods", default=None, help=f"comma list of {', '.join(METHODS)} "
+                   "(default: all; the P-head rows only when the twig has a P-head)")
     p.add_argument("--ninths", default=",".join(map(str, PRUNED_NINTHS)),
                    help="comma list of k: runs keep R = k N / 9 visual tokens (default 1,2,3)")
     p.add_argument("--Kf", type=int, default=None, help="FinalWipe layer of every pruned run (default: the twig's; "
@@ -162,12 +170,15 @@ def main(argv=None) -> int:
         twig = None
         if args.twig and os.path.exists(args.twig):
             twig, _ = load_twig_any(args.twig, model.cfg.text, dtype=model.text.embed[...].dtype)
-        elif {"twig", "phead"} & set(methods):
-            p.error(f"twig dir not found: {args.twig} (give --twig, or leave twig and phead out of --methods)")
-        if {"phead", "phead_sampled"} & set(methods) and (twig is None or getattr(twig, "p_head", None) is None):
+        elif any(RUN_AS[m][0] in ("twig", "phead") for m in methods):
+            p.error(f"twig dir not found: {args.twig} (give --twig, or leave the twig and P-head rows out of "
+                    f"--methods)")
+        phead_rows = [m for m in methods if RUN_AS[m][0] == "phead"]
+        if phead_rows and (twig is None or getattr(twig, "p_head", None) is None):
             if args.methods:
-                p.error(f"--methods phead: the twig {args.twig} has no P-head (train one: python -m train.prune_rl)")
-            methods = [m for m in methods if m not in ("phead", "phead_sampled")]  # the default list
+                p.error(f"--methods {','.join(phead_rows)}: the twig {args.twig} has no P-head (train one: "
+                        f"python -m train.prune_rl)")
+            methods = [m for m in methods if m not in phead_rows]  # the default list
         L, N = model.cfg.text.num_hidden_layers, model.cfg.num_image_tokens
         max_new = {SHORT: args.max_new_short, DESCRIPTION: args.max_new_description}
         counts = {c: sum(q.category == c for q in questions) for c in (SHORT, DESCRIPTION)}
@@ -176,7 +187,7 @@ def main(argv=None) -> int:
         model_id = os.path.basename(os.path.normpath(args.model))
 
         def one(name: str, R: int | None):
-            method, select = RUN_AS.get(name, (name, "top" if name != "none" else None))
+            method, select = RUN_AS.get(name, ("none", None))
             cfg = EvalConfig(method=method, R=R, Kf=args.Kf if method != "none" else None,
                              score_rows=args.score_rows if method != "none" else None, select=select, ssd=False,
                              batch_size=args.batch, max_new_tokens=max_new)

@@ -1,5 +1,7 @@
-"""End-to-end speed of TwigVLM on the bundled shapes model: FastV, TTP, SSD, TTP + SSD (and the
-TwigVLM++ P-head with and without SSD, when the twig has one) against plain decoding, on descriptions (long answers), at batch 1 and batch 8.
+"""End-to-end speed of TwigVLM on the bundled shapes model: FastV, TTP, SSD, TTP + SSD (TTP with its
+top-R keep-set and with the coverage keep-set, ttp.cover_visual; and the TwigVLM++ P-head with and
+without SSD, when the twig has one, with the twig config's keep-set rule) against plain decoding,
+on descriptions (long answers), at batch 1 and batch 8.
 
     python -m infer.speed_table [--model DIR] [--twig DIR] [--R 16] [--images N] [--repeats 3]
                                 [--out-json F] [--out-md F]
@@ -17,20 +19,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
-VARIANTS = {  # name -> (method, ssd)
-    "plain": ("none", False),
-    "fastv": ("fastv", False),
-    "ttp": ("twig", False),
-    "ssd": ("none", True),
-    "ttp+ssd": ("twig", True),
-    "phead": ("phead", False),  # TwigVLM++ P-head pruning (only when the twig has a P-head)
-    "phead+ssd": ("phead", True),
+VARIANTS = {  # name -> (method, ssd, keep-set rule; None: the twig config's)
+    "plain": ("none", False, None),
+    "fastv": ("fastv", False, "top"),
+    "ttp": ("twig", False, "top"),
+    "ssd": ("none", True, None),
+    "ttp+ssd": ("twig", True, "top"),
+    "ttp-cover": ("twig", False, "cover"),  # TTP's scores, coverage keep-set (ttp.cover_visual)
+    "ttp-cover+ssd": ("twig", True, "cover"),
+    "phead": ("phead", False, None),  # TwigVLM++ P-head pruning (only when the twig has a P-head)
+    "phead+ssd": ("phead", True, None),
 }
 PHEAD_VARIANTS = ("phead", "phead+ssd")
+LOSSLESS_PAIRS = (("ssd", "plain"), ("ttp+ssd", "ttp"), ("ttp-cover+ssd", "ttp-cover"), ("phead+ssd", "phead"))
 
 
 def description_inputs(pipe, questions, images_dir: str, n: int):
@@ -99,13 +103,16 @@ def run_pass(gen, prompts, pixels, batch: int, max_new_tokens: int, eos_ids) -> 
 def measure_speed(model, tokenizer, twig, twig_cfg, prompts, pixels, *, batches=(1, 8), repeats: int = 3,
                   max_new_tokens: int = 128, variants=tuple(VARIANTS), log=print) -> list[dict]:
     """Rows of the speed table, one per (batch, variant); plain decoding is the reference."""
+    import dataclasses
+
     from twig_jax.pipeline import make_generator
 
     eos_ids = (tokenizer.eos_token_id,)
     gens = {}
     for name in variants:
-        method, ssd = VARIANTS[name]
-        gens[name] = make_generator(model, twig, twig_cfg, method=method, ssd=ssd)
+        method, ssd, select = VARIANTS[name]
+        cfg = twig_cfg if select is None else dataclasses.replace(twig_cfg, select=select)
+        gens[name] = make_generator(model, twig, cfg, method=method, ssd=ssd)
     rows = []
     for batch in batches:
         if len(prompts) % batch:
@@ -131,7 +138,7 @@ def measure_speed(model, tokenizer, twig, twig_cfg, prompts, pixels, *, batches=
             rows.append(row)
         # Greedy SSD is lossless: it must reproduce its non-speculative counterpart token for token.
         outs = {name: passes[name][0]["outputs"] for name in gens}
-        for spec, ref in (("ssd", "plain"), ("ttp+ssd", "ttp"), ("phead+ssd", "phead")):
+        for spec, ref in LOSSLESS_PAIRS:
             if spec in outs and ref in outs:
                 same = outs[spec] == outs[ref]
                 next(r for r in rows if r["batch"] == batch and r["variant"] == spec)["same_tokens_as_" + ref] = same
@@ -165,7 +172,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines.append("")
     lines.append(f"R = {meta['R']} of N = {meta['N']} visual tokens, K = {meta['K']}, Kf = {meta['Kf']}, "
                  f"draft_len = {meta['draft_len']}, theta = {meta['theta']}; {meta['n_inputs']} descriptions, "
-                 f"max {meta['max_new_tokens']} new tokens; median of {meta['repeats']} passes.")
+                 f"max {meta['max_new_tokens']} new tokens; median of {meta['repeats']} passes; keep-sets: top R, "
+                 f"coverage for ttp-cover, {meta.get('phead_select', 'top')} for the P-head.")
     return "\n".join(lines)
 
 
@@ -227,7 +235,7 @@ def main(argv=None) -> int:
     N = model.cfg.num_image_tokens
     R = make_generator_plan_R(model, twig_cfg)
     meta = dict(model=args.model, twig=args.twig, R=R, N=N, K=twig_cfg.K, Kf=twig_cfg.Kf,
-                draft_len=twig_cfg.draft_len, theta=twig_cfg.theta, n_inputs=args.images,
+                draft_len=twig_cfg.draft_len, theta=twig_cfg.theta, phead_select=twig_cfg.select, n_inputs=args.images,
                 max_new_tokens=args.max_new_tokens, repeats=args.repeats)
     md = markdown(rows, meta)
     print(md)

@@ -3,7 +3,8 @@
 (a) no pruning (R = N, Kf = L) through the four cache groups equals the plain full forward;
 (b) pruned prefill + plain pruned decode equals a numpy reference that selects tokens with
     boolean masks and recomputes the whole pruned model per generated token, with no caches;
-(c) invalid K / T / Kf / R / R_bar raise TwigConfigError.
+(c) invalid K / T / Kf / R / R_bar raise TwigConfigError;
+(d) the coverage keep-set (select="cover") against a brute-force greedy and a hand-built case.
 Tiny random models; each compiled function is built once per module.
 """
 
@@ -17,7 +18,7 @@ from flax import nnx
 
 from twig_jax.config import load_preset
 from twig_jax.model.llava import Llava
-from twig_jax.ttp import kv_bytes, make_plan, ttp_prefill
+from twig_jax.ttp import cover_visual, kv_bytes, make_plan, ttp_prefill
 from twig_jax.twig import Twig, TwigConfig, TwigConfigError
 from twig_jax.twig_generate import TwigGenerator
 
@@ -118,7 +119,8 @@ class NumpyPrunedModel:
         return x, img
 
     def keep(self, row, prompt):
-        """Kept visual indices from the prompt's scores (stable top-R, ascending)."""
+        """Kept visual indices from the prompt's scores (stable top-R, or the coverage rule on the
+        visual tokens' layer-K hidden states; ascending)."""
         p = self.plan
         x, img = self._embed(row, prompt)
         pos = np.arange(len(prompt), dtype=np.float64)
@@ -127,6 +129,8 @@ class NumpyPrunedModel:
             _, probs = _ref_layers(self.tc, self.twig, 0, p.T, h, pos)
         a = probs.mean(0)  # [T, T]
         score = a[len(prompt) - 1, img] if p.score_rows == "last" else a[~img][:, img].sum(0)
+        if p.select == "cover":
+            return brute_force_cover(score, h[img], p.R)
         return np.sort(np.argsort(-score, kind="stable")[:p.R])
 
     def next_logits(self, row, seq, keep):
@@ -146,6 +150,19 @@ class NumpyPrunedModel:
         for _ in range(n):
             seq.append(int(np.argmax(self.next_logits(row, seq, keep))))
         return seq[len(prompt):]
+
+
+def brute_force_cover(score, feats, r):  # [r] int, ascending
+    """Greedy on the coverage objective itself, F(S) = sum_j s_j max_{i in S} relu(cos(f_i, f_j)),
+    re-evaluated from scratch for every candidate set (float64; no incremental gains)."""
+    f = feats / np.linalg.norm(feats, axis=-1, keepdims=True)
+    sim = np.maximum(f @ f.T, 0.0)
+    objective = lambda ks: float(np.sum(score * sim[ks].max(axis=0)))
+    keep = []
+    for _ in range(r):
+        rest = [i for i in range(len(score)) if i not in keep]
+        keep.append(max(rest, key=lambda i: objective(keep + [i])))
+    return np.sort(np.asarray(keep))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,10 +210,11 @@ def test_no_pruning_decode_equals_plain_generator(setup):
 # (b) pruned prefill + decode == numpy reference
 
 
-@pytest.mark.parametrize("method,score_rows", [("twig", "last"), ("fastv", "text")])
-def test_pruned_decode_matches_reference(setup, method, score_rows):
+@pytest.mark.parametrize("method,score_rows,select", [("twig", "last", "top"), ("fastv", "text", "top"),
+                                                     ("twig", "last", "cover"), ("fastv", "last", "cover")])
+def test_pruned_decode_matches_reference(setup, method, score_rows, select):
     cfg, model, prompts, pixels = setup
-    tc = TwigConfig(K=1, T=2, Kf=3, R=5, score_rows=score_rows)
+    tc = TwigConfig(K=1, T=2, Kf=3, R=5, score_rows=score_rows, select=select)
     twig = Twig(cfg.text, tc, rngs=nnx.Rngs(7))
     _sharpen(twig.layers)
     gen = TwigGenerator(model, twig, tc, method=method, ssd=False, batch_buckets=(4,), prompt_buckets=(32,),
@@ -309,6 +327,7 @@ def test_kv_bytes_shrink_with_pruning(setup):
     (dict(K=1, T=1, Kf=3, R=17), "R=17"),
     (dict(K=2, T=1, Kf=3, R_bar=1.0), "R_bar"),
     (dict(K=1, T=1, Kf=3), "exactly one"),
+    (dict(K=1, T=1, Kf=3, R=4, select="best"), "select='best' must be one of"),
 ])
 def test_invalid_twig_config(setup, kw, match):
     cfg = setup[0]
@@ -331,3 +350,36 @@ def test_invalid_method_and_inputs(setup):
         gen.generate([prompts[0][:-3]] + prompts[1:], pixels, max_new_tokens=2)
     with pytest.raises(InputError, match="image placeholder"):
         gen.generate([prompts[0][:2]], pixels[:1], max_new_tokens=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# (d) the coverage keep-set
+
+
+def test_cover_spreads_over_clusters_where_top_r_piles_up():
+    """Three groups of near-identical tokens (think: patches of three objects); the scores favour
+    group A. Top 3 takes three A patches; coverage takes one patch of each group (which one of a group
+    is the coverage's call: near-identical patches cover each other equally)."""
+    rng = np.random.default_rng(0)
+    centres = np.eye(3, 16)  # orthogonal directions: one per group
+    group = np.repeat(np.arange(3), 4)  # tokens 0-3: A, 4-7: B, 8-11: C
+    feats = centres[group] + 0.01 * rng.normal(size=(12, 16))
+    scores = np.array([0.30, 0.25, 0.20, 0.15, 0.02, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.02])
+    got = np.asarray(cover_visual(jnp.asarray(scores[None], jnp.float32), jnp.asarray(feats[None], jnp.float32), 3))
+    np.testing.assert_array_equal(got[0], brute_force_cover(scores, feats, 3))
+    assert sorted(group[got[0]]) == [0, 1, 2], got  # one per group
+    np.testing.assert_array_equal(np.sort(np.argsort(-scores)[:3]), [0, 1, 2])  # top R: all from A
+    all_kept = cover_visual(jnp.asarray(scores[None]), jnp.asarray(feats[None]), 12)
+    np.testing.assert_array_equal(np.asarray(all_kept)[0], np.arange(12))
+
+
+def test_cover_matches_brute_force_on_random_inputs():
+    """Batched, with scores of every scale and features pointing every way (negative cosines)."""
+    rng = np.random.default_rng(1)
+    b, n, d, r = 4, 20, 8, 7
+    scores = rng.dirichlet(np.full(n, 0.3), size=b) * np.array([1.0, 1e-3, 50.0, 1.0])[:, None]
+    feats = rng.normal(size=(b, n, d))
+    got = np.asarray(cover_visual(jnp.asarray(scores, jnp.float32), jnp.asarray(feats, jnp.float32), r))
+    for i in range(b):
+        np.testing.assert_array_equal(got[i], brute_force_cover(scores[i], feats[i], r), err_msg=f"row {i}")
+        assert len(set(got[i].tolist())) == r

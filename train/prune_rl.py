@@ -101,13 +101,15 @@ class _Frozen:
                                      Kf=self.kf if kf is None else kf, N=self.N)
 
     def rule_rewards(self, params, pre, batch, key, R: int) -> dict:  # {rule: [B]}
-        """Rewards of the keep rules every probe compares: the P-head's top R and the mean of 4
-        keep-sets drawn from it (when params is not None), the twig's own attention (TTP), the mean
+        """Rewards of the keep rules every probe compares: the P-head's top R, its coverage keep-set
+        and the mean of 4 keep-sets drawn from it (when params is not None), the twig's own attention
+        (TTP) top R and coverage keep-set (ttp.cover_visual on the layer-K hidden states), the mean
         of 4 random keep-sets (one draw is too noisy a baseline), and unpruned (all N, no FinalWipe)."""
         import jax
         import jax.numpy as jnp
 
         from twig_jax.phead import attention_over_visual, attention_rows, gumbel_top_k
+        from twig_jax.ttp import cover_visual
 
         _, h_k, h_t, pos, query, img_pos, is_image = pre
         b = h_k.shape[0]
@@ -115,13 +117,15 @@ class _Frozen:
         top = lambda sc: jax.lax.top_k(sc, R)[1]
         twig_s = attention_over_visual(self.tc, self.twig_w, h_t, pos, self.T - 1,
                                        attention_rows(batch["label_mask"], "last"), img_pos)
-        out = {"twig": rw(top(twig_s)),
+        cover = lambda sc: cover_visual(sc, jnp.take_along_axis(h_k, img_pos[..., None], axis=1), R)
+        out = {"twig": rw(top(twig_s)), "twig_cover": rw(cover(twig_s)),
                "random": sum(rw(top(jax.random.uniform(k, (b, self.N)))) for k in jax.random.split(key, 4)) / 4,
                "unpruned": self.reward(h_k, batch, is_image, jnp.broadcast_to(jnp.arange(self.N)[None], (b, self.N)),
                                        kf=self.base.cfg.text.num_hidden_layers)}
         if params is not None:
             ls = self.log_scores(params, h_t, pos, query, img_pos)
             out["phead"] = rw(top(ls))
+            out["phead_cover"] = rw(cover(jnp.exp(ls)))
             # the policy RL trains: Gumbel-top-R draws from s (select="sample")
             out["phead_sampled"] = sum(rw(gumbel_top_k(k, ls, R, 1)[:, 0])
                                        for k in jax.random.split(jax.random.fold_in(key, 1), 4)) / 4

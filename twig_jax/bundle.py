@@ -480,6 +480,8 @@ def measure(bundle_dir: str = BUNDLE_DIR, subset: str = MINI_DIR, log=sys.stdout
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
+    from twig_jax.config import SELECT_RULES
+
     p = argparse.ArgumentParser(prog="scripts/bundle_shapes.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--base", help="trained base model dir (converted, fp32; tokenizer inside)")
     p.add_argument("--twig", help="trained twig dir (orbax, twig_io.save_twig) or MILVLG safetensors")
@@ -489,9 +491,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--R", type=int, default=16, help="kept visual tokens (16 = N/9: 88.9%% pruned)")
     p.add_argument("--draft-len", type=int, default=5)
     p.add_argument("--theta", type=float, default=0.6)
-    p.add_argument("--select", choices=["top", "sample"], default="top",
-                   help="keep-set rule of the inference TwigConfig: top R of the scores, or a draw from them "
-                        "(the policy a P-head's RL trains)")
+    p.add_argument("--select", choices=list(SELECT_RULES), default="top",
+                   help="keep-set rule of the inference TwigConfig: top R of the scores, score-weighted "
+                        "coverage, or a draw from the P-head's scores (the policy its RL trains)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--check-images", type=int, default=8, help="eval images (seed 0) for the agreement check")
     p.add_argument("--min-agreement", type=float, default=0.9,

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from twig_jax.config import SELECT_RULES
+
 
 def _add_twig_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("TwigVLM (hyper-parameters default to the twig checkpoint's TwigConfig)")
@@ -24,8 +26,9 @@ def _add_twig_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-len", type=int, help="most tokens drafted per SSD round (delta)")
     g.add_argument("--theta", type=float, help="stop drafting when the draft's top probability is below this")
     g.add_argument("--score-rows", choices=["last", "text"], help="attention rows that score visual tokens")
-    g.add_argument("--select", choices=["top", "sample"],
-                   help="keep-set from the scores: top R (the paper) or a Gumbel-top-R draw (P-head RL's policy)")
+    g.add_argument("--select", choices=list(SELECT_RULES),
+                   help="keep-set from the scores: top R (the paper), score-weighted coverage of the visual "
+                        "tokens, or a Gumbel-top-R draw (the P-head only: its RL's policy)")
 
 
 def _twig_setup(p: argparse.ArgumentParser, args, model, *, need_prune: bool = False):

@@ -23,6 +23,8 @@ SUPPORTED_VISION_ACTS = ("quick_gelu", "gelu", "gelu_pytorch_tanh")
 SUPPORTED_TEXT_ACTS = ("silu",)
 SUPPORTED_PROJECTOR_ACTS = ("gelu", "gelu_pytorch_tanh", "relu", "silu", "quick_gelu")
 
+SELECT_RULES = ("top", "cover", "sample")  # keep-set rules of TwigConfig.select (importable without jax)
+
 
 class ConfigError(ValueError):
     """A config that twig-jax cannot represent faithfully."""

@@ -294,7 +294,7 @@ class EvalConfig:
     K: int | None = None  # trunk depth / FastV scoring layer (default: the twig's; else 2, or 1 for L <= 2)
     Kf: int | None = None  # FinalWipe layer (default: the twig's; else round(0.75 L))
     score_rows: str | None = None  # TTP / FastV query rows: "last" | "text" (default: the twig's; else "last")
-    select: str | None = None  # the P-head's keep-set: "top" | "sample" (default: the twig's; else "top")
+    select: str | None = None  # keep-set rule: "top" | "cover" | "sample" (P-head) (default: the twig's; else "top")
     ssd: bool = False  # self-speculative decoding (needs a twig; greedy output is unchanged)
     batch_size: int = 16
     max_new_tokens: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MAX_NEW_TOKENS))
@@ -489,6 +489,7 @@ def eval_main(argv=None) -> int:
     """`twig-jax eval` (see cli.py)."""
     import argparse
 
+    from twig_jax.config import SELECT_RULES
     from twig_jax.twig import TwigConfigError
 
     p = argparse.ArgumentParser(prog="twig-jax eval",
@@ -506,9 +507,10 @@ def eval_main(argv=None) -> int:
     p.add_argument("--R", type=int, help="kept visual tokens (default: the twig's)")
     p.add_argument("--K", type=int, help="trunk depth / FastV scoring layer (default: the twig's, else 2)")
     p.add_argument("--Kf", type=int, help="FinalWipe layer (default: the twig's, else 3/4 of the depth)")
-    p.add_argument("--select", choices=["top", "sample"],
-                   help="keep-set from the pruning scores: top R (the paper) or a Gumbel-top-R draw from them "
-                        "(the policy P-head RL trains); default: the twig's, else top")
+    p.add_argument("--select", choices=list(SELECT_RULES),
+                   help="keep-set from the pruning scores: top R (the paper), score-weighted coverage "
+                        "(ttp.cover_visual), or a Gumbel-top-R draw from the P-head's scores (the policy its "
+                        "RL trains); default: the twig's, else top")
     p.add_argument("--score-rows", choices=["last", "text"],
                    help="pruning-score query rows: the last prompt token (the released code) or every text "
                         "token (the paper's equation); default: the twig's, else last")

@@ -67,7 +67,8 @@ class PrunePlan:
     Kf: int  # FinalWipe: base layers Kf..L-1 see text only
     R: int  # kept visual tokens in base layers K..Kf-1
     score_rows: str = "last"  # "last" or "text"
-    select: str = "top"  # P-head keep-set: "top" or "sample" (Gumbel-top-R from its scores; needs the key)
+    select: str = "top"  # keep-set rule: "top", "cover" (score-weighted coverage) or "sample" (P-head only:
+    # a Gumbel-top-R draw from its scores; needs the key)
     draft_len: int = 5  # delta (SSD)
     theta: float = 0.6  # SSD early-stop threshold on the draft's top probability
 
@@ -203,6 +204,42 @@ def select_visual(scores: jax.Array, r: int) -> jax.Array:  # [B, R] int32
     return jnp.sort(idx, axis=1).astype(jnp.int32)
 
 
+def cover_visual(scores: jax.Array, feats: jax.Array, r: int) -> jax.Array:  # [B, R] int32
+    """Score-weighted coverage keep-set (select="cover"), sorted ascending.
+
+    Greedily maximises sum_j s_j * max_{i in keep} relu(cos(f_i, f_j)): every visual token j
+    counts by its score s_j and is represented by the kept token most like it (a weighted
+    facility location; submodular, so the greedy set is within 1 - 1/e of the best one). A second
+    patch of an object already kept adds little, so the budget spreads over everything the scores
+    see instead of piling onto the few highest-scored patches, which is what top R does to
+    descriptions. Exact ties (all gains zero) go to the lowest index.
+
+    scores: [B, N] >= 0 (attention or P-head probabilities); feats: [B, N, D] the visual tokens'
+    hidden states (the kept ones are what the pruned layers carry). Static: R steps of O(N^2).
+    """
+    b, n = scores.shape
+    if r == n:
+        return jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32)[None], (b, n))
+    w = jnp.maximum(scores.astype(jnp.float32), 0.0)
+    w = w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1e-30)  # [B, N]
+    f = feats.astype(jnp.float32)
+    f = f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
+    sim = jnp.maximum(jnp.einsum("bid,bjd->bij", f, f), 0.0)  # [B, N, N]
+
+    def pick(i, carry):
+        keep, taken, covered = carry  # [B, R], [B, N] bool, [B, N] best similarity to the kept set
+        gain = jnp.einsum("bij,bj->bi", jnp.maximum(sim - covered[:, None, :], 0.0), w)  # [B, N]
+        j = jnp.argmax(jnp.where(taken, -jnp.inf, gain), axis=1)  # [B]
+        keep = keep.at[:, i].set(j.astype(jnp.int32))
+        taken = taken | (jnp.arange(n)[None] == j[:, None])
+        covered = jnp.maximum(covered, jnp.take_along_axis(sim, j[:, None, None], axis=1)[:, 0])
+        return keep, taken, covered
+
+    init = (jnp.zeros((b, r), jnp.int32), jnp.zeros((b, n), bool), jnp.zeros((b, n), jnp.float32))
+    keep, _, _ = jax.lax.fori_loop(0, r, pick, init)
+    return jnp.sort(keep, axis=1)
+
+
 def pruned_indices(is_image: jax.Array, img_pos: jax.Array, keep: jax.Array, size: int) -> jax.Array:  # [B, size]
     """Sequence positions of text tokens + kept visual tokens, ascending (original order).
 
@@ -311,6 +348,8 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
             raise TwigConfigError("select='sample' needs a PRNG key")
         # One Plackett-Luce draw of R tokens from the scores (a distribution over the visual tokens).
         keep = jnp.sort(gumbel_top_k(key, jnp.log(jnp.maximum(scores, 1e-30)), r, 1)[:, 0], axis=1)
+    elif plan.select == "cover" and plan.method != "none":
+        keep = cover_visual(scores, _gather_rows(h_k, img_pos), r)  # [B, R]
     else:
         keep = select_visual(scores, r)  # [B, R]
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from twig_jax.config import LlavaConfig, TextConfig
+from twig_jax.config import SELECT_RULES, LlavaConfig, TextConfig
 from twig_jax.model.layers import rms_norm
 from twig_jax.model.llama import DecoderLayers, _normal
 from twig_jax.phead import PHead
@@ -30,8 +30,9 @@ class TwigConfig:
     theta: float = 0.6  # stop drafting when the draft's top probability falls below this
     score_rows: str = "last"  # "last": last prompt token's attention row; "text": sum over text rows
     p_head: bool = False  # TwigVLM++ pruning head (P-head) on the last twig layer's attention input
-    select: str = "top"  # the P-head's keep-set: "top" (top R, the paper) or "sample" (a Gumbel-top-R
-    # draw from its scores, with the generation key: the policy P-head RL trains); TTP / FastV use top R
+    select: str = "top"  # keep-set rule over the scores: "top" (top R, the paper), "cover" (score-weighted
+    # coverage: ttp.cover_visual; any scored method) or "sample" (the P-head only: a Gumbel-top-R draw
+    # from its scores, with the generation key: the policy P-head RL trains; TTP / FastV then use top R)
 
     def kept_count(self, num_layers: int, num_visual: int) -> int:
         """R, from R directly or from R_bar via R = ceil((L*R_bar - K*N) / (Kf - K))."""
@@ -64,8 +65,8 @@ class TwigConfig:
             raise TwigConfigError(f"theta={self.theta} must be in [0, 1]")
         if self.score_rows not in ("last", "text"):
             raise TwigConfigError(f"score_rows={self.score_rows!r} must be 'last' or 'text'")
-        if self.select not in ("top", "sample"):
-            raise TwigConfigError(f"select={self.select!r} must be 'top' or 'sample'")
+        if self.select not in SELECT_RULES:
+            raise TwigConfigError(f"select={self.select!r} must be one of {SELECT_RULES}")
         self.kept_count(num_layers, num_visual)
         return self
 
