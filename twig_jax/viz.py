@@ -110,7 +110,7 @@ def render(image: np.ndarray, panels: Sequence[Panel], out_path: str, suptitle: 
 def prune_picture(model, tokenizer, image: Any, question: str, out_path: str, twig_cfg, *, twig=None,
                   image_processor=None, conv: str = "vicuna_v1") -> dict:
     """Score the visual tokens with TTP (when a twig is given), the TwigVLM++ P-head (when the twig
-    has one) and FastV at the same R, save the picture; returns {"out", "R", "panels": {method: {"kept_cells", "kept_cls"}}}."""
+    has one), both with twig_cfg's keep-set rule, and FastV (top R) at the same R, save the picture; returns {"out", "R", "panels": {method: {"kept_cells", "kept_cls"}}}."""
     from twig_jax.pipeline import image_preprocessor_for
     from twig_jax.preprocess import build_prompt, tokenize_with_image
     from twig_jax.twig_generate import TwigGenerator
@@ -126,13 +126,16 @@ def prune_picture(model, tokenizer, image: Any, question: str, out_path: str, tw
         (["phead"] if twig is not None and twig.p_head is not None else []) + ["fastv"]
     r = None
     for method in methods:
-        gen = TwigGenerator(model, twig if method in ("twig", "phead") else None, twig_cfg, method=method, ssd=False)
+        # FastV as published (top R); the twig's panels use the config's keep-set rule
+        cfg_m = dataclasses.replace(twig_cfg, select="top") if method == "fastv" else twig_cfg
+        gen = TwigGenerator(model, twig if method in ("twig", "phead") else None, cfg_m, method=method, ssd=False)
         r = gen.plan.R
         scores, keep = gen.prune_scores([prompt], pixels)
         kept = kept_cells(keep[0], grid, has_cls)
         kept_cls = bool(has_cls and 0 in set(keep[0].tolist()))
         name = {"twig": "TTP (twig)", "phead": "P-head (TwigVLM++)"}.get(method, f"FastV (layer {gen.plan.K - 1})")
-        title = f"{name}: keep {r}/{cfg.num_image_tokens}" + (" (+CLS)" if kept_cls else "")
+        rule = gen.plan.select if gen.plan.select == "cover" or method == "phead" else "top"
+        title = f"{name}: keep {r}/{cfg.num_image_tokens}, {rule}" + (" (+CLS)" if kept_cls else "")
         panels.append(Panel(title, score_grid(scores[0], grid, has_cls), kept))
         info[method] = {"kept_cells": int(kept.sum()), "kept_cls": kept_cls}
     q = question if len(question) <= 90 else question[:87] + "..."
