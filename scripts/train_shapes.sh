@@ -48,4 +48,4 @@ python -m train.prune_rl --base "$W/base" --twig "$W/twig" --data "$W/data/train
     --out "$W/twig-phead" --steps "${PHEAD_STEPS:-400}" --batch 8 --group 8 --lr 1e-3 --seed 0 --every 100 \
     --eval-every 50
 python scripts/bundle_shapes.py --base "$W/base" --twig "$W/twig-phead" --out infer/assets/shapes-llava \
-    --force --select sample --measure
+    --force --select cover --measure

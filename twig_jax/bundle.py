@@ -446,7 +446,8 @@ def write_expected(path: str, measured: dict | None, **meta) -> dict:
     d["_about"] = ("Accuracy of the bundled model (infer/assets/shapes-llava) on this subset, greedy, "
                    "max_new_tokens 16 (short) / 128 (descriptions): 'none' unpruned, 'twig' TTP at the "
                    "twig's R and Kf, 'phead' (when the twig has a P-head) TwigVLM++ P-head pruning at the same R "
-                   "and Kf (SSD off; greedy SSD gives the same answers). Written by "
+                   "and Kf, both with the twig config's keep-set rule (select; 'sample' applies to the P-head "
+                   "only) (SSD off; greedy SSD gives the same answers). Written by "
                    "`python scripts/bundle_shapes.py --measure`; null = never measured. "
                    "tests/test_bundled_model.py requires the bundle to reach these within "
                    f"{TOLERANCE} and the unpruned ones to be >= {MEASURED_FLOOR}.")
