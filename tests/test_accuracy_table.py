@@ -1,6 +1,6 @@
 """infer/accuracy_table.py on the bundled model and the first image of the checked-in mini subset:
-the table's runs answer exactly what `twig-jax eval` answers for the same method, R and Kf (so
---Kf really reaches every pruned run), accuracy kept is method / unpruned accuracy, and bad
+the table's runs answer exactly what `twig-jax eval` answers for the same method, keep-set rule, R
+and Kf (so --Kf and the row's rule really reach every pruned run), accuracy kept is method / unpruned accuracy, and bad
 --Kf / --ninths values are refused with a message that names them."""
 
 from __future__ import annotations
@@ -35,31 +35,34 @@ def test_table_runs_at_the_given_Kf_equal_eval(tmp_path):
     L = model.cfg.text.num_hidden_layers
     out, preds = str(tmp_path / "acc.json"), str(tmp_path / "preds")
     os.makedirs(preds)
-    assert main(FILES + ["--methods", "twig", "--ninths", "1", "--Kf", str(L), "--limit", str(LIMIT),
+    assert main(FILES + ["--methods", "twig,twig_cover", "--ninths", "1", "--Kf", str(L), "--limit", str(LIMIT),
                          "--out-json", out, "--preds-dir", preds]) == 0
     with open(out) as f:
         result = json.load(f)
-    (run,) = result["runs"]
     R = round(model.cfg.num_image_tokens / 9)
-    assert (run["method"], run["R"], run["Kf"], result["Kf"]) == ("twig", R, L, L)
-    for cat, acc in run["accuracy"].items():
-        base = result["unpruned"]["accuracy"][cat]
-        if base:
-            assert run["kept"][cat] == pytest.approx(acc / base)
+    assert [(r["method"], r["R"], r["Kf"]) for r in result["runs"]] == [("twig", R, L), ("twig_cover", R, L)]
+    assert result["Kf"] == L
+    for run in result["runs"]:
+        for cat, acc in run["accuracy"].items():
+            base = result["unpruned"]["accuracy"][cat]
+            if base:
+                assert run["kept"][cat] == pytest.approx(acc / base)
 
-    # The oracle: the eval library run directly with the same method, R and Kf.
+    # The oracle: the eval library run directly with the same method, keep-set rule, R and Kf.
     qpath, apath = FILES[1], FILES[5]
     answers = read_answers(apath)
     questions = attach_categories(read_questions(qpath), answers, qpath, apath)[:LIMIT]
     twig, _ = load_twig_any(os.path.join(BUNDLE_DIR, "twig"), model.cfg.text, dtype=jnp.float32)
     tok = load_tokenizer(os.path.join(BUNDLE_DIR, "base"))
     improc = image_preprocessor_for(model, os.path.join(BUNDLE_DIR, "base"))
-    direct, m = run_eval(model, tok, questions, EvalConfig(method="twig", R=R, Kf=L, ssd=False, batch_size=16),
-                         images_dir=FILES[3], twig=twig, image_processor=improc,
-                         answers={q.key: answers[q.key] for q in questions})
-    assert m["Kf"] == L
-    table = _preds(os.path.join(preds, f"twig_R{R}.jsonl"))
-    assert table == {str(r["question_id"]): r["text"] for r in direct}
+    for row, select in (("twig", "top"), ("twig_cover", "cover")):
+        direct, m = run_eval(model, tok, questions,
+                             EvalConfig(method="twig", R=R, Kf=L, select=select, ssd=False, batch_size=16),
+                             images_dir=FILES[3], twig=twig, image_processor=improc,
+                             answers={q.key: answers[q.key] for q in questions})
+        assert m["Kf"] == L
+        table = _preds(os.path.join(preds, f"{row}_R{R}.jsonl"))
+        assert table == {str(r["question_id"]): r["text"] for r in direct}, row
 
 
 @pytest.mark.parametrize("flag,value,match", [("--Kf", "99", "FinalWipe layer must be in"),

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
 
 from infer import ssd_profile
+from twig_jax.bundle import BUNDLE_DIR
 
 
 def test_profile_runs_and_adds_up(tmp_path, capsys):
@@ -57,6 +59,8 @@ def test_speed_table_variants_and_draft_settings(tmp_path, capsys):
     with open(out) as f:
         res = json.load(f)
     assert res["meta"]["draft_len"] == 2 and res["meta"]["theta"] == 0.1
+    with open(os.path.join(BUNDLE_DIR, "twig", "twig_config.json")) as f:  # the P-head rows' keep-set rule
+        assert res["meta"]["phead_select"] == json.load(f)["twig"]["select"]
     assert [r["variant"] for r in res["rows"]] == ["plain", "phead", "phead+ssd"]
     spec = res["rows"][2]
     assert 1 <= spec["mean_tokens_per_round"] <= 3 and spec["same_tokens_as_phead"]
