@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from test_ttp import NumpyPrunedModel, _np_weights, _ref_layers, _rms, _rope, _sharpen, sharpened_tiny_and_prompts
-from twig_jax.phead import (group_advantage, gumbel_top_k, p_head_weights, plackett_luce_logprob,
+from twig_jax.phead import (cover_logprob, coverage_similarity, group_advantage, gumbel_top_k, p_head_weights,
+                            plackett_luce_logprob, sample_cover,
                             pruned_logits, with_p_head)
 from twig_jax.ttp import make_plan, ttp_prefill
 from twig_jax.twig import Twig, TwigConfig, TwigConfigError
@@ -159,6 +160,42 @@ def test_gumbel_top_k_draws_match_plackett_luce():
     want = np.exp(np.asarray(plackett_luce_logprob(log_s, jnp.asarray(orders)[None])))[0]
     got = np.array([np.mean((draws[:, 0] == a) & (draws[:, 1] == b)) for a, b in orders])
     np.testing.assert_allclose(got, want, atol=0.01)
+
+
+def _cover_case():
+    """Five tokens: features pointing every way (so some cosines are negative), uneven scores."""
+    rng = np.random.default_rng(4)
+    feats = jnp.asarray(rng.normal(size=(1, 5, 3)), jnp.float32)
+    log_s = jax.nn.log_softmax(jnp.asarray([[0.3, -1.0, 2.0, 0.1, -0.4]]))
+    return log_s, coverage_similarity(feats), feats
+
+
+def test_cover_logprob_is_a_distribution_and_its_mode_is_the_cover_rule():
+    """The coverage policy's probabilities sum to one over all ordered keep-sets, and taking its
+    most likely token at every step is ttp.cover_visual's greedy."""
+    from twig_jax.ttp import cover_visual
+
+    log_s, sim, feats = _cover_case()
+    for r in (1, 2, 3):
+        orders = jnp.asarray(np.array(list(itertools.permutations(range(5), r)), np.int32)[None])
+        total = float(jnp.sum(jnp.exp(cover_logprob(log_s, sim, orders))))
+        assert abs(total - 1.0) < 1e-5, (r, total)
+    greedy = []  # step by step: the order whose next token has the largest conditional probability
+    for t in range(3):
+        cands = [i for i in range(5) if i not in greedy]
+        lp = [float(cover_logprob(log_s, sim, jnp.asarray([[greedy + [i]]], jnp.int32))[0, 0]) for i in cands]
+        greedy.append(cands[int(np.argmax(lp))])
+    np.testing.assert_array_equal(np.asarray(cover_visual(jnp.exp(log_s), feats, 3))[0], np.sort(greedy))
+
+
+def test_sample_cover_draws_match_cover_logprob():
+    log_s, sim, _ = _cover_case()
+    draws = np.asarray(sample_cover(jax.random.key(0), log_s, sim, 2, 40000))[0]  # [G, 2]
+    orders = np.array(list(itertools.permutations(range(5), 2)), np.int32)
+    want = np.exp(np.asarray(cover_logprob(log_s, sim, jnp.asarray(orders)[None])))[0]
+    got = np.array([np.mean((draws[:, 0] == a) & (draws[:, 1] == b)) for a, b in orders])
+    np.testing.assert_allclose(got, want, atol=0.01)
+    assert np.all(draws[:, 0] != draws[:, 1])  # without replacement
 
 
 def test_reinforce_learns_a_toy_reward():

@@ -139,31 +139,46 @@ class _Frozen:
         return jnp.log(jnp.maximum(phead_scores(self.tc, self.last_w, params, h_t, pos, query, img_pos), 1e-30))
 
 
-def make_rl_step(base, twig, kf: int, tx, group: int):
+POLICIES = ("plackett-luce", "cover")
+
+
+def make_rl_step(base, twig, kf: int, tx, group: int, policy: str = "plackett-luce"):
     """rl_step(p_head_params, opt_state, batch, key, R) -> (params, opt_state, metrics), jitted; R static.
 
-    Everything frozen (base, twig layers) is closed over as constants of the jitted function.
+    policy: how keep-sets are drawn from the scores s: "plackett-luce" (Gumbel-top-R: the paper;
+    its mode is top R) or "cover" (phead.sample_cover: its mode is the coverage keep-set,
+    select="cover"). Everything frozen (base, twig layers) is closed over as constants of the
+    jitted function.
     """
     import jax
     import jax.numpy as jnp
     import optax
 
-    from twig_jax.phead import group_advantage, gumbel_top_k, plackett_luce_logprob
+    from twig_jax.phead import (coverage_similarity, cover_logprob, group_advantage, gumbel_top_k,
+                                plackett_luce_logprob, sample_cover)
 
+    if policy not in POLICIES:
+        raise ValueError(f"policy={policy!r} must be one of {POLICIES}")
     fz = _Frozen(base, twig, kf)
 
     def step(params, opt_state, batch, key, R):
         b = batch["tokens"].shape[0]
         _, h_k, h_t, pos, query, img_pos, is_image = fz.prelude(batch)
         ls = fz.log_scores(params, h_t, pos, query, img_pos)
-        order = gumbel_top_k(key, jax.lax.stop_gradient(ls), R, group)  # [B, G, R]
+        if policy == "cover":
+            sim = coverage_similarity(jnp.take_along_axis(h_k, img_pos[..., None], axis=1))  # [B, N, N]
+            order = sample_cover(key, jax.lax.stop_gradient(ls), sim, R, group)  # [B, G, R]
+            logprob = lambda log_s: cover_logprob(log_s, sim, order)
+        else:
+            order = gumbel_top_k(key, jax.lax.stop_gradient(ls), R, group)  # [B, G, R]
+            logprob = lambda log_s: plackett_luce_logprob(log_s, order)
         rep = lambda a: jnp.repeat(a, group, axis=0)  # [B*G, ...]
         reward = fz.reward(rep(h_k), {k: rep(v) for k, v in batch.items()}, rep(is_image), order.reshape(b * group, R))
         reward = jax.lax.stop_gradient(reward.reshape(b, group))
         adv = group_advantage(reward)
 
         def loss_fn(p):
-            return -jnp.mean(adv * plackett_luce_logprob(fz.log_scores(p, h_t, pos, query, img_pos), order))
+            return -jnp.mean(adv * logprob(fz.log_scores(p, h_t, pos, query, img_pos)))
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -243,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--R", default=None, help="budgets, comma-separated (default: N/9, 2N/9, 3N/9)")
     p.add_argument("--Kf", type=int, default=None, help="FinalWipe layer of the reward model (default: the twig's)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--policy", choices=list(POLICIES), default="plackett-luce",
+                   help="RL keep-set policy: Gumbel-top-R draws from the scores (the paper; used with "
+                        "select top / sample) or the coverage policy (used with select cover)")
     p.add_argument("--objective", choices=["rl", "attn"], default="rl",
                    help="rl: stage 2, REINFORCE on the answer's log-prob (default); attn: stage 1, AttnKL to the "
                         "base's attention (the P-head alone; run rl on its output after)")
@@ -328,14 +346,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --attn-layer {attn_layer} must be in [0, {L})", file=sys.stderr)
         return 2
     if args.objective == "rl":
-        step_fn = make_rl_step(base, twig, kf, tx, args.group)
+        step_fn = make_rl_step(base, twig, kf, tx, args.group, args.policy)
     else:
         step_fn = make_attn_step(base, twig, kf, tx, attn_layer, args.attn_rows)
     rng = np.random.default_rng(args.seed)
     key = jax.random.key(args.seed)
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "rl_log.jsonl")
-    what = (f"RL: budgets R={R_values}, G={args.group}" if args.objective == "rl" else
+    what = (f"RL ({args.policy} keep-sets): budgets R={R_values}, G={args.group}" if args.objective == "rl" else
             f"AttnKL to base layer {attn_layer}'s attention from the {args.attn_rows} rows")
     print(f"P-head {what}; {len(records)} single-turn examples, batch {args.batch}, Kf={kf}, "
           f"{'continuing its P-head' if had else 'new P-head'}", flush=True)
@@ -350,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 accumulate(acc, eval_fn(params, feed, jax.random.key(1000 + i), R=r), b)
             out[r] = {f"{k}/{c}": float(np.mean(v[c])) if v[c] else float("nan") for k, v in acc.items() for c in v}
             line = "  ".join(f"{cat}: " + " ".join(f"{m} {out[r][f'{m}/{cat}']:.3f}"
-                                                   for m in ("unpruned", "phead", "phead_sampled", "twig", "random"))
+                                                   for m in ("unpruned", "phead", "phead_sampled", "phead_cover", "twig",
+                                                             "twig_cover", "random") if f"{m}/{cat}" in out[r])
                              for cat in ("long", "short"))
             print(f"  eval step {step} R={r} (mean answer log-prob)  {line}", flush=True)
         with open(os.path.join(args.out, "rl_eval.jsonl"), "a") as f:
@@ -362,7 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         twig.p_head.gate_k.set_value(params["gate_k"])
         save_twig(twig, args.out, overwrite=True)
         with open(os.path.join(args.out, "rl_config.json"), "w") as f:
-            json.dump({"step": step, "objective": args.objective, "attn_layer": attn_layer, "attn_rows": args.attn_rows,
+            json.dump({"step": step, "objective": args.objective, "policy": args.policy, "attn_layer": attn_layer,
+                       "attn_rows": args.attn_rows,
                        "R_values": R_values, "group": args.group, "batch": args.batch, "lr": args.lr,
                        "init_scale": args.init_scale,
                        "Kf": kf, "seed": args.seed, "data": args.data, "base": args.base, "twig": args.twig}, f,

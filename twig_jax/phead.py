@@ -125,6 +125,63 @@ def plackett_luce_logprob(log_s: jax.Array, order: jax.Array) -> jax.Array:  # [
     return jnp.sum(ls - rest, axis=2)
 
 
+def coverage_similarity(feats: jax.Array) -> jax.Array:  # [B, N, N] float32
+    """relu(cos) between every two visual tokens, the coverage keep-set's similarity.
+
+    feats: [B, N, D] the visual tokens' hidden states (ttp.cover_visual: at layer K)."""
+    f = feats.astype(jnp.float32)
+    f = f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
+    return jnp.maximum(jnp.einsum("bid,bjd->bij", f, f), 0.0)
+
+
+def coverage_gains(sim: jax.Array, w: jax.Array, covered: jax.Array) -> jax.Array:  # [..., N]
+    """Each candidate's gain in the coverage objective sum_j w_j max_{i kept} sim_ij, given the
+    coverage so far. sim: [..., N, N]; w: [..., N] (>= 0); covered: [..., N]."""
+    return jnp.einsum("...ij,...j->...i", jnp.maximum(sim - covered[..., None, :], 0.0), w)
+
+
+def sample_cover(key: jax.Array, log_s: jax.Array, sim: jax.Array, r: int, samples: int) -> jax.Array:  # [B, G, R]
+    """`samples` ordered keep-sets from the coverage policy: step t picks an untaken token with
+    probability gain_t(i) / sum of the untaken gains (gains as in coverage_gains, weights s). Its
+    most likely step is the greedy of ttp.cover_visual, so RL on it trains the P-head for the
+    keep-set rule it is used with (select="cover"). log_s: [B, N]; sim: [B, N, N]."""
+    b, n = log_s.shape
+    w = jnp.broadcast_to(jnp.exp(log_s)[:, None], (b, samples, n))
+    sim_g = sim[:, None]  # [B, 1, N, N]
+
+    def pick(t, carry):
+        order, taken, covered = carry  # [B, G, R], [B, G, N], [B, G, N]
+        gain = coverage_gains(sim_g, w, covered)  # [B, G, N]
+        logits = jnp.where(taken, -jnp.inf, jnp.log(jnp.maximum(gain, 1e-30)))
+        i = jax.random.categorical(jax.random.fold_in(key, t), logits, axis=-1)  # [B, G]
+        order = order.at[:, :, t].set(i.astype(jnp.int32))
+        taken = taken | (jnp.arange(n) == i[..., None])
+        covered = jnp.maximum(covered, jnp.take_along_axis(sim[:, None], i[..., None, None], axis=2)[:, :, 0])
+        return order, taken, covered
+
+    init = (jnp.zeros((b, samples, r), jnp.int32), jnp.zeros((b, samples, n), bool),
+            jnp.zeros((b, samples, n), jnp.float32))
+    return jax.lax.fori_loop(0, r, pick, init)[0]
+
+
+def cover_logprob(log_s: jax.Array, sim: jax.Array, order: jax.Array) -> jax.Array:  # [B, G] float32
+    """log P(order) under sample_cover's policy: sum_t log gain_t(o_t) - log sum_{i untaken} gain_t(i).
+
+    The coverage before each step depends only on the order (a running max), so every step's
+    gains are computed at once; differentiable in log_s. order: [B, G, R]."""
+    b, g, r = order.shape
+    n = log_s.shape[1]
+    w = jnp.exp(log_s)[:, None, None, :]  # [B, 1, 1, N]
+    rows = jnp.take_along_axis(sim[:, None], order[..., None], axis=2)  # [B, G, R, N] sim of each pick
+    covered = jnp.concatenate([jnp.zeros((b, g, 1, n)), jax.lax.cummax(rows, axis=2)[:, :, :-1]], axis=2)
+    gain = coverage_gains(sim[:, None, None], w, covered)  # [B, G, R, N]
+    taken = jnp.cumsum(jax.nn.one_hot(order, n, dtype=jnp.int32), axis=2) - jax.nn.one_hot(order, n, dtype=jnp.int32)
+    lg = jnp.log(jnp.maximum(gain, 1e-30))
+    norm = jax.nn.logsumexp(jnp.where(taken > 0, -jnp.inf, lg), axis=-1)  # [B, G, R]
+    chosen = jnp.take_along_axis(lg, order[..., None], axis=-1)[..., 0]
+    return jnp.sum(chosen - norm, axis=-1)
+
+
 def group_advantage(rewards: jax.Array, eps: float = 1e-6) -> jax.Array:  # [B, G]
     """Group-normalised advantage: (r - mean) / std over each example's G samples."""
     mean = jnp.mean(rewards, axis=1, keepdims=True)
