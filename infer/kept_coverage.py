@@ -91,7 +91,9 @@ def main(argv=None) -> int:
     tc = dataclasses.replace(twig.twig_cfg, R=args.R, R_bar=None,
                              score_rows=args.score_rows or twig.twig_cfg.score_rows)
     scored = ("twig", "phead", "fastv") if twig.p_head is not None else ("twig", "fastv")
-    gens = {m: TwigGenerator(model, twig if m in ("twig", "phead") else None, tc, method=m, ssd=False)
+    # the twig's keep-set rule for its own scores; FastV as published (top R)
+    gens = {m: TwigGenerator(model, twig if m in ("twig", "phead") else None,
+                             tc if m != "fastv" else dataclasses.replace(tc, select="top"), method=m, ssd=False)
             for m in scored}
     prompt = tokenize_with_image(tok, build_prompt(args.prompt, "vicuna_v1"), cfg.image_token_index,
                                  cfg.num_image_tokens)

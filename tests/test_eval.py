@@ -5,6 +5,8 @@ metrics equal those recomputed from the written answer file)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 
@@ -238,6 +240,18 @@ def test_resolve_twig_config(world):
     assert resolve_twig_config(model, None, EvalConfig(method="fastv", R=4, score_rows="text")).score_rows == "text"
     with pytest.raises(TwigConfigError, match="score_rows='all'"):
         resolve_twig_config(model, twig, EvalConfig(method="twig", score_rows="all"))
+    # select: a twig's keep-set rule reaches its own scores; baselines keep their published top R
+    # unless a rule is asked for.
+    old = twig.twig_cfg
+    twig.twig_cfg = dataclasses.replace(old, select="cover")
+    try:
+        assert resolve_twig_config(model, twig, EvalConfig(method="twig")).select == "cover"
+        assert resolve_twig_config(model, twig, EvalConfig(method="fastv")).select == "top"
+        assert resolve_twig_config(model, twig, EvalConfig(method="random")).select == "top"
+        assert resolve_twig_config(model, twig, EvalConfig(method="fastv", select="cover")).select == "cover"
+        assert resolve_twig_config(model, twig, EvalConfig(method="twig", select="top")).select == "top"
+    finally:
+        twig.twig_cfg = old
 
 
 def _check_run(world, out, metrics_json, method, R, ssd):

@@ -28,7 +28,8 @@ def _add_twig_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--score-rows", choices=["last", "text"], help="attention rows that score visual tokens")
     g.add_argument("--select", choices=list(SELECT_RULES),
                    help="keep-set from the scores: top R (the paper), score-weighted coverage of the visual "
-                        "tokens, or a Gumbel-top-R draw (the P-head only: its RL's policy)")
+                        "tokens, or a Gumbel-top-R draw (the P-head only: its RL's policy); default: the "
+                        "twig's for twig / phead, top for fastv / random")
 
 
 def _twig_setup(p: argparse.ArgumentParser, args, model, *, need_prune: bool = False):
@@ -58,6 +59,8 @@ def _twig_setup(p: argparse.ArgumentParser, args, model, *, need_prune: bool = F
             if "R" not in over and "R_bar" not in over:
                 p.error(f"pruning without a twig checkpoint needs --R or --R-bar (N = {N} visual tokens)")
             base = dataclasses.replace(base, R=None)
+    if "select" not in over and getattr(args, "method", None) in ("fastv", "random"):
+        over["select"] = "top"  # the twig's keep-set rule is for its own scores; baselines as published
     twig_cfg = dataclasses.replace(base, **over)
     from twig_jax.twig import TwigConfigError
 

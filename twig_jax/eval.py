@@ -294,7 +294,8 @@ class EvalConfig:
     K: int | None = None  # trunk depth / FastV scoring layer (default: the twig's; else 2, or 1 for L <= 2)
     Kf: int | None = None  # FinalWipe layer (default: the twig's; else round(0.75 L))
     score_rows: str | None = None  # TTP / FastV query rows: "last" | "text" (default: the twig's; else "last")
-    select: str | None = None  # keep-set rule: "top" | "cover" | "sample" (P-head) (default: the twig's; else "top")
+    select: str | None = None  # keep-set rule: "top" | "cover" | "sample" (P-head) (default: the twig's for
+    # twig / phead, "top" for fastv / random: the published baselines)
     ssd: bool = False  # self-speculative decoding (needs a twig; greedy output is unchanged)
     batch_size: int = 16
     max_new_tokens: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MAX_NEW_TOKENS))
@@ -338,6 +339,8 @@ def resolve_twig_config(model, twig=None, cfg: EvalConfig = EvalConfig()):
                             if v is not None}
     if cfg.R is not None:
         over.update(R=cfg.R, R_bar=None)
+    if cfg.select is None and not needs_twig(cfg.method):
+        over["select"] = "top"  # the twig's keep-set rule is for its own scores; baselines as published
     tc = dataclasses.replace(base, **over)
     tc.validate(L, N)
     return tc
@@ -510,7 +513,7 @@ def eval_main(argv=None) -> int:
     p.add_argument("--select", choices=list(SELECT_RULES),
                    help="keep-set from the pruning scores: top R (the paper), score-weighted coverage "
                         "(ttp.cover_visual), or a Gumbel-top-R draw from the P-head's scores (the policy its "
-                        "RL trains); default: the twig's, else top")
+                        "RL trains); default: the twig's for twig / phead, top for fastv / random")
     p.add_argument("--score-rows", choices=["last", "text"],
                    help="pruning-score query rows: the last prompt token (the released code) or every text "
                         "token (the paper's equation); default: the twig's, else last")
