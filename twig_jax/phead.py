@@ -168,7 +168,8 @@ def cover_logprob(log_s: jax.Array, sim: jax.Array, order: jax.Array) -> jax.Arr
     """log P(order) under sample_cover's policy: sum_t log gain_t(o_t) - log sum_{i untaken} gain_t(i).
 
     The coverage before each step depends only on the order (a running max), so every step's
-    gains are computed at once; differentiable in log_s. order: [B, G, R]."""
+    gains are computed at once (a [B, G, R, N, N] intermediate: fine for RL batches at N = 144,
+    large at N = 576); differentiable in log_s. order: [B, G, R]."""
     b, g, r = order.shape
     n = log_s.shape[1]
     w = jnp.exp(log_s)[:, None, None, :]  # [B, 1, 1, N]
