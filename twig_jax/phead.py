@@ -140,28 +140,39 @@ def coverage_gains(sim: jax.Array, w: jax.Array, covered: jax.Array) -> jax.Arra
     return jnp.einsum("...ij,...j->...i", jnp.maximum(sim - covered[..., None, :], 0.0), w)
 
 
+def coverage_picks(sim: jax.Array, w: jax.Array, r: int, choose) -> jax.Array:  # [..., R] int32
+    """r picks, in order, each made by choose(t, gain) -> [...] from the untaken tokens' coverage
+    gains ([..., N]; taken tokens at -1, below every gain). The greedy of ttp.cover_visual
+    chooses the argmax, sample_cover draws in proportion to the gain.
+    sim: [..., N, N] (broadcast to w's batch shape); w: [..., N] >= 0."""
+    n = w.shape[-1]
+    sim = jnp.broadcast_to(sim, w.shape[:-1] + (n, n))
+
+    def pick(t, carry):
+        order, taken, covered = carry  # [..., R], [..., N] bool, [..., N] best similarity to the kept set
+        i = choose(t, jnp.where(taken, -1.0, coverage_gains(sim, w, covered))).astype(jnp.int32)  # [...]
+        order = order.at[..., t].set(i)
+        taken = taken | (jnp.arange(n) == i[..., None])
+        covered = jnp.maximum(covered, jnp.take_along_axis(sim, i[..., None, None], axis=-2)[..., 0, :])
+        return order, taken, covered
+
+    init = (jnp.zeros(w.shape[:-1] + (r,), jnp.int32), jnp.zeros(w.shape, bool), jnp.zeros(w.shape, jnp.float32))
+    return jax.lax.fori_loop(0, r, pick, init)[0]
+
+
 def sample_cover(key: jax.Array, log_s: jax.Array, sim: jax.Array, r: int, samples: int) -> jax.Array:  # [B, G, R]
     """`samples` ordered keep-sets from the coverage policy: step t picks an untaken token with
     probability gain_t(i) / sum of the untaken gains (gains as in coverage_gains, weights s). Its
     most likely step is the greedy of ttp.cover_visual, so RL on it trains the P-head for the
     keep-set rule it is used with (select="cover"). log_s: [B, N]; sim: [B, N, N]."""
     b, n = log_s.shape
-    w = jnp.broadcast_to(jnp.exp(log_s)[:, None], (b, samples, n))
-    sim_g = sim[:, None]  # [B, 1, N, N]
+    w = jnp.broadcast_to(jnp.exp(log_s)[:, None], (b, samples, n))  # [B, G, N]
 
-    def pick(t, carry):
-        order, taken, covered = carry  # [B, G, R], [B, G, N], [B, G, N]
-        gain = coverage_gains(sim_g, w, covered)  # [B, G, N]
-        logits = jnp.where(taken, -jnp.inf, jnp.log(jnp.maximum(gain, 1e-30)))
-        i = jax.random.categorical(jax.random.fold_in(key, t), logits, axis=-1)  # [B, G]
-        order = order.at[:, :, t].set(i.astype(jnp.int32))
-        taken = taken | (jnp.arange(n) == i[..., None])
-        covered = jnp.maximum(covered, jnp.take_along_axis(sim[:, None], i[..., None, None], axis=2)[:, :, 0])
-        return order, taken, covered
+    def draw(t, gain):  # [B, G, N] -> [B, G]
+        logits = jnp.where(gain < 0, -jnp.inf, jnp.log(jnp.maximum(gain, 1e-30)))
+        return jax.random.categorical(jax.random.fold_in(key, t), logits, axis=-1)
 
-    init = (jnp.zeros((b, samples, r), jnp.int32), jnp.zeros((b, samples, n), bool),
-            jnp.zeros((b, samples, n), jnp.float32))
-    return jax.lax.fori_loop(0, r, pick, init)[0]
+    return coverage_picks(sim[:, None], w, r, draw)
 
 
 def cover_logprob(log_s: jax.Array, sim: jax.Array, order: jax.Array) -> jax.Array:  # [B, G] float32

@@ -39,7 +39,7 @@ from twig_jax.generate import token_loop
 from twig_jax.model.llama import run_layers, unstack_layers
 from twig_jax.model.llava import Llava
 from twig_jax.sampling import SamplingConfig
-from twig_jax.phead import coverage_gains, coverage_similarity, gumbel_top_k, p_head_weights, phead_scores
+from twig_jax.phead import coverage_picks, coverage_similarity, gumbel_top_k, p_head_weights, phead_scores
 from twig_jax.twig import Twig, TwigConfig, TwigConfigError
 
 METHODS = ("twig", "phead", "fastv", "random", "none")
@@ -222,19 +222,7 @@ def cover_visual(scores: jax.Array, feats: jax.Array, r: int) -> jax.Array:  # [
         return jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32)[None], (b, n))
     w = jnp.maximum(scores.astype(jnp.float32), 0.0)
     w = w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1e-30)  # [B, N]
-    sim = coverage_similarity(feats)  # [B, N, N]
-
-    def pick(i, carry):
-        keep, taken, covered = carry  # [B, R], [B, N] bool, [B, N] best similarity to the kept set
-        gain = coverage_gains(sim, w, covered)  # [B, N]
-        j = jnp.argmax(jnp.where(taken, -jnp.inf, gain), axis=1)  # [B]
-        keep = keep.at[:, i].set(j.astype(jnp.int32))
-        taken = taken | (jnp.arange(n)[None] == j[:, None])
-        covered = jnp.maximum(covered, jnp.take_along_axis(sim, j[:, None, None], axis=1)[:, 0])
-        return keep, taken, covered
-
-    init = (jnp.zeros((b, r), jnp.int32), jnp.zeros((b, n), bool), jnp.zeros((b, n), jnp.float32))
-    keep, _, _ = jax.lax.fori_loop(0, r, pick, init)
+    keep = coverage_picks(coverage_similarity(feats), w, r, lambda t, gain: jnp.argmax(gain, axis=-1))  # [B, R]
     return jnp.sort(keep, axis=1)
 
 
