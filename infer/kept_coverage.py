@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     from twig_jax.eval import read_questions
     from twig_jax.pipeline import image_preprocessor_for, load_tokenizer, load_twig_any
     from twig_jax.preprocess import build_prompt, tokenize_with_image
+    from twig_jax.ttp import baseline_keep_rule
     from twig_jax.twig_generate import TwigGenerator
     from twig_jax.viz import kept_cells, patch_layout
 
@@ -91,9 +92,8 @@ def main(argv=None) -> int:
     tc = dataclasses.replace(twig.twig_cfg, R=args.R, R_bar=None,
                              score_rows=args.score_rows or twig.twig_cfg.score_rows)
     scored = ("twig", "phead", "fastv") if twig.p_head is not None else ("twig", "fastv")
-    # the twig's keep-set rule for its own scores; FastV as published (top R)
-    gens = {m: TwigGenerator(model, twig if m in ("twig", "phead") else None,
-                             tc if m != "fastv" else dataclasses.replace(tc, select="top"), method=m, ssd=False)
+    gens = {m: TwigGenerator(model, twig if m in ("twig", "phead") else None, baseline_keep_rule(tc, m), method=m,
+                             ssd=False)
             for m in scored}
     prompt = tokenize_with_image(tok, build_prompt(args.prompt, "vicuna_v1"), cfg.image_token_index,
                                  cfg.num_image_tokens)

@@ -59,9 +59,9 @@ def _twig_setup(p: argparse.ArgumentParser, args, model, *, need_prune: bool = F
             if "R" not in over and "R_bar" not in over:
                 p.error(f"pruning without a twig checkpoint needs --R or --R-bar (N = {N} visual tokens)")
             base = dataclasses.replace(base, R=None)
-    if "select" not in over and getattr(args, "method", None) in ("fastv", "random"):
-        over["select"] = "top"  # the twig's keep-set rule is for its own scores; baselines as published
-    twig_cfg = dataclasses.replace(base, **over)
+    from twig_jax.ttp import baseline_keep_rule
+
+    twig_cfg = baseline_keep_rule(dataclasses.replace(base, **over), getattr(args, "method", None), over.get("select"))
     from twig_jax.twig import TwigConfigError
 
     try:

@@ -311,7 +311,7 @@ def resolve_twig_config(model, twig=None, cfg: EvalConfig = EvalConfig()):
     """
     from twig_jax.twig import TwigConfig, TwigConfigError
 
-    from twig_jax.ttp import METHODS, needs_twig
+    from twig_jax.ttp import METHODS, baseline_keep_rule, needs_twig
 
     if cfg.method not in METHODS:
         raise TwigConfigError(f"unknown method {cfg.method!r}; have {', '.join(METHODS)}")
@@ -339,9 +339,7 @@ def resolve_twig_config(model, twig=None, cfg: EvalConfig = EvalConfig()):
                             if v is not None}
     if cfg.R is not None:
         over.update(R=cfg.R, R_bar=None)
-    if cfg.select is None and not needs_twig(cfg.method):
-        over["select"] = "top"  # the twig's keep-set rule is for its own scores; baselines as published
-    tc = dataclasses.replace(base, **over)
+    tc = baseline_keep_rule(dataclasses.replace(base, **over), cfg.method, cfg.select)
     tc.validate(L, N)
     return tc
 

@@ -51,6 +51,14 @@ def needs_twig(method: str) -> bool:
     return method in TWIG_METHODS
 
 
+def baseline_keep_rule(twig_cfg: TwigConfig, method: str | None, select: str | None = None) -> TwigConfig:
+    """twig_cfg as `method` runs it: a twig's keep-set rule (select) is for its own scores, so the
+    baselines FastV and random keep their published top R unless a rule is asked for (select)."""
+    if select is None and method in ("fastv", "random") and twig_cfg.select != "top":
+        return dataclasses.replace(twig_cfg, select="top")
+    return twig_cfg
+
+
 # ----------------------------------------------------------------------------------------------
 # Static plan
 

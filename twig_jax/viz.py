@@ -110,9 +110,11 @@ def render(image: np.ndarray, panels: Sequence[Panel], out_path: str, suptitle: 
 def prune_picture(model, tokenizer, image: Any, question: str, out_path: str, twig_cfg, *, twig=None,
                   image_processor=None, conv: str = "vicuna_v1") -> dict:
     """Score the visual tokens with TTP (when a twig is given), the TwigVLM++ P-head (when the twig
-    has one), both with twig_cfg's keep-set rule, and FastV (top R) at the same R, save the picture; returns {"out", "R", "panels": {method: {"kept_cells", "kept_cls"}}}."""
+    has one), both with twig_cfg's keep-set rule, and FastV (top R) at the same R, save the picture;
+    returns {"out", "R", "panels": {method: {"kept_cells", "kept_cls"}}}."""
     from twig_jax.pipeline import image_preprocessor_for
     from twig_jax.preprocess import build_prompt, tokenize_with_image
+    from twig_jax.ttp import baseline_keep_rule
     from twig_jax.twig_generate import TwigGenerator
 
     cfg = model.cfg
@@ -126,9 +128,8 @@ def prune_picture(model, tokenizer, image: Any, question: str, out_path: str, tw
         (["phead"] if twig is not None and twig.p_head is not None else []) + ["fastv"]
     r = None
     for method in methods:
-        # FastV as published (top R); the twig's panels use the config's keep-set rule
-        cfg_m = dataclasses.replace(twig_cfg, select="top") if method == "fastv" else twig_cfg
-        gen = TwigGenerator(model, twig if method in ("twig", "phead") else None, cfg_m, method=method, ssd=False)
+        gen = TwigGenerator(model, twig if method in ("twig", "phead") else None,
+                            baseline_keep_rule(twig_cfg, method), method=method, ssd=False)
         r = gen.plan.R
         scores, keep = gen.prune_scores([prompt], pixels)
         kept = kept_cells(keep[0], grid, has_cls)
