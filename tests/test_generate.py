@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from twig_jax.config import load_preset
-from twig_jax.generate import Generator, InputError, decode_step, prefill
+from twig_jax.generate import PROMPT_BUCKETS, TEXT_BUCKETS, Generator, InputError, decode_step, prefill
 from twig_jax.model.llava import Llava
 from twig_jax.sampling import SamplingConfig, filtered_logits
 
@@ -83,6 +83,24 @@ def test_generate_matches_naive_greedy_and_reuses_compilation(model, generator):
     prompts2, pixels2 = make_prompts(cfg, [3, 1, 2], [2, 5, 3], seed=3)
     generator.generate(prompts2, pixels2, max_new_tokens=5, eos_ids=())
     assert (generator._decode._cache_size(), generator._prefill._cache_size()) == compiled
+
+
+def test_image_prompts_pad_only_their_text(model, generator):
+    """An image prompt pads to N visual tokens + a text bucket, and decodes exactly as one padded
+    to a whole-prompt bucket (the old rule, text_buckets=None)."""
+    cfg = model.cfg
+    n = cfg.num_image_tokens
+    prompts, pixels = make_prompts(cfg, [2, 20, 5], [4, 1, 6], seed=5)  # text lengths 7, 22, 12
+    tokens = generator.pad_inputs(prompts, pixels, 8)[0]
+    assert tokens.shape == (4, n + next(b for b in TEXT_BUCKETS if b >= 22))
+    assert generator.pad_inputs([p[:3] for p in prompts], None, 8)[0].shape == (4, PROMPT_BUCKETS[0])  # text only
+    whole = Generator(model, max_cache_len=256, text_buckets=None)
+    assert whole.pad_inputs(prompts, pixels, 8)[0].shape == (4, next(b for b in PROMPT_BUCKETS if b >= n + 22))
+    assert tokens.shape[1] != whole.pad_inputs(prompts, pixels, 8)[0].shape[1]  # the test compares two paddings
+    assert generator.generate(prompts, pixels, max_new_tokens=8, eos_ids=()).tokens == \
+        whole.generate(prompts, pixels, max_new_tokens=8, eos_ids=()).tokens
+    with pytest.raises(InputError, match="prompt text length"):
+        Generator(model, text_buckets=(8,)).pad_inputs(prompts, pixels, 8)
 
 
 def test_per_row_eos_stops_rows(model, generator):

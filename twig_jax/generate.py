@@ -25,6 +25,10 @@ from twig_jax.sampling import SamplingConfig, sample_logits
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # Every 128 tokens from 512 to 2048: a LLaVA prompt (576 visual tokens + text) wastes < 20% on padding.
 PROMPT_BUCKETS = (64, 128, 256, 384) + tuple(range(512, 2049, 128)) + (2560, 3072, 3584, 4096)
+# Prompts with an image: the N visual tokens are exact, so only the text is bucketed (length =
+# N + a text bucket). A 144-visual-token prompt with 20 words pads to 176, not to 256; TTP's pruned
+# groups (R visual + text) then shrink by the same padding, not only the full-length trunk.
+TEXT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 NEW_TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
@@ -149,7 +153,10 @@ class Generator:
 
     def __init__(self, model: Llava, *, max_cache_len: int | None = None,
                  batch_buckets: Sequence[int] = BATCH_BUCKETS, prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
-                 new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS, layer_weights=None):
+                 new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS,
+                 text_buckets: Sequence[int] | None = TEXT_BUCKETS, layer_weights=None):
+        """text_buckets: prompts with an image pad to N visual tokens + a text bucket (None: every
+        prompt pads to a prompt bucket)."""
         self.cfg = model.cfg
         self.graphdef, self.state = nnx.split(model)
         # Decoder weights as separate per-layer buffers (see llama.unstack_layers). They are a
@@ -167,6 +174,7 @@ class Generator:
         self.batch_buckets = tuple(batch_buckets)
         self.prompt_buckets = tuple(prompt_buckets)
         self.new_token_buckets = tuple(new_token_buckets)
+        self.text_buckets = None if text_buckets is None else tuple(text_buckets)
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("capacity",))
         self._decode = jax.jit(self._decode_impl, static_argnames=("out_len", "sampling", "eos_ids", "pad_id"),
                                donate_argnames=("cache",))
@@ -214,11 +222,18 @@ class Generator:
                     f"pixel_values has shape {tuple(pixel_values.shape)}; expected {want_shape} "
                     f"([batch, channels, image_size, image_size])")
 
+    def prompt_bucket(self, longest: int, with_image: bool) -> int:
+        """Padded prompt length for a batch whose longest prompt has `longest` tokens."""
+        n_img = self.cfg.num_image_tokens
+        if with_image and self.text_buckets is not None:
+            return n_img + bucket(longest - n_img, self.text_buckets, "prompt text length (tokens besides the image)")
+        return bucket(longest, self.prompt_buckets, "prompt length")
+
     def pad_inputs(self, prompts, pixel_values, max_new_tokens: int):
         """Right-pad prompts into (batch, prompt) buckets; returns arrays plus the bucket sizes."""
         n = len(prompts)
         b = bucket(n, self.batch_buckets, "batch size")
-        s = bucket(max(len(p) for p in prompts), self.prompt_buckets, "prompt length")
+        s = self.prompt_bucket(max(len(p) for p in prompts), pixel_values is not None)
         new = bucket(max_new_tokens, self.new_token_buckets, "max_new_tokens")
         capacity = min(s + new, max(s, self.max_cache_len))
         pad = self.cfg.text.pad_token_id or 0

@@ -52,7 +52,8 @@ def _as_twig_generator(gen) -> TwigGenerator:
         tc = TwigConfig(K=1, T=1, Kf=gen.cfg.text.num_hidden_layers, R=gen.cfg.num_image_tokens)
         twin = TwigGenerator(model, None, tc, method="none", ssd=False, max_cache_len=gen.max_cache_len,
                              batch_buckets=gen.batch_buckets, prompt_buckets=gen.prompt_buckets,
-                             new_token_buckets=gen.new_token_buckets, layer_weights=gen.layer_weights)
+                             new_token_buckets=gen.new_token_buckets, text_buckets=gen.text_buckets,
+                             layer_weights=gen.layer_weights)
         gen._stream_twin = twin
     return twin
 

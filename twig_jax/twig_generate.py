@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from twig_jax.generate import BATCH_BUCKETS, NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, Generator, InputError
+from twig_jax.generate import BATCH_BUCKETS, NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, TEXT_BUCKETS, Generator, InputError
 from twig_jax.model.llava import Llava
 from twig_jax.sampling import SamplingConfig
 from twig_jax.ssd import ssd_extra_slots, ssd_generate
@@ -61,12 +61,13 @@ class TwigGenerator(Generator):
     def __init__(self, base_model: Llava, twig: Twig | None, twig_cfg: TwigConfig, method: str = "twig",
                  ssd: bool = True, *, max_cache_len: int | None = None,
                  batch_buckets: Sequence[int] = BATCH_BUCKETS, prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
-                 new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS, layer_weights=None):
-        """layer_weights: per-layer base decoder weights to share with another generator on the same
+                 new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS,
+                 text_buckets: Sequence[int] | None = TEXT_BUCKETS, layer_weights=None):
+        """text_buckets: see Generator. layer_weights: per-layer base decoder weights to share with another generator on the same
         model (its .layer_weights), instead of making a copy."""
         super().__init__(base_model, max_cache_len=max_cache_len, batch_buckets=batch_buckets,
                          prompt_buckets=prompt_buckets, new_token_buckets=new_token_buckets,
-                         layer_weights=layer_weights)
+                         text_buckets=text_buckets, layer_weights=layer_weights)
         self.plan = make_plan(base_model.cfg, twig_cfg, method)
         self.method, self.ssd = method, ssd
         if twig is None and (ssd or needs_twig(method)):
