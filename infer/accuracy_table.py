@@ -7,6 +7,10 @@ each relative to the unpruned model.
                                    [--data DIR] [--limit N] [--methods twig,fastv,random] [--ninths 1,2,3]
                                    [--Kf KF] [--out-json FILE] [--out-md FILE]
 
+Each kept cell carries a 95% interval from a paired bootstrap over the eval images (twig_jax.bootstrap:
+the images are drawn with replacement and every run is re-scored on the same draw), and a second
+table gives each method's margin over FastV and random at the same R, with its interval.
+
 One unpruned run (method none) and one run per (method, R), all greedy without SSD (greedy SSD is
 token-identical to the pruned model's greedy decode, so it cannot change accuracy). FastV and
 random prune at the twig's K and Kf. Each (method, R) generator is compiled once (one batch
@@ -27,6 +31,7 @@ import sys
 import tempfile
 import time
 
+from twig_jax.bootstrap import difference_interval, image_sums, image_weights, kept_interval
 from twig_jax.eval import (DEFAULT_MODEL, DEFAULT_TWIG, DESCRIPTION, SHORT, EvalConfig, accuracy,
                            attach_categories, build_generator, json_safe, read_answers, read_questions, run_eval)
 
@@ -63,6 +68,47 @@ def _f3(x: float) -> str:
     return "-" if x is None or math.isnan(x) else f"{x:.3f}"
 
 
+def _ci(ci) -> str:
+    if not ci or any(x is None or math.isnan(x) for x in ci):
+        return ""
+    return f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _signed_ci(d: float, ci) -> str:
+    if d is None or math.isnan(d):
+        return "-"
+    return f"{100 * d:+.1f}" + ("" if not ci or any(math.isnan(x) for x in ci) else
+                                f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]")
+
+
+BASELINES = ("fastv", "random")  # the margin table compares every other row with these
+
+
+def margin_markdown(result: dict) -> str:
+    """Each non-baseline row's accuracy kept minus FastV's and random's at the same R (points, 95% CI)."""
+    runs = result["runs"]
+    cats = [c for c in (SHORT, DESCRIPTION) if result["unpruned"]["accuracy"].get(c) is not None]
+    have = [b for b in BASELINES if any(r["method"] == b for r in runs)]
+    rows = [r for r in runs if r["method"] not in BASELINES and r.get("margin")]
+    if not have or not rows:
+        return ""
+    cname = {SHORT: "short", DESCRIPTION: "descriptions"}
+    head = ["method", "R"] + [f"vs {LABELS[b]}, {cname[c]}" for b in have for c in cats]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = []
+        for b in have:
+            m = r["margin"].get(b)
+            for c in cats:
+                cells.append("-" if m is None else _signed_ci(m["diff"][c], m["ci"][c]))
+        lines.append(f"| {LABELS[r['method']]} | {r['R']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Margin = the row's accuracy kept minus the baseline's at the same R, in points of unpruned "
+                 f"accuracy; 95% interval from {result.get('bootstrap', {}).get('replicates', '?')} paired bootstrap "
+                 f"draws of the {result.get('bootstrap', {}).get('images', '?')} eval images.")
+    return "\n".join(lines)
+
+
 def markdown(result: dict) -> str:
     """The issue's table: rows = methods, columns = pruning ratio, per category; cells are
     accuracy kept (method accuracy / unpruned accuracy) with the accuracy itself in brackets."""
@@ -86,11 +132,14 @@ def markdown(result: dict) -> str:
                     continue
                 acc = r["accuracy"][c]
                 acc_s = _pct(acc) if c == SHORT else _f3(acc)
-                cells.append(f"**{_pct(r['kept'][c])}** ({acc_s})")
+                cells.append(f"**{_pct(r['kept'][c])}** ({acc_s}){_ci((r.get('kept_ci') or {}).get(c))}")
         lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
     q = result["questions"]
     lines.append("")
-    lines.append(f"Accuracy kept = method accuracy / unpruned accuracy (accuracy in brackets); N = {n} visual tokens, "
+    boot = result.get("bootstrap")
+    lines.append("Accuracy kept = method accuracy / unpruned accuracy (accuracy in brackets"
+                 + (f"; 95% interval in square brackets, {boot['replicates']} paired bootstrap draws of the "
+                    f"{boot['images']} eval images" if boot else "") + f"); N = {n} visual tokens, "
                  f"K = {result['K']}, Kf = {result['Kf']} of L = {result['L']}; {q[SHORT]} short questions, "
                  f"{q[DESCRIPTION]} descriptions; greedy, no SSD.")
     return "\n".join(lines)
@@ -137,6 +186,8 @@ def main(argv=None) -> int:
     p.add_argument("--out-json", help="write all runs' metrics here")
     p.add_argument("--out-md", help="write the markdown table here")
     p.add_argument("--preds-dir", help="write each run's answer JSONL into this folder")
+    p.add_argument("--bootstrap", type=int, default=2000,
+                   help="bootstrap replicates over the eval images for the 95%% intervals (0: none)")
     args = p.parse_args(argv)
     methods = [m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
@@ -148,6 +199,8 @@ def main(argv=None) -> int:
         p.error(f"--ninths {args.ninths!r}: give a comma list of integers 1..8")
     if not ninths or any(not 1 <= k <= 8 for k in ninths):
         p.error(f"--ninths {args.ninths!r}: each k must be in 1..8 (R = k N / 9 kept)")
+    if args.bootstrap < 0:
+        p.error(f"--bootstrap {args.bootstrap}: give a number of replicates >= 0")
 
     import jax.numpy as jnp
 
@@ -194,32 +247,52 @@ def main(argv=None) -> int:
             gen = build_generator(model, twig, cfg, batch_buckets=bucket)  # compiled once, serves both categories
             out = os.path.join(args.preds_dir, f"{name}_R{R or N}.jsonl") if args.preds_dir else None
             t0 = time.perf_counter()
-            _, m = run_eval(model, tokenizer, questions, cfg, images_dir=images, twig=twig, image_processor=improc,
+            records, m = run_eval(model, tokenizer, questions, cfg, images_dir=images, twig=twig, image_processor=improc,
                             answers=answers, model_id=model_id, out_path=out, generator=gen, image_cache=image_cache)
             acc = {c: (accuracy(m, c) if counts[c] else None) for c in (SHORT, DESCRIPTION)}
+            # records come back in question order: the per-image sums of this run, for the intervals
+            sums = image_sums(questions, {q.key: r["text"] for q, r in zip(questions, records)}, answers, image_ids)
             d = acc[DESCRIPTION]
             print(f"{name:>13} R={m['R']:>4}: short EM {_pct(acc[SHORT])}, description F1 "
                   f"{_f3(d)} ({time.perf_counter() - t0:.1f} s)",
                   file=sys.stderr, flush=True)
-            return m, acc
+            return m, acc, sums
 
         if args.Kf is not None and not 1 <= args.Kf <= L:
             p.error(f"--Kf {args.Kf}: the FinalWipe layer must be in 1..{L} (L = {L}: no FinalWipe)")
-        base_m, base_acc = one("none", None)
+        image_ids = sorted({q.image for q in questions})
+        weights = image_weights(len(image_ids), args.bootstrap) if args.bootstrap else None
+        base_m, base_acc, base_sums = one("none", None)
         K = Kf = None
-        runs = []
+        runs, run_sums = [], {}
         for method in methods:
             for k in ninths:
                 R = kept_for(N, k)
-                m, acc = one(method, R)
+                m, acc, sums = one(method, R)
                 K, Kf = m["K"], m["Kf"]
                 kept = {c: (ratio(acc[c], base_acc[c]) if acc[c] is not None else None) for c in acc}
                 runs.append({"method": method, "ninths": k, "R": R, "pruned_fraction": 1 - R / N, "K": m["K"],
-                             "Kf": m["Kf"], "score_rows": m.get("score_rows"), "accuracy": acc, "kept": kept, "metrics": m})
+                             "Kf": m["Kf"], "score_rows": m.get("score_rows"), "accuracy": acc, "kept": kept, "metrics": m,
+                             "kept_ci": kept_interval(sums, base_sums, weights) if weights is not None else None})
+                run_sums[(method, k)] = sums
+        if weights is not None:  # margins over the baselines at the same R, paired on the same draws
+            for r in runs:
+                r["margin"] = {}
+                for b in BASELINES:
+                    if r["method"] in BASELINES or (b, r["ninths"]) not in run_sums:
+                        continue
+                    other = next(o for o in runs if o["method"] == b and o["ninths"] == r["ninths"])
+                    diff = {c: (r["kept"][c] - other["kept"][c]) if r["kept"][c] is not None else None for c in r["kept"]}
+                    r["margin"][b] = {"diff": diff, "ci": difference_interval(run_sums[(r["method"], r["ninths"])],
+                                                                             run_sums[(b, r["ninths"])], base_sums, weights)}
     result = {"model": args.model, "twig": args.twig if twig is not None else None, "L": L, "N": N, "K": K, "Kf": Kf,
               "questions": counts, "unpruned": {"accuracy": base_acc, "metrics": base_m}, "runs": runs,
-              "seconds": time.perf_counter() - t_all}
+              "seconds": time.perf_counter() - t_all,
+              "bootstrap": {"replicates": args.bootstrap, "images": len(image_ids), "seed": 0} if args.bootstrap else None}
     md = markdown(result)
+    margins = margin_markdown(result)
+    if margins:
+        md += "\n\n" + margins
     result["markdown"] = md
     print(md)
     if args.out_json:
