@@ -8,7 +8,9 @@ Every figure is a median over `--repeats` timed calls after a warm-up (compiled)
   ssd round    (generate 65 - generate 1) / loop rounds, SSD without pruning (method none); the
                batch's loop runs until its slowest row is done, so loop rounds = the most any row took;
   draft step   trunk (base layers 0..K-1) + twig layers + twig head, one token, in a fori_loop;
-  verify pass  base layers K..L-1 on draft_len + 1 tokens, in a fori_loop.
+  verify pass  base layers K..L-1 on draft_len + 1 tokens, in a fori_loop; "verify pass / one-token
+               pass" divides it by the same pass on one token (about 1 where matmuls are memory-bound,
+               as on a GPU at small batch; speculation's premise).
 EOS is switched off, so every call generates exactly its budget. "round, predicted" is
 (draft steps per round) x draft step + verify pass; the rest of a measured round is the loop's
 own cost (acceptance, rollback, bookkeeping). The speed cap of SSD at this acceptance is
@@ -48,7 +50,7 @@ def component_costs(gen, prompts, pixels, repeats: int, max_new_tokens: int, n_i
                                   extra=out_len + gen.plan.draft_len + 1)
     plan = gen.plan
 
-    def loop(kind):
+    def loop(kind, n_tok: int = plan.draft_len + 1):
         @jax.jit
         def f(state, twig_state, w, caches):
             model, twig = nnx.merge(gen.graphdef, state), nnx.merge(gen.twig_graphdef, twig_state)
@@ -61,8 +63,8 @@ def component_costs(gen, prompts, pixels, repeats: int, max_new_tokens: int, n_i
                     tw2, lq = twig_step(twig, tw, h, trunk.lengths[:, None], w)
                     return (t2.replace(lengths=trunk.lengths), tw2.replace(lengths=tw.lengths), mid, tail,
                             acc + jnp.max(jax.nn.softmax(lq)))
-                h = jnp.full((b, plan.draft_len + 1, model.cfg.text.hidden_size), 1e-3 * i, jnp.float32)
-                pos = trunk.lengths[:, None] + jnp.arange(plan.draft_len + 1)[None]
+                h = jnp.full((b, n_tok, model.cfg.text.hidden_size), 1e-3 * i, jnp.float32)
+                pos = trunk.lengths[:, None] + jnp.arange(n_tok)[None]
                 m2, t2, lp = target_step(model, plan, mid, tail, h.astype(model.text.embed[...].dtype), pos, w)
                 return trunk, tw, m2.replace(lengths=mid.lengths), t2.replace(lengths=tail.lengths), acc + lp.max()
 
@@ -72,7 +74,10 @@ def component_costs(gen, prompts, pixels, repeats: int, max_new_tokens: int, n_i
         return _median_time(lambda: jax.block_until_ready(f(gen.state, gen.twig_state, gen.weights, caches)),
                             repeats) / n_iter
 
-    return dict(draft_step=loop("draft"), verify_pass=loop("verify"))
+    # verify_one: the same pass on one token. Speculation pays when checking draft_len + 1 tokens
+    # costs about what one token costs (a GPU's matmuls are memory-bound there); the ratio says how
+    # far this machine is from that.
+    return dict(draft_step=loop("draft"), verify_pass=loop("verify"), verify_one=loop("verify", 1))
 
 
 def profile(model, twig, twig_cfg, prompts, pixels, *, repeats: int = 5, n_new: int = 64) -> dict:
@@ -99,7 +104,8 @@ def profile(model, twig, twig_cfg, prompts, pixels, *, repeats: int = 5, n_new: 
     predicted = steps_per_round * comp["draft_step"] + comp["verify_pass"]
     tokens_per_round = n_new / rounds  # per row, per loop round
     return dict(batch=len(prompts), plain_step_ms=1e3 * plain_step, draft_step_ms=1e3 * comp["draft_step"],
-                verify_pass_ms=1e3 * comp["verify_pass"], round_ms=1e3 * round_s, round_predicted_ms=1e3 * predicted,
+                verify_pass_ms=1e3 * comp["verify_pass"], verify_one_ms=1e3 * comp["verify_one"],
+                verify_over_one=comp["verify_pass"] / comp["verify_one"], round_ms=1e3 * round_s, round_predicted_ms=1e3 * predicted,
                 loop_overhead_ms=1e3 * (round_s - predicted), draft_steps_per_round=steps_per_round,
                 tokens_per_round=tokens_per_round, acceptance=accepted / max(drafted, 1),
                 draft_over_plain=comp["draft_step"] / plain_step,
@@ -108,11 +114,13 @@ def profile(model, twig, twig_cfg, prompts, pixels, *, repeats: int = 5, n_new: 
 
 
 def markdown(rows) -> str:
-    lines = ["| batch | plain step | draft step | draft / plain | verify pass | round (measured) | round (predicted) "
-             "| loop overhead | tokens / round | SSD decode speed vs plain |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| batch | plain step | draft step | draft / plain | verify pass | verify pass / one-token pass "
+             "| round (measured) | round (predicted) | loop overhead | tokens / round | SSD decode speed vs plain |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['batch']} | {r['plain_step_ms']:.2f} ms | {r['draft_step_ms']:.2f} ms | "
-                     f"{r['draft_over_plain']:.2f} | {r['verify_pass_ms']:.2f} ms | {r['round_ms']:.2f} ms | "
+                     f"{r['draft_over_plain']:.2f} | {r['verify_pass_ms']:.2f} ms | {r['verify_over_one']:.2f} | "
+                     f"{r['round_ms']:.2f} ms | "
                      f"{r['round_predicted_ms']:.2f} ms | {r['loop_overhead_ms']:.2f} ms | "
                      f"{r['tokens_per_round']:.2f} | {r['ssd_speed_cap']:.2f}x |")
     return "\n".join(lines)

@@ -22,8 +22,9 @@ def test_profile_runs_and_adds_up(tmp_path, capsys):
     assert res["dtype"] == "float32"  # the bundle is stored in bfloat16 but run (and timed) in float32
     assert 1 <= row["draft_steps_per_round"] <= delta + 1
     assert 1 <= row["tokens_per_round"] <= delta + 1 and 0 <= row["acceptance"] <= 1
-    for k in ("plain_step_ms", "draft_step_ms", "verify_pass_ms", "round_ms"):
+    for k in ("plain_step_ms", "draft_step_ms", "verify_pass_ms", "verify_one_ms", "round_ms"):
         assert row[k] > 0, k
+    assert abs(row["verify_over_one"] - row["verify_pass_ms"] / row["verify_one_ms"]) < 1e-9
     predicted = row["draft_steps_per_round"] * row["draft_step_ms"] + row["verify_pass_ms"]
     assert abs(row["round_predicted_ms"] - predicted) < 1e-6
     assert abs(row["loop_overhead_ms"] - (row["round_ms"] - predicted)) < 1e-6
