@@ -247,8 +247,9 @@ def main(argv=None) -> int:
             gen = build_generator(model, twig, cfg, batch_buckets=bucket)  # compiled once, serves both categories
             out = os.path.join(args.preds_dir, f"{name}_R{R or N}.jsonl") if args.preds_dir else None
             t0 = time.perf_counter()
-            records, m = run_eval(model, tokenizer, questions, cfg, images_dir=images, twig=twig, image_processor=improc,
-                            answers=answers, model_id=model_id, out_path=out, generator=gen, image_cache=image_cache)
+            records, m = run_eval(model, tokenizer, questions, cfg, images_dir=images, twig=twig,
+                                  image_processor=improc, answers=answers, model_id=model_id, out_path=out,
+                                  generator=gen, image_cache=image_cache)
             acc = {c: (accuracy(m, c) if counts[c] else None) for c in (SHORT, DESCRIPTION)}
             # records come back in question order: the per-image sums of this run, for the intervals
             sums = image_sums(questions, {q.key: r["text"] for q, r in zip(questions, records)}, answers, image_ids)
