@@ -68,3 +68,16 @@ def test_speed_table_variants_and_draft_settings(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--variants", "ssd,bogus"])
     assert "bogus" in capsys.readouterr().err
+
+
+def test_padding_ab_runs_and_adds_up(tmp_path, capsys):
+    from infer import padding_ab
+
+    out = tmp_path / "pad.json"
+    assert padding_ab.main(["--images", "8", "--batches", "8", "--repeats", "1", "--out-json", str(out)]) == 0
+    rows = {r["padding"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"text", "whole"}
+    assert rows["text"]["prompt_len"] < rows["whole"]["prompt_len"]  # the two paddings really differ
+    for r in rows.values():
+        assert abs(r["ratio"] - r["spec_tokens_per_s"] / r["plain_tokens_per_s"]) < 1e-9
+    assert "| 8 | text |" in capsys.readouterr().out
