@@ -84,6 +84,23 @@ def _signed_ci(d: float, ci) -> str:
 BASELINES = ("fastv", "random")  # the margin table compares every other row with these
 
 
+def add_margins(runs: list[dict], run_sums: dict, base_sums, weights) -> None:
+    """Set each non-baseline run's "margin": {baseline: {"diff", "ci"}} over the baselines at the same
+    R (kept minus the baseline's kept per category), paired on the same bootstrap draws."""
+    by_key = {(r["method"], r["ninths"]): r for r in runs}
+    for r in runs:
+        r["margin"] = {}
+        if r["method"] in BASELINES:
+            continue
+        for b in BASELINES:
+            other = by_key.get((b, r["ninths"]))
+            if other is None:
+                continue
+            diff = {c: None if r["kept"][c] is None else r["kept"][c] - other["kept"][c] for c in r["kept"]}
+            ci = difference_interval(run_sums[(r["method"], r["ninths"])], run_sums[(b, r["ninths"])], base_sums, weights)
+            r["margin"][b] = {"diff": diff, "ci": ci}
+
+
 def margin_markdown(result: dict) -> str:
     """Each non-baseline row's accuracy kept minus FastV's and random's at the same R (points, 95% CI)."""
     runs = result["runs"]
@@ -276,16 +293,8 @@ def main(argv=None) -> int:
                              "Kf": m["Kf"], "score_rows": m.get("score_rows"), "accuracy": acc, "kept": kept, "metrics": m,
                              "kept_ci": kept_interval(sums, base_sums, weights) if weights is not None else None})
                 run_sums[(method, k)] = sums
-        if weights is not None:  # margins over the baselines at the same R, paired on the same draws
-            for r in runs:
-                r["margin"] = {}
-                for b in BASELINES:
-                    if r["method"] in BASELINES or (b, r["ninths"]) not in run_sums:
-                        continue
-                    other = next(o for o in runs if o["method"] == b and o["ninths"] == r["ninths"])
-                    diff = {c: (r["kept"][c] - other["kept"][c]) if r["kept"][c] is not None else None for c in r["kept"]}
-                    r["margin"][b] = {"diff": diff, "ci": difference_interval(run_sums[(r["method"], r["ninths"])],
-                                                                             run_sums[(b, r["ninths"])], base_sums, weights)}
+        if weights is not None:
+            add_margins(runs, run_sums, base_sums, weights)
     result = {"model": args.model, "twig": args.twig if twig is not None else None, "L": L, "N": N, "K": K, "Kf": Kf,
               "questions": counts, "unpruned": {"accuracy": base_acc, "metrics": base_m}, "runs": runs,
               "seconds": time.perf_counter() - t_all,

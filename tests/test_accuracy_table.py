@@ -47,6 +47,9 @@ def test_table_runs_at_the_given_Kf_equal_eval(tmp_path):
             base = result["unpruned"]["accuracy"][cat]
             if base:
                 assert run["kept"][cat] == pytest.approx(acc / base)
+                # one image: every bootstrap draw is that image, so the interval is the point itself
+                assert run["kept_ci"][cat] == pytest.approx((acc / base, acc / base))
+    assert result["bootstrap"]["images"] == 1
 
     # The oracle: the eval library run directly with the same method, keep-set rule, R and Kf.
     qpath, apath = FILES[1], FILES[5]

@@ -63,8 +63,8 @@ class TwigGenerator(Generator):
                  batch_buckets: Sequence[int] = BATCH_BUCKETS, prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
                  new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS,
                  text_buckets: Sequence[int] | None = TEXT_BUCKETS, layer_weights=None):
-        """text_buckets: see Generator. layer_weights: per-layer base decoder weights to share with another generator on the same
-        model (its .layer_weights), instead of making a copy."""
+        """text_buckets: see Generator. layer_weights: per-layer base decoder weights to share with
+        another generator on the same model (its .layer_weights), instead of making a copy."""
         super().__init__(base_model, max_cache_len=max_cache_len, batch_buckets=batch_buckets,
                          prompt_buckets=prompt_buckets, new_token_buckets=new_token_buckets,
                          text_buckets=text_buckets, layer_weights=layer_weights)
