@@ -7,8 +7,10 @@ bundled demo set, with answers, reference answers and speed against plain decodi
 
 By default it loads infer/assets/shapes-llava (base + twig, see scripts/bundle_shapes.py) and
 answers infer/assets/demo (8 eval images of the shapes world, seed 0: a short question and
-"describe the image ." each). Every configuration runs twice per question category: a warm-up
-call that compiles, then the timed call. It prints each question, the TTP + SSD answer (and the
+"describe the image ." each). Every configuration first runs a warm-up call per question category
+(it compiles); then the timed calls run round-robin over the configurations `--repeats` times
+(default 3, so a drifting machine load slows each alike) and each category's median call counts.
+It prints each question, the TTP + SSD answer (and the
 plain one where it differs), the reference answer when known, accuracy, and speed: tokens/s of
 TTP + SSD vs plain decoding (generated tokens / (prefill + decode time)), SSD acceptance rate and
 mean tokens per round.
@@ -144,7 +146,11 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype (weights are cast on load; default %(default)s)")
     p.add_argument("--out", help="write the TTP + SSD (or plain) answers as LLaVA answer JSONL here")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed calls per configuration; each category's median counts (default %(default)s)")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats {args.repeats}: give at least one timed call")
     if args.twig and not args.model:
         p.error("--twig goes with --model (the bundle brings its own twig)")
     if args.questions is None:
@@ -208,21 +214,28 @@ def main(argv=None) -> int:
     runs = [("plain", "none", False)]
     if twig is not None:  # TwigVLM++ P-head pruning when the twig has a P-head, else the twig's attention
         runs.insert(0, ("P-head+SSD", "phead", True) if twig.p_head is not None else ("TTP+SSD", "twig", True))
-    results, cache = {}, {}
+    results, cache, kws = {}, {}, {}
     for label, method, ssd in runs:
         gen = make_generator(model, twig if ssd or method in ("twig", "phead") else None, twig_cfg, method=method,
                              ssd=ssd)
-        kw = dict(twig=twig, twig_cfg=twig_cfg, method=method, ssd=ssd, max_new_tokens=max_new, generator=gen,
-                  image_cache=cache)
+        kws[label] = dict(twig=twig, twig_cfg=twig_cfg, method=method, ssd=ssd, max_new_tokens=max_new, generator=gen,
+                          image_cache=cache)
         t0 = time.perf_counter()
-        run_questions(model, tokenizer, processor, questions, args.images, **kw)  # warm-up: compiles
-        warm = time.perf_counter() - t0
-        answers, stats = run_questions(model, tokenizer, processor, questions, args.images, **kw)
-        for cat, st in stats.items():
-            st["rows"] = sum(q.category == cat for q in questions)
-        results[label] = (answers, stats, warm)
-        timed = sum(s["seconds"] for s in stats.values())
-        print(f"{label}: warm-up call (compiles) {warm:.1f} s, timed call {timed:.2f} s", file=sys.stderr)
+        run_questions(model, tokenizer, processor, questions, args.images, **kws[label])  # warm-up: compiles
+        print(f"{label}: warm-up call (compiles) {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    timed = {label: [] for label in kws}
+    for _ in range(args.repeats):  # round-robin, so load drift hits every configuration alike
+        for label, kw in kws.items():
+            timed[label].append(run_questions(model, tokenizer, processor, questions, args.images, **kw))
+    for label, calls in timed.items():
+        answers = calls[0][0]  # greedy: every call answers the same
+        stats = {}
+        for cat in calls[0][1]:
+            by_time = sorted((c[1][cat] for c in calls), key=lambda st: st["seconds"])
+            stats[cat] = dict(by_time[len(by_time) // 2], rows=sum(q.category == cat for q in questions))
+        results[label] = (answers, stats)
+        secs = [sum(st["seconds"] for st in c[1].values()) for c in calls]
+        print(f"{label}: timed calls " + ", ".join(f"{x:.2f}" for x in secs) + " s", file=sys.stderr)
 
     main_label = runs[0][0]
     answers = results[main_label][0]
@@ -246,13 +259,14 @@ def main(argv=None) -> int:
 
     if refs:
         print()
-        for label, (ans, _, _) in results.items():
+        for label, (ans, _) in results.items():
             acc = accuracy_of(ans, refs)
             f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
             print(f"accuracy {label:8s} short exact match {f(acc['short_em'])}, description object F1 "
                   f"{f(acc['description_f1'])}")
 
-    print("\nspeed (timed call after a warm-up compile; tokens/s = generated tokens / (prefill + decode) time):")
+    print(f"\nspeed (median of {args.repeats} timed calls per category after a warm-up compile; tokens/s = "
+          "generated tokens / (prefill + decode) time):")
     cats = list(dict.fromkeys(q.category for q in questions))
     head = f"  {'category':12s} {'rows':>4s} " + " ".join(f"{lbl + ' tok/s':>14s}" for lbl, _, _ in runs)
     if len(runs) > 1:

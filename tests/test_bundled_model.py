@@ -139,3 +139,24 @@ def test_ttp_ssd_equals_pruned_greedy(bundle, subset):
     for cat, st in stats.items():  # SSD ran: rounds counted, each emitting >= 1 token
         assert st["ssd"] and st["rounds"] > 0, (cat, st)
         assert st["mean_tokens_per_round"] >= 1.0, (cat, st)
+
+
+def test_demo_main_job_answers_and_reports(bundle, tmp_path, capsys):
+    """The README's main command (scripts/demo.sh -> infer.demo) on the bundle and its demo set: it
+    answers every question, and the accuracy it prints is eval.score's on the answers it writes."""
+    from infer.demo import DEMO_DIR, main
+    from twig_jax.eval import read_answers, score
+
+    out = tmp_path / "answers.jsonl"
+    assert main(["--bundle", BUNDLE, "--repeats", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    preds = {str(r["question_id"]): r["text"] for r in map(json.loads, out.read_text().splitlines())}
+    refs = read_answers(os.path.join(DEMO_DIR, "answers.jsonl"))
+    assert set(preds) == set(refs)
+    m = score(preds, refs)
+    label = "P-head+SSD" if main_method(bundle.twig) == "phead" else "TTP+SSD"
+    assert (f"accuracy {label:8s} short exact match {m['short']['em']:.3f}, description object F1 "
+            f"{m['description']['f1']:.3f}") in printed
+    assert "speed (median of 1 timed calls" in printed and "  all " in printed
+    with pytest.raises(SystemExit):
+        main(["--repeats", "0"])
