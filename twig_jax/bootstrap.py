@@ -52,29 +52,26 @@ def image_weights(n_images: int, n_boot: int, seed: int = 0) -> np.ndarray:  # [
     return rng.multinomial(n_images, np.full(n_images, 1.0 / n_images), size=n_boot).astype(np.float64)
 
 
+def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    """Percentile interval of the finite replicate values (NaN where there are none)."""
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return (np.nan, np.nan)
+    lo, hi = np.percentile(values, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def kept_interval(run: np.ndarray, base: np.ndarray, weights: np.ndarray,
                   level: float = 0.95) -> dict[str, tuple[float, float]]:
     """Percentile interval of accuracy kept (run / base) per category, paired over `weights`."""
     r, b = accuracies(weights @ run), accuracies(weights @ base)
-    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
-    out = {}
-    for c in (SHORT, DESCRIPTION):
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ratio = r[c] / b[c]
-        ratio = ratio[np.isfinite(ratio)]
-        out[c] = (float(np.percentile(ratio, lo)), float(np.percentile(ratio, hi))) if ratio.size else (np.nan, np.nan)
-    return out
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {c: _interval(r[c] / b[c], level) for c in (SHORT, DESCRIPTION)}
 
 
 def difference_interval(run: np.ndarray, other: np.ndarray, base: np.ndarray, weights: np.ndarray,
                         level: float = 0.95) -> dict[str, tuple[float, float]]:
     """Percentile interval of (run kept - other kept) per category, all three paired over `weights`."""
     r, o, b = (accuracies(weights @ x) for x in (run, other, base))
-    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
-    out = {}
-    for c in (SHORT, DESCRIPTION):
-        with np.errstate(invalid="ignore", divide="ignore"):
-            d = (r[c] - o[c]) / b[c]
-        d = d[np.isfinite(d)]
-        out[c] = (float(np.percentile(d, lo)), float(np.percentile(d, hi))) if d.size else (np.nan, np.nan)
-    return out
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {c: _interval((r[c] - o[c]) / b[c], level) for c in (SHORT, DESCRIPTION)}
