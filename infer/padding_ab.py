@@ -4,7 +4,8 @@ decoding and the bundled P-head + SSD, on descriptions, in one run.
 
     python -m infer.padding_ab [--data DIR] [--images 16] [--batches 1,8] [--repeats 5] [--out-json F]
 
-Passes run round-robin over the four generators after a warm-up pass each; the median pass counts.
+Passes run round-robin over the four generators after a warm-up pass each (speed_table.timed_passes); the
+median pass counts.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--out-json", default=None)
     args = p.parse_args(argv)
 
-    from infer.speed_table import description_batch, load_model_and_twig, run_pass
+    from infer.speed_table import description_batch, load_model_and_twig, median_pass, timed_passes
     from twig_jax.pipeline import make_generator
 
     model, tokenizer, twig, twig_cfg, pipe = load_model_and_twig(args.model, args.twig)
@@ -44,13 +45,8 @@ def main(argv=None) -> int:
     print("| batch | padding | prompt length | plain tokens/s | " + f"{method}+ssd tokens/s | {method}+ssd / plain |")
     print("|---|---|---|---|---|---|")
     for b in (int(x) for x in args.batches.split(",")):
-        for g in gens.values():
-            run_pass(g, prompts, pixels, b, 128, eos)
-        passes = {k: [] for k in gens}
-        for _ in range(args.repeats):
-            for k, g in gens.items():
-                passes[k].append(run_pass(g, prompts, pixels, b, 128, eos))
-        med = {k: sorted(v, key=lambda x: x["seconds"])[len(v) // 2] for k, v in passes.items()}
+        passes = timed_passes(gens, prompts, pixels, b, args.repeats, 128, eos)
+        med = {k: median_pass(v) for k, v in passes.items()}
         for pad in PADDINGS:
             plain, spec = med[("plain", pad)], med[(f"{method}+ssd", pad)]
             s = gens[("plain", pad)].pad_inputs(prompts[:b], pixels[:b], 128)[0].shape[1]

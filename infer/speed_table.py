@@ -100,6 +100,23 @@ def run_pass(gen, prompts, pixels, batch: int, max_new_tokens: int, eos_ids) -> 
                 outputs=outs)
 
 
+def timed_passes(gens: dict, prompts, pixels, batch: int, repeats: int, max_new_tokens: int, eos_ids) -> dict:
+    """{name: [pass, ...]}: a warm-up pass per generator (compiles every shape this batch size uses),
+    then `repeats` passes round-robin over the generators, so a noisy machine slows each alike."""
+    for g in gens.values():
+        run_pass(g, prompts, pixels, batch, max_new_tokens, eos_ids)
+    passes = {name: [] for name in gens}
+    for _ in range(repeats):
+        for name, g in gens.items():
+            passes[name].append(run_pass(g, prompts, pixels, batch, max_new_tokens, eos_ids))
+    return passes
+
+
+def median_pass(passes: list[dict]) -> dict:
+    """The pass of median time."""
+    return sorted(passes, key=lambda p: p["seconds"])[len(passes) // 2]
+
+
 def measure_speed(model, tokenizer, twig, twig_cfg, prompts, pixels, *, batches=(1, 8), repeats: int = 3,
                   max_new_tokens: int = 128, variants=tuple(VARIANTS), log=print) -> list[dict]:
     """Rows of the speed table, one per (batch, variant); plain decoding is the reference."""
@@ -117,16 +134,11 @@ def measure_speed(model, tokenizer, twig, twig_cfg, prompts, pixels, *, batches=
     for batch in batches:
         if len(prompts) % batch:
             raise ValueError(f"{len(prompts)} inputs is not a multiple of batch {batch}")
-        for name, g in gens.items():  # warm-up: compile every shape this batch size uses
-            run_pass(g, prompts, pixels, batch, max_new_tokens, eos_ids)
-        passes = {name: [] for name in gens}
-        for _ in range(repeats):
-            for name, g in gens.items():
-                passes[name].append(run_pass(g, prompts, pixels, batch, max_new_tokens, eos_ids))
+        passes = timed_passes(gens, prompts, pixels, batch, repeats, max_new_tokens, eos_ids)
         plain_tokens = None
         for name in gens:
             ps = passes[name]
-            med = sorted(ps, key=lambda p: p["seconds"])[len(ps) // 2]
+            med = median_pass(ps)
             speed = med["tokens"] / med["seconds"]
             row = dict(batch=batch, variant=name, seconds=med["seconds"], tokens=med["tokens"],
                        tokens_per_s=speed, all_seconds=[p["seconds"] for p in ps])
