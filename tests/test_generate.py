@@ -86,8 +86,8 @@ def test_generate_matches_naive_greedy_and_reuses_compilation(model, generator):
 
 
 def test_image_prompts_pad_only_their_text(model, generator):
-    """An image prompt pads to N visual tokens + a text bucket, and decodes exactly as one padded
-    to a whole-prompt bucket (the old rule, text_buckets=None)."""
+    """An image prompt pads to N visual tokens + a text bucket when that is shorter than its prompt
+    bucket, and decodes exactly as one padded to a whole-prompt bucket (the old rule, text_buckets=None)."""
     cfg = model.cfg
     n = cfg.num_image_tokens
     prompts, pixels = make_prompts(cfg, [2, 20, 5], [4, 1, 6], seed=5)  # text lengths 7, 22, 12
@@ -99,8 +99,13 @@ def test_image_prompts_pad_only_their_text(model, generator):
     assert tokens.shape[1] != whole.pad_inputs(prompts, pixels, 8)[0].shape[1]  # the test compares two paddings
     assert generator.generate(prompts, pixels, max_new_tokens=8, eos_ids=()).tokens == \
         whole.generate(prompts, pixels, max_new_tokens=8, eos_ids=()).tokens
-    with pytest.raises(InputError, match="prompt text length"):
-        Generator(model, text_buckets=(8,)).pad_inputs(prompts, pixels, 8)
+    # Never longer than the whole-prompt bucket: a text past the text buckets falls back to it...
+    assert Generator(model, text_buckets=(8,)).pad_inputs(prompts, pixels, 8)[0].shape == \
+        whole.pad_inputs(prompts, pixels, 8)[0].shape
+    # ... and a prompt past both is refused by name.
+    with pytest.raises(InputError, match=r"prompt length 38 exceeds the largest prompt bucket 32 \(and its text, "
+                                         r"22 tokens besides the image, the largest text bucket 8\)"):
+        Generator(model, text_buckets=(8,), prompt_buckets=(32,)).pad_inputs(prompts, pixels, 8)
 
 
 def test_per_row_eos_stops_rows(model, generator):

@@ -25,9 +25,9 @@ from twig_jax.sampling import SamplingConfig, sample_logits
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # Every 128 tokens from 512 to 2048: a LLaVA prompt (576 visual tokens + text) wastes < 20% on padding.
 PROMPT_BUCKETS = (64, 128, 256, 384) + tuple(range(512, 2049, 128)) + (2560, 3072, 3584, 4096)
-# Prompts with an image: the N visual tokens are exact, so only the text is bucketed (length =
-# N + a text bucket). A 144-visual-token prompt with 20 words pads to 176, not to 256; TTP's pruned
-# groups (R visual + text) then shrink by the same padding, not only the full-length trunk.
+# Prompts with an image: the N visual tokens are exact, so only the text needs a bucket (length =
+# N + a text bucket, or the prompt bucket where that is shorter). A 144-visual-token prompt with 20
+# words pads to 176, not to 256; TTP's pruned groups (R visual + text) shrink by the same padding.
 TEXT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 NEW_TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -223,11 +223,19 @@ class Generator:
                     f"([batch, channels, image_size, image_size])")
 
     def prompt_bucket(self, longest: int, with_image: bool) -> int:
-        """Padded prompt length for a batch whose longest prompt has `longest` tokens."""
+        """Padded prompt length for a batch whose longest prompt has `longest` tokens: the smaller of
+        its prompt bucket and (with an image and text_buckets) N + its text's bucket."""
+        fits = []
+        if longest <= self.prompt_buckets[-1]:
+            fits.append(bucket(longest, self.prompt_buckets, "prompt length"))
         n_img = self.cfg.num_image_tokens
-        if with_image and self.text_buckets is not None:
-            return n_img + bucket(longest - n_img, self.text_buckets, "prompt text length (tokens besides the image)")
-        return bucket(longest, self.prompt_buckets, "prompt length")
+        if with_image and self.text_buckets is not None and longest - n_img <= self.text_buckets[-1]:
+            fits.append(n_img + bucket(longest - n_img, self.text_buckets, "prompt text length"))
+        if not fits:
+            raise InputError(f"prompt length {longest} exceeds the largest prompt bucket {self.prompt_buckets[-1]}"
+                             + (f" (and its text, {longest - n_img} tokens besides the image, the largest text "
+                                f"bucket {self.text_buckets[-1]})" if with_image and self.text_buckets else ""))
+        return min(fits)
 
     def pad_inputs(self, prompts, pixel_values, max_new_tokens: int):
         """Right-pad prompts into (batch, prompt) buckets; returns arrays plus the bucket sizes."""
