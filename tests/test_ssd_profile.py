@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from infer import ssd_profile
 from twig_jax.bundle import BUNDLE_DIR
 
@@ -70,6 +72,7 @@ def test_speed_table_variants_and_draft_settings(tmp_path, capsys):
     assert "bogus" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a benchmark script's smoke test (4 compiles); the padding itself is tested in test_generate
 def test_padding_ab_runs_and_adds_up(tmp_path, capsys):
     from infer import padding_ab
 
