@@ -2,7 +2,8 @@
 # The issue-5 tables and pictures for the bundled shapes model (infer/assets/shapes-llava):
 #   bash scripts/measure_shapes.sh [DATA_DIR]
 # DATA_DIR: a `twig-jax data shapes --seed 0` output (its 300-image eval split); default: generated.
-# Writes bench_results/shapes_{accuracy,speed}.{json,md}, shapes_coverage_*.json, shapes_lookup_probe.json
+# Writes bench_results/shapes_{accuracy,speed}.{json,md}, shapes_ssd_profile.json, shapes_padding.json,
+# shapes_coverage_*.json, shapes_lookup_probe.json
 # and infer/assets/pictures/prune_*.png.
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/setup_env.sh"
@@ -16,6 +17,9 @@ python -m infer.accuracy_table --data "$D" --out-json bench_results/shapes_accur
     --out-md bench_results/shapes_accuracy.md ${ACC_LIMIT:+--limit "$ACC_LIMIT"}
 python -m infer.speed_table --data "$D" --images 16 --batches 1,8 --repeats 3 \
     --out-json bench_results/shapes_speed.json --out-md bench_results/shapes_speed.md
+# Where an SSD round's time goes, and image-prompt padding side by side.
+python -m infer.ssd_profile --batches 1,8 --repeats 5 --out-json bench_results/shapes_ssd_profile.json
+python -m infer.padding_ab --data "$D" --out-json bench_results/shapes_padding.json
 # Where the kept tokens lie, and whether the last token attends to the object a question names.
 python -m infer.kept_coverage --data "$D" --images 100 --out-json bench_results/shapes_coverage_last.json
 python -m infer.kept_coverage --data "$D" --images 100 --score-rows text --out-json bench_results/shapes_coverage_text.json
