@@ -80,6 +80,16 @@ class PrunePlan:
     draft_len: int = 5  # delta (SSD)
     theta: float = 0.6  # SSD early-stop threshold on the draft's top probability
 
+    @property
+    def keep_rule(self) -> str:
+        """The keep-set rule this plan runs: "sample" only for the P-head (a draw from its scores),
+        "cover" for any scored method, otherwise (and for method none) "top"."""
+        if self.select == "sample" and self.method == "phead":
+            return "sample"
+        if self.select == "cover" and self.method != "none":
+            return "cover"
+        return "top"
+
     def mid_len(self, prompt_len: int) -> int:
         """Entries of the middle group for a prompt of prompt_len tokens (text + R visual)."""
         return prompt_len - self.N + self.R
@@ -337,12 +347,12 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
         scores = jax.random.uniform(key, (b, n), jnp.float32)
     else:
         scores = jnp.zeros((b, n), jnp.float32)
-    if plan.select == "sample" and plan.method == "phead":
+    if plan.keep_rule == "sample":
         if key is None:
             raise TwigConfigError("select='sample' needs a PRNG key")
         # One Plackett-Luce draw of R tokens from the scores (a distribution over the visual tokens).
         keep = jnp.sort(gumbel_top_k(key, jnp.log(jnp.maximum(scores, 1e-30)), r, 1)[:, 0], axis=1)
-    elif plan.select == "cover" and plan.method != "none":
+    elif plan.keep_rule == "cover":
         keep = cover_visual(scores, _gather_rows(h_k, img_pos), r)  # [B, R]
     else:
         keep = select_visual(scores, r)  # [B, R]

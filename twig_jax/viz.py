@@ -135,8 +135,7 @@ def prune_picture(model, tokenizer, image: Any, question: str, out_path: str, tw
         kept = kept_cells(keep[0], grid, has_cls)
         kept_cls = bool(has_cls and 0 in set(keep[0].tolist()))
         name = {"twig": "TTP (twig)", "phead": "P-head (TwigVLM++)"}.get(method, f"FastV (layer {gen.plan.K - 1})")
-        rule = gen.plan.select if gen.plan.select == "cover" or method == "phead" else "top"
-        title = f"{name}: keep {r}/{cfg.num_image_tokens}, {rule}" + (" (+CLS)" if kept_cls else "")
+        title = f"{name}: keep {r}/{cfg.num_image_tokens}, {gen.plan.keep_rule}" + (" (+CLS)" if kept_cls else "")
         panels.append(Panel(title, score_grid(scores[0], grid, has_cls), kept))
         info[method] = {"kept_cells": int(kept.sum()), "kept_cls": kept_cls}
     q = question if len(question) <= 90 else question[:87] + "..."
