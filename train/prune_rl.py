@@ -109,6 +109,7 @@ class _Frozen:
         import jax.numpy as jnp
 
         from twig_jax.phead import attention_over_visual, attention_rows, gumbel_top_k
+        from twig_jax.model.layers import gather_rows
         from twig_jax.ttp import cover_visual
 
         _, h_k, h_t, pos, query, img_pos, is_image = pre
@@ -117,7 +118,7 @@ class _Frozen:
         top = lambda sc: jax.lax.top_k(sc, R)[1]
         twig_s = attention_over_visual(self.tc, self.twig_w, h_t, pos, self.T - 1,
                                        attention_rows(batch["label_mask"], "last"), img_pos)
-        cover = lambda sc: cover_visual(sc, jnp.take_along_axis(h_k, img_pos[..., None], axis=1), R)
+        cover = lambda sc: cover_visual(sc, gather_rows(h_k, img_pos), R)
         out = {"twig": rw(top(twig_s)), "twig_cover": rw(cover(twig_s)),
                "random": sum(rw(top(jax.random.uniform(k, (b, self.N)))) for k in jax.random.split(key, 4)) / 4,
                "unpruned": self.reward(h_k, batch, is_image, jnp.broadcast_to(jnp.arange(self.N)[None], (b, self.N)),
@@ -154,6 +155,7 @@ def make_rl_step(base, twig, kf: int, tx, group: int, policy: str = "plackett-lu
     import jax.numpy as jnp
     import optax
 
+    from twig_jax.model.layers import gather_rows
     from twig_jax.phead import (coverage_similarity, cover_logprob, group_advantage, gumbel_top_k,
                                 plackett_luce_logprob, sample_cover)
 
@@ -166,7 +168,7 @@ def make_rl_step(base, twig, kf: int, tx, group: int, policy: str = "plackett-lu
         _, h_k, h_t, pos, query, img_pos, is_image = fz.prelude(batch)
         ls = fz.log_scores(params, h_t, pos, query, img_pos)
         if policy == "cover":
-            sim = coverage_similarity(jnp.take_along_axis(h_k, img_pos[..., None], axis=1))  # [B, N, N]
+            sim = coverage_similarity(gather_rows(h_k, img_pos))  # [B, N, N]
             order = sample_cover(key, jax.lax.stop_gradient(ls), sim, R, group)  # [B, G, R]
             logprob = lambda log_s: cover_logprob(log_s, sim, order)
         else:

@@ -22,7 +22,7 @@ from flax import nnx
 
 from twig_jax.config import TextConfig
 from twig_jax.losses import shift_targets, token_ce
-from twig_jax.model.layers import apply_rope, rms_norm, rope_cos_sin
+from twig_jax.model.layers import apply_rope, gather_rows, rms_norm, rope_cos_sin
 
 
 class PHead(nnx.Module):
@@ -55,10 +55,9 @@ def phead_logits(text_cfg: TextConfig, layer_w: dict, p_head_w: dict, x: jax.Arr
     """
     b = x.shape[0]
     dh, h, hkv = text_cfg.head_dim, text_cfg.num_attention_heads, text_cfg.num_key_value_heads
-    take = lambda a, idx: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
     rows = jnp.concatenate([query_row[:, None].astype(jnp.int32), img_pos.astype(jnp.int32)], axis=1)  # [B, 1+N]
-    hn = rms_norm(take(x, rows), layer_w["attn_norm"], text_cfg.rms_norm_eps)  # [B, 1+N, D]
-    pos = take(positions, rows)  # [B, 1+N]
+    hn = rms_norm(gather_rows(x, rows), layer_w["attn_norm"], text_cfg.rms_norm_eps)  # [B, 1+N, D]
+    pos = gather_rows(positions, rows)  # [B, 1+N]
     cos, sin = rope_cos_sin(pos, dh, text_cfg.rope_theta, jnp.float32)
     q = hn[:, :1] @ layer_w["wq"]  # [B, 1, H*Dh]
     k = hn[:, 1:] @ layer_w["wk"]  # [B, N, Hkv*Dh]
@@ -217,17 +216,17 @@ def pruned_logits(text_cfg: TextConfig, base_w: dict, head_fn, h_k: jax.Array, i
     """
     # Imported here: ttp.py imports the Twig, which imports this module.
     from twig_jax.train_lib import scan_layers
-    from twig_jax.ttp import _gather_rows, pruned_indices, visual_positions
+    from twig_jax.ttp import pruned_indices, visual_positions
 
     b, s = is_image.shape
     r = keep.shape[1]
     img_pos = visual_positions(is_image, N)
     idx = pruned_indices(is_image, img_pos, jnp.sort(keep, axis=1), s - N + r)  # [B, M]
-    h = scan_layers(text_cfg, base_w, _gather_rows(h_k, idx), idx, K, Kf)  # [B, M, D]
+    h = scan_layers(text_cfg, base_w, gather_rows(h_k, idx), idx, K, Kf)  # [B, M, D]
     text_in_mid = jax.vmap(lambda m: jnp.nonzero(m, size=s - N, fill_value=0)[0])(
         ~jnp.take_along_axis(is_image, idx, axis=1))  # [B, S-N]
-    text_pos = _gather_rows(idx, text_in_mid)  # [B, S-N]
-    h = scan_layers(text_cfg, base_w, _gather_rows(h, text_in_mid), text_pos, Kf, text_cfg.num_hidden_layers)
+    text_pos = gather_rows(idx, text_in_mid)  # [B, S-N]
+    h = scan_layers(text_cfg, base_w, gather_rows(h, text_in_mid), text_pos, Kf, text_cfg.num_hidden_layers)
     return head_fn(h), text_pos
 
 

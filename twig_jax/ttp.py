@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from twig_jax.cache import KVCache
 from twig_jax.config import LlavaConfig
 from twig_jax.generate import token_loop
+from twig_jax.model.layers import gather_rows
 from twig_jax.model.llama import run_layers, unstack_layers
 from twig_jax.model.llava import Llava
 from twig_jax.sampling import SamplingConfig
@@ -256,10 +257,6 @@ def pruned_indices(is_image: jax.Array, img_pos: jax.Array, keep: jax.Array, siz
     return jax.vmap(lambda m: jnp.nonzero(m, size=size, fill_value=0)[0])(keep_seq).astype(jnp.int32)
 
 
-def _gather_rows(x: jax.Array, idx: jax.Array) -> jax.Array:  # [B, M, ...]
-    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
-
-
 # ----------------------------------------------------------------------------------------------
 # Prefill
 
@@ -331,7 +328,7 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
                           start=plan.T - 1 if plan.method == "phead" else 0, stop=plan.T,
                           fresh=True, return_last_probs=plan.method == "twig", probs_query=query)
         twig_cache = KVCache(tout.k, tout.v, lengths)
-        last_t = _gather_rows(tout.hidden, (lengths - 1)[:, None])  # [B, 1, D]
+        last_t = gather_rows(tout.hidden, (lengths - 1)[:, None])  # [B, 1, D]
         draft_logits = twig.logits(last_t)[:, 0]
         if plan.method == "twig":
             probs = tout.attn_probs
@@ -353,7 +350,7 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
         # One Plackett-Luce draw of R tokens from the scores (a distribution over the visual tokens).
         keep = jnp.sort(gumbel_top_k(key, jnp.log(jnp.maximum(scores, 1e-30)), r, 1)[:, 0], axis=1)
     elif plan.keep_rule == "cover":
-        keep = cover_visual(scores, _gather_rows(h_k, img_pos), r)  # [B, R]
+        keep = cover_visual(scores, gather_rows(h_k, img_pos), r)  # [B, R]
     else:
         keep = select_visual(scores, r)  # [B, R]
 
@@ -361,7 +358,7 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
     m = plan.mid_len(s)
     idx = pruned_indices(is_image, img_pos, keep, m)  # [B, M]
     mid = _new_cache(tc, plan.Kf - plan.K, b, caps["mid"], dtype, base_pl)
-    mout = run_layers(tc, base_w, _gather_rows(h_k, idx), idx, mid.k, mid.v, zeros,
+    mout = run_layers(tc, base_w, gather_rows(h_k, idx), idx, mid.k, mid.v, zeros,
                       start=plan.K, stop=plan.Kf, cache_offset=plan.K, fresh=True)
     mid = KVCache(mout.k, mout.v, lengths - n + r)
 
@@ -371,13 +368,13 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
     if plan.Kf < plan.L:
         text_in_mid = jax.vmap(lambda m_: jnp.nonzero(m_, size=tl, fill_value=0)[0])(
             ~jnp.take_along_axis(is_image, idx, axis=1))  # [B, S-N] indices into the middle sequence
-        tout2 = run_layers(tc, base_w, _gather_rows(mout.hidden, text_in_mid), _gather_rows(idx, text_in_mid),
+        tout2 = run_layers(tc, base_w, gather_rows(mout.hidden, text_in_mid), gather_rows(idx, text_in_mid),
                            tail.k, tail.v, zeros, start=plan.Kf, stop=plan.L, cache_offset=plan.Kf, fresh=True)
         tail = KVCache(tout2.k, tout2.v, lengths - n)
-        last = _gather_rows(tout2.hidden, jnp.maximum(lengths - n - 1, 0)[:, None])  # [B, 1, D]
+        last = gather_rows(tout2.hidden, jnp.maximum(lengths - n - 1, 0)[:, None])  # [B, 1, D]
     else:
         tail = KVCache(tail.k, tail.v, lengths - n)
-        last = _gather_rows(mout.hidden, jnp.maximum(lengths - n + r - 1, 0)[:, None])  # [B, 1, D]
+        last = gather_rows(mout.hidden, jnp.maximum(lengths - n + r - 1, 0)[:, None])  # [B, 1, D]
     logits = model.text.logits(last)[:, 0]  # [B, V]
     return TTPPrefill(TwigCaches(trunk, twig_cache, mid, tail), logits, scores, keep, draft_logits)
 

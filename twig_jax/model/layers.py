@@ -14,6 +14,11 @@ ACTIVATIONS = {
 }
 
 
+def gather_rows(x: jax.Array, idx: jax.Array) -> jax.Array:  # [B, M, ...]
+    """x[b, idx[b, m]] for x [B, S, ...] and per-row indices idx [B, M] (visual / kept / last rows)."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:  # [..., D]
     """LLaMA RMSNorm: normalise in float32, cast back, then scale (HF's order)."""
     x32 = x.astype(jnp.float32)
