@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Reproduce the bundled shapes-world model (infer/assets/shapes-llava) on CPU, from the checked-in
 # 2-layer LLaVA (train/checkpoints/shapes-llava-2layer-step1750: session 8's run A at step 1750; its
-# own history is in README.md, "Session 8").
+# own history is in docs/shapes_history.md, "Session 8").
 #   bash scripts/train_shapes.sh [WORK_DIR]      (default WORK_DIR: runs/shapes)
-# Stages (wall times measured on the 2-core development CPU are in README.md):
+# Stages (wall times measured on the 2-core development CPU are in docs/shapes_history.md):
 #   1. the shapes world: 24000 training scenes + 300 eval scenes, seed 0
 #   2. the 2-layer LLaVA continued on all of its language model and projector (tower frozen),
 #      batch 32, 1500 steps
@@ -15,7 +15,7 @@
 #      the next trained layer (train/grow.py --at 0,4 --fill next); exactly the 2-layer function
 #   4. the twig (K=2, T=2) distilled from the frozen grown base with the training stack
 #   5. its TwigVLM++ P-head trained by RL (train/prune_rl.py: base and twig frozen, 400 steps)
-#   6. bundle (bfloat16, <= 25 MB; the P-head's keep-sets drawn from its scores), check, and
+#   6. bundle (bfloat16, <= 25 MB; keep-sets: the coverage rule over the P-head's scores), check, and
 #      measure the CI subset
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/setup_env.sh"
