@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from test_ttp import NumpyPrunedModel, _np_weights, _ref_layers, _rms, _rope, _sharpen, sharpened_tiny_and_prompts
+from test_ttp import (NumpyPrunedModel, _np_weights, _ref_layers, _rms, _rope, _sharpen, prefill_both_layouts,
+                      sharpened_tiny_and_prompts)
 from twig_jax.phead import (cover_logprob, coverage_similarity, group_advantage, gumbel_top_k, p_head_weights,
                             plackett_luce_logprob, sample_cover,
                             pruned_logits, with_p_head)
@@ -108,22 +109,9 @@ def test_phead_pruned_decode_matches_reference(setup):
 
 
 def test_phead_scores_per_layer_equal_stacked(setup):
-    from twig_jax.ttp import LayerWeights
-
     cfg, model, twig, prompts, pixels = setup
     plan = make_plan(cfg, twig.twig_cfg, "phead")
-    tokens = np.zeros((len(prompts), 32), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = p
-    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
-
-    @nnx.jit
-    def run(model, twig, weights, tokens, lengths, pixels):
-        return ttp_prefill(model, twig, plan, tokens, lengths, pixels, extra=4, weights=weights)
-
-    args = (jnp.asarray(tokens), lengths, jnp.asarray(pixels))
-    stacked = run(model, twig, None, *args)
-    per = run(model, twig, LayerWeights.of(model, twig), *args)
+    stacked, per = prefill_both_layouts(model, twig, plan, prompts, pixels)
     np.testing.assert_allclose(np.asarray(stacked.scores).sum(1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(per.scores), np.asarray(stacked.scores), rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(np.asarray(per.keep), np.asarray(stacked.keep))

@@ -229,18 +229,11 @@ def test_pruned_decode_matches_reference(setup, method, score_rows, select):
     assert list(out.num_generated) == [NEW] * len(prompts)
 
 
-@pytest.mark.parametrize("method,score_rows", [("twig", "last"), ("twig", "text"), ("fastv", "last")])
-def test_per_layer_prefill_equals_stacked(setup, method, score_rows):
-    """ttp_prefill with per-layer weights (per-layer caches, what TwigGenerator runs) computes what
-    the stacked-weight path does: same scores, kept set, logits and cached keys/values."""
+def prefill_both_layouts(model, twig, plan, prompts, pixels, width: int = 32):
+    """ttp_prefill with the stacked weights and with per-layer weights (ttp.LayerWeights): (stacked, per)."""
     from twig_jax.ttp import LayerWeights
 
-    cfg, model, prompts, pixels = setup
-    tc = TwigConfig(K=1, T=2, Kf=3, R=5, score_rows=score_rows)
-    twig = Twig(cfg.text, tc, rngs=nnx.Rngs(7))
-    _sharpen(twig.layers)
-    plan = make_plan(cfg, tc, method)
-    tokens = np.zeros((len(prompts), 32), np.int32)
+    tokens = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
     lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
@@ -250,8 +243,19 @@ def test_per_layer_prefill_equals_stacked(setup, method, score_rows):
         return ttp_prefill(model, twig, plan, tokens, lengths, pixels, extra=4, weights=weights)
 
     args = (jnp.asarray(tokens), lengths, jnp.asarray(pixels))
-    stacked = run(model, twig, None, *args)
-    per = run(model, twig, LayerWeights.of(model, twig), *args)
+    return run(model, twig, None, *args), run(model, twig, LayerWeights.of(model, twig), *args)
+
+
+@pytest.mark.parametrize("method,score_rows", [("twig", "last"), ("twig", "text"), ("fastv", "last")])
+def test_per_layer_prefill_equals_stacked(setup, method, score_rows):
+    """ttp_prefill with per-layer weights (per-layer caches, what TwigGenerator runs) computes what
+    the stacked-weight path does: same scores, kept set, logits and cached keys/values."""
+    cfg, model, prompts, pixels = setup
+    tc = TwigConfig(K=1, T=2, Kf=3, R=5, score_rows=score_rows)
+    twig = Twig(cfg.text, tc, rngs=nnx.Rngs(7))
+    _sharpen(twig.layers)
+    plan = make_plan(cfg, tc, method)
+    stacked, per = prefill_both_layouts(model, twig, plan, prompts, pixels)
     np.testing.assert_allclose(np.asarray(per.scores), np.asarray(stacked.scores), rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(np.asarray(per.keep), np.asarray(stacked.keep))
     np.testing.assert_allclose(np.asarray(per.logits), np.asarray(stacked.logits), rtol=1e-4, atol=1e-5)
