@@ -216,15 +216,14 @@ def pruned_logits(text_cfg: TextConfig, base_w: dict, head_fn, h_k: jax.Array, i
     """
     # Imported here: ttp.py imports the Twig, which imports this module.
     from twig_jax.train_lib import scan_layers
-    from twig_jax.ttp import pruned_indices, visual_positions
+    from twig_jax.ttp import pruned_indices, text_in_pruned, visual_positions
 
     b, s = is_image.shape
     r = keep.shape[1]
     img_pos = visual_positions(is_image, N)
     idx = pruned_indices(is_image, img_pos, jnp.sort(keep, axis=1), s - N + r)  # [B, M]
     h = scan_layers(text_cfg, base_w, gather_rows(h_k, idx), idx, K, Kf)  # [B, M, D]
-    text_in_mid = jax.vmap(lambda m: jnp.nonzero(m, size=s - N, fill_value=0)[0])(
-        ~jnp.take_along_axis(is_image, idx, axis=1))  # [B, S-N]
+    text_in_mid = text_in_pruned(is_image, idx, s - N)  # [B, S-N]
     text_pos = gather_rows(idx, text_in_mid)  # [B, S-N]
     h = scan_layers(text_cfg, base_w, gather_rows(h, text_in_mid), text_pos, Kf, text_cfg.num_hidden_layers)
     return head_fn(h), text_pos

@@ -257,6 +257,12 @@ def pruned_indices(is_image: jax.Array, img_pos: jax.Array, keep: jax.Array, siz
     return jax.vmap(lambda m: jnp.nonzero(m, size=size, fill_value=0)[0])(keep_seq).astype(jnp.int32)
 
 
+def text_in_pruned(is_image: jax.Array, idx: jax.Array, size: int) -> jax.Array:  # [B, size]
+    """Where the text tokens sit in the pruned sequence idx (from pruned_indices), ascending: the
+    rows FinalWipe keeps past layer Kf. size = S - N."""
+    return jax.vmap(lambda m: jnp.nonzero(m, size=size, fill_value=0)[0])(~jnp.take_along_axis(is_image, idx, axis=1))
+
+
 # ----------------------------------------------------------------------------------------------
 # Prefill
 
@@ -366,8 +372,7 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
     tl = plan.tail_len(s)
     tail = _new_cache(tc, plan.L - plan.Kf, b, caps["tail"], dtype, base_pl)
     if plan.Kf < plan.L:
-        text_in_mid = jax.vmap(lambda m_: jnp.nonzero(m_, size=tl, fill_value=0)[0])(
-            ~jnp.take_along_axis(is_image, idx, axis=1))  # [B, S-N] indices into the middle sequence
+        text_in_mid = text_in_pruned(is_image, idx, tl)  # [B, S-N] indices into the middle sequence
         tout2 = run_layers(tc, base_w, gather_rows(mout.hidden, text_in_mid), gather_rows(idx, text_in_mid),
                            tail.k, tail.v, zeros, start=plan.Kf, stop=plan.L, cache_offset=plan.Kf, fresh=True)
         tail = KVCache(tout2.k, tout2.v, lengths - n)
