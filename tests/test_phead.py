@@ -158,32 +158,48 @@ def _cover_case():
     return log_s, coverage_similarity(feats), feats
 
 
-def test_cover_logprob_is_a_distribution_and_its_mode_is_the_cover_rule():
+@pytest.mark.parametrize("sharpness", [1.0, 4.0])
+def test_cover_logprob_is_a_distribution_and_its_mode_is_the_cover_rule(sharpness):
     """The coverage policy's probabilities sum to one over all ordered keep-sets, and taking its
-    most likely token at every step is ttp.cover_visual's greedy."""
+    most likely token at every step is ttp.cover_visual's greedy (at any sharpness)."""
     from twig_jax.ttp import cover_visual
 
     log_s, sim, feats = _cover_case()
     for r in (1, 2, 3):
         orders = jnp.asarray(np.array(list(itertools.permutations(range(5), r)), np.int32)[None])
-        total = float(jnp.sum(jnp.exp(cover_logprob(log_s, sim, orders))))
+        total = float(jnp.sum(jnp.exp(cover_logprob(log_s, sim, orders, sharpness))))
         assert abs(total - 1.0) < 1e-5, (r, total)
     greedy = []  # step by step: the order whose next token has the largest conditional probability
     for t in range(3):
         cands = [i for i in range(5) if i not in greedy]
-        lp = [float(cover_logprob(log_s, sim, jnp.asarray([[greedy + [i]]], jnp.int32))[0, 0]) for i in cands]
+        lp = [float(cover_logprob(log_s, sim, jnp.asarray([[greedy + [i]]], jnp.int32), sharpness)[0, 0])
+              for i in cands]
         greedy.append(cands[int(np.argmax(lp))])
     np.testing.assert_array_equal(np.asarray(cover_visual(jnp.exp(log_s), feats, 3))[0], np.sort(greedy))
 
 
-def test_sample_cover_draws_match_cover_logprob():
+@pytest.mark.parametrize("sharpness", [1.0, 4.0])
+def test_sample_cover_draws_match_cover_logprob(sharpness):
     log_s, sim, _ = _cover_case()
-    draws = np.asarray(sample_cover(jax.random.key(0), log_s, sim, 2, 40000))[0]  # [G, 2]
+    draws = np.asarray(sample_cover(jax.random.key(0), log_s, sim, 2, 40000, sharpness))[0]  # [G, 2]
     orders = np.array(list(itertools.permutations(range(5), 2)), np.int32)
-    want = np.exp(np.asarray(cover_logprob(log_s, sim, jnp.asarray(orders)[None])))[0]
+    want = np.exp(np.asarray(cover_logprob(log_s, sim, jnp.asarray(orders)[None], sharpness)))[0]
     got = np.array([np.mean((draws[:, 0] == a) & (draws[:, 1] == b)) for a, b in orders])
     np.testing.assert_allclose(got, want, atol=0.01)
     assert np.all(draws[:, 0] != draws[:, 1])  # without replacement
+
+
+def test_sharper_cover_policy_puts_more_mass_on_the_greedy_set():
+    """Sharpness a: the greedy coverage order's probability grows with a (a -> inf: the greedy rule)."""
+    from twig_jax.ttp import cover_visual
+
+    log_s, sim, feats = _cover_case()
+    orders = np.array(list(itertools.permutations(range(5), 2)), np.int32)
+    probs = {a: np.exp(np.asarray(cover_logprob(log_s, sim, jnp.asarray(orders)[None], a)))[0] for a in (1.0, 4.0, 16.0)}
+    best = int(np.argmax(probs[16.0]))
+    assert sorted(orders[best]) == list(np.asarray(cover_visual(jnp.exp(log_s), feats, 2))[0])
+    assert probs[1.0][best] < probs[4.0][best] < probs[16.0][best]
+    assert probs[16.0][best] > 2 * probs[1.0][best]
 
 
 def test_reinforce_learns_a_toy_reward():

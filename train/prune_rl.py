@@ -143,12 +143,12 @@ class _Frozen:
 POLICIES = ("plackett-luce", "cover")
 
 
-def make_rl_step(base, twig, kf: int, tx, group: int, policy: str = "plackett-luce"):
+def make_rl_step(base, twig, kf: int, tx, group: int, policy: str = "plackett-luce", cover_sharpness: float = 1.0):
     """rl_step(p_head_params, opt_state, batch, key, R) -> (params, opt_state, metrics), jitted; R static.
 
     policy: how keep-sets are drawn from the scores s: "plackett-luce" (Gumbel-top-R: the paper;
     its mode is top R) or "cover" (phead.sample_cover: its mode is the coverage keep-set,
-    select="cover"). Everything frozen (base, twig layers) is closed over as constants of the
+    select="cover"; cover_sharpness > 1 draws closer to that mode). Everything frozen (base, twig layers) is closed over as constants of the
     jitted function.
     """
     import jax
@@ -169,8 +169,8 @@ def make_rl_step(base, twig, kf: int, tx, group: int, policy: str = "plackett-lu
         ls = fz.log_scores(params, h_t, pos, query, img_pos)
         if policy == "cover":
             sim = coverage_similarity(gather_rows(h_k, img_pos))  # [B, N, N]
-            order = sample_cover(key, jax.lax.stop_gradient(ls), sim, R, group)  # [B, G, R]
-            logprob = lambda log_s: cover_logprob(log_s, sim, order)
+            order = sample_cover(key, jax.lax.stop_gradient(ls), sim, R, group, cover_sharpness)  # [B, G, R]
+            logprob = lambda log_s: cover_logprob(log_s, sim, order, cover_sharpness)
         else:
             order = gumbel_top_k(key, jax.lax.stop_gradient(ls), R, group)  # [B, G, R]
             logprob = lambda log_s: plackett_luce_logprob(log_s, order)
@@ -263,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=list(POLICIES), default="plackett-luce",
                    help="RL keep-set policy: Gumbel-top-R draws from the scores (the paper; used with "
                         "select top / sample) or the coverage policy (used with select cover)")
+    p.add_argument("--cover-sharpness", type=float, default=1.0,
+                   help="coverage policy: each pick's probability is gain^a / sum of gains^a (a > 1 draws "
+                        "closer to the greedy coverage set)")
     p.add_argument("--objective", choices=["rl", "attn"], default="rl",
                    help="rl: stage 2, REINFORCE on the answer's log-prob (default); attn: stage 1, AttnKL to the "
                         "base's attention (the P-head alone; run rl on its output after)")
@@ -314,6 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.group < 2:
         print("error: --group must be >= 2 (the advantage is normalised within each group)", file=sys.stderr)
         return 2
+    if not args.cover_sharpness > 0:
+        print(f"error: --cover-sharpness must be > 0 (got {args.cover_sharpness})", file=sys.stderr)
+        return 2
 
     all_records = load_records(args.data)
     if args.eval_records >= len(all_records):
@@ -348,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --attn-layer {attn_layer} must be in [0, {L})", file=sys.stderr)
         return 2
     if args.objective == "rl":
-        step_fn = make_rl_step(base, twig, kf, tx, args.group, args.policy)
+        step_fn = make_rl_step(base, twig, kf, tx, args.group, args.policy, args.cover_sharpness)
     else:
         step_fn = make_attn_step(base, twig, kf, tx, attn_layer, args.attn_rows)
     rng = np.random.default_rng(args.seed)
@@ -383,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         twig.p_head.gate_k.set_value(params["gate_k"])
         save_twig(twig, args.out, overwrite=True)
         with open(os.path.join(args.out, "rl_config.json"), "w") as f:
-            json.dump({"step": step, "objective": args.objective, "policy": args.policy, "attn_layer": attn_layer,
+            json.dump({"step": step, "objective": args.objective, "policy": args.policy,
+                       "cover_sharpness": args.cover_sharpness, "attn_layer": attn_layer,
                        "attn_rows": args.attn_rows,
                        "R_values": R_values, "group": args.group, "batch": args.batch, "lr": args.lr,
                        "init_scale": args.init_scale,

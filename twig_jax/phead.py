@@ -159,23 +159,27 @@ def coverage_picks(sim: jax.Array, w: jax.Array, r: int, choose) -> jax.Array:  
     return jax.lax.fori_loop(0, r, pick, init)[0]
 
 
-def sample_cover(key: jax.Array, log_s: jax.Array, sim: jax.Array, r: int, samples: int) -> jax.Array:  # [B, G, R]
+def sample_cover(key: jax.Array, log_s: jax.Array, sim: jax.Array, r: int, samples: int,
+                 sharpness: float = 1.0) -> jax.Array:  # [B, G, R]
     """`samples` ordered keep-sets from the coverage policy: step t picks an untaken token with
-    probability gain_t(i) / sum of the untaken gains (gains as in coverage_gains, weights s). Its
-    most likely step is the greedy of ttp.cover_visual, so RL on it trains the P-head for the
-    keep-set rule it is used with (select="cover"). log_s: [B, N]; sim: [B, N, N]."""
+    probability gain_t(i)^sharpness / sum of the untaken gains^sharpness (gains as in
+    coverage_gains, weights s). Its most likely step is the greedy of ttp.cover_visual, so RL on it
+    trains the P-head for the keep-set rule it is used with (select="cover"); a sharpness above 1
+    draws sets closer to that greedy one. log_s: [B, N]; sim: [B, N, N]."""
     b, n = log_s.shape
     w = jnp.broadcast_to(jnp.exp(log_s)[:, None], (b, samples, n))  # [B, G, N]
 
     def draw(t, gain):  # [B, G, N] -> [B, G]
-        logits = jnp.where(gain < 0, -jnp.inf, jnp.log(jnp.maximum(gain, 1e-30)))
+        logits = jnp.where(gain < 0, -jnp.inf, sharpness * jnp.log(jnp.maximum(gain, 1e-30)))
         return jax.random.categorical(jax.random.fold_in(key, t), logits, axis=-1)
 
     return coverage_picks(sim[:, None], w, r, draw)
 
 
-def cover_logprob(log_s: jax.Array, sim: jax.Array, order: jax.Array) -> jax.Array:  # [B, G] float32
-    """log P(order) under sample_cover's policy: sum_t log gain_t(o_t) - log sum_{i untaken} gain_t(i).
+def cover_logprob(log_s: jax.Array, sim: jax.Array, order: jax.Array,
+                  sharpness: float = 1.0) -> jax.Array:  # [B, G] float32
+    """log P(order) under sample_cover's policy (same sharpness a): sum_t a log gain_t(o_t) -
+    log sum_{i untaken} gain_t(i)^a.
 
     The coverage before each step depends only on the order (a running max), so every step's
     gains are computed at once (a [B, G, R, N, N] intermediate: fine for RL batches at N = 144,
@@ -187,7 +191,7 @@ def cover_logprob(log_s: jax.Array, sim: jax.Array, order: jax.Array) -> jax.Arr
     covered = jnp.concatenate([jnp.zeros((b, g, 1, n)), jax.lax.cummax(rows, axis=2)[:, :, :-1]], axis=2)
     gain = coverage_gains(sim[:, None, None], w, covered)  # [B, G, R, N]
     taken = jnp.cumsum(jax.nn.one_hot(order, n, dtype=jnp.int32), axis=2) - jax.nn.one_hot(order, n, dtype=jnp.int32)
-    lg = jnp.log(jnp.maximum(gain, 1e-30))
+    lg = sharpness * jnp.log(jnp.maximum(gain, 1e-30))
     norm = jax.nn.logsumexp(jnp.where(taken > 0, -jnp.inf, lg), axis=-1)  # [B, G, R]
     chosen = jnp.take_along_axis(lg, order[..., None], axis=-1)[..., 0]
     return jnp.sum(chosen - norm, axis=-1)
