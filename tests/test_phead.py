@@ -202,9 +202,21 @@ def test_sharper_cover_policy_puts_more_mass_on_the_greedy_set():
     assert probs[16.0][best] > 2 * probs[1.0][best]
 
 
-def test_reinforce_learns_a_toy_reward():
+def test_group_advantage_scaled_and_centred():
+    r = jnp.asarray([[1.0, 2.0, 3.0, 6.0], [0.5, 0.5001, 0.4999, 0.5]])
+    centred = np.asarray(r) - np.asarray(r).mean(1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(group_advantage(r, scale=False)), centred, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(group_advantage(r)), centred / (np.asarray(r).std(1, keepdims=True) + 1e-6),
+                               rtol=1e-4)
+    # a group whose samples score alike: unit-size advantages when scaled, near zero when only centred
+    assert np.abs(np.asarray(group_advantage(r))[1]).max() > 0.5
+    assert np.abs(np.asarray(group_advantage(r, scale=False))[1]).max() < 1e-3
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_reinforce_learns_a_toy_reward(scale):
     """Free logits over 12 tokens, reward = how many of tokens {3, 7, 9} a keep-set of 3 holds:
-    the REINFORCE loss used by train.prune_rl must move the mass onto them."""
+    the REINFORCE loss used by train.prune_rl must move the mass onto them (either advantage)."""
     import optax
 
     target = jnp.zeros((12,)).at[jnp.asarray([3, 7, 9])].set(1.0)
@@ -216,7 +228,7 @@ def test_reinforce_learns_a_toy_reward():
     def step(params, opt, key):
         ls = jax.nn.log_softmax(params)
         order = gumbel_top_k(key, ls, 3, 16)  # [4, 16, 3]
-        adv = group_advantage(jnp.sum(target[order], axis=2))
+        adv = group_advantage(jnp.sum(target[order], axis=2), scale=scale)
         grads = jax.grad(lambda p: -jnp.mean(adv * plackett_luce_logprob(jax.nn.log_softmax(p), order)))(params)
         up, opt = tx.update(grads, opt)
         return optax.apply_updates(params, up), opt

@@ -143,12 +143,14 @@ class _Frozen:
 POLICIES = ("plackett-luce", "cover")
 
 
-def make_rl_step(base, twig, kf: int, tx, group: int, policy: str = "plackett-luce", cover_sharpness: float = 1.0):
+def make_rl_step(base, twig, kf: int, tx, group: int, policy: str = "plackett-luce", cover_sharpness: float = 1.0,
+                 advantage: str = "std"):
     """rl_step(p_head_params, opt_state, batch, key, R) -> (params, opt_state, metrics), jitted; R static.
 
     policy: how keep-sets are drawn from the scores s: "plackett-luce" (Gumbel-top-R: the paper;
     its mode is top R) or "cover" (phead.sample_cover: its mode is the coverage keep-set,
-    select="cover"; cover_sharpness > 1 draws closer to that mode). Everything frozen (base, twig layers) is closed over as constants of the
+    select="cover"; cover_sharpness > 1 draws closer to that mode). advantage: "std" (r - mean) /
+    std over each example's group, or "mean" (r - mean). Everything frozen (base, twig layers) is closed over as constants of the
     jitted function.
     """
     import jax
@@ -161,6 +163,8 @@ def make_rl_step(base, twig, kf: int, tx, group: int, policy: str = "plackett-lu
 
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r} must be one of {POLICIES}")
+    if advantage not in ("std", "mean"):
+        raise ValueError(f"advantage={advantage!r} must be 'std' or 'mean'")
     fz = _Frozen(base, twig, kf)
 
     def step(params, opt_state, batch, key, R):
@@ -177,7 +181,7 @@ def make_rl_step(base, twig, kf: int, tx, group: int, policy: str = "plackett-lu
         rep = lambda a: jnp.repeat(a, group, axis=0)  # [B*G, ...]
         reward = fz.reward(rep(h_k), {k: rep(v) for k, v in batch.items()}, rep(is_image), order.reshape(b * group, R))
         reward = jax.lax.stop_gradient(reward.reshape(b, group))
-        adv = group_advantage(reward)
+        adv = group_advantage(reward, scale=advantage == "std")
 
         def loss_fn(p):
             return -jnp.mean(adv * logprob(fz.log_scores(p, h_t, pos, query, img_pos)))
@@ -263,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=list(POLICIES), default="plackett-luce",
                    help="RL keep-set policy: Gumbel-top-R draws from the scores (the paper; used with "
                         "select top / sample) or the coverage policy (used with select cover)")
+    p.add_argument("--advantage", choices=["std", "mean"], default="std",
+                   help="std: group-normalised (r - mean) / std (default); mean: r - mean, so groups whose "
+                        "samples score alike add little")
     p.add_argument("--cover-sharpness", type=float, default=1.0,
                    help="coverage policy: each pick's probability is gain^a / sum of gains^a (a > 1 draws "
                         "closer to the greedy coverage set)")
@@ -354,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --attn-layer {attn_layer} must be in [0, {L})", file=sys.stderr)
         return 2
     if args.objective == "rl":
-        step_fn = make_rl_step(base, twig, kf, tx, args.group, args.policy, args.cover_sharpness)
+        step_fn = make_rl_step(base, twig, kf, tx, args.group, args.policy, args.cover_sharpness, args.advantage)
     else:
         step_fn = make_attn_step(base, twig, kf, tx, attn_layer, args.attn_rows)
     rng = np.random.default_rng(args.seed)
@@ -390,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_twig(twig, args.out, overwrite=True)
         with open(os.path.join(args.out, "rl_config.json"), "w") as f:
             json.dump({"step": step, "objective": args.objective, "policy": args.policy,
-                       "cover_sharpness": args.cover_sharpness, "attn_layer": attn_layer,
+                       "cover_sharpness": args.cover_sharpness, "advantage": args.advantage, "attn_layer": attn_layer,
                        "attn_rows": args.attn_rows,
                        "R_values": R_values, "group": args.group, "batch": args.batch, "lr": args.lr,
                        "init_scale": args.init_scale,

@@ -197,11 +197,14 @@ def cover_logprob(log_s: jax.Array, sim: jax.Array, order: jax.Array,
     return jnp.sum(chosen - norm, axis=-1)
 
 
-def group_advantage(rewards: jax.Array, eps: float = 1e-6) -> jax.Array:  # [B, G]
-    """Group-normalised advantage: (r - mean) / std over each example's G samples."""
-    mean = jnp.mean(rewards, axis=1, keepdims=True)
-    std = jnp.std(rewards, axis=1, keepdims=True)
-    return (rewards - mean) / (std + eps)
+def group_advantage(rewards: jax.Array, eps: float = 1e-6, scale: bool = True) -> jax.Array:  # [B, G]
+    """Group-normalised advantage: (r - mean) / std over each example's G samples; scale=False
+    keeps r - mean, so an example whose samples all score about the same (a description the
+    pruned model gets right whatever it keeps) adds little instead of unit-size noise."""
+    centred = rewards - jnp.mean(rewards, axis=1, keepdims=True)
+    if not scale:
+        return centred
+    return centred / (jnp.std(rewards, axis=1, keepdims=True) + eps)
 
 
 # ----------------------------------------------------------------------------------------------
