@@ -374,6 +374,9 @@ def test_prune_rl_command_end_to_end(tmp_path, tiny_shapes_dirs):
                  "--steps", "1", "--R", "100000"]) == 2
     assert main(["--base", base_dir, "--twig", twig_dir, "--data", data_json, "--images", images, "--out", out,
                  "--steps", "1", "--R", "8", "--eval-records", "4"]) == 2  # nothing left to train on
+    for bad in (["--policy", "cover", "--cover-sharpness", "0"], ["--cover-sharpness", "4"]):  # <= 0; not cover
+        assert main(["--base", base_dir, "--twig", twig_dir, "--data", data_json, "--images", images, "--out", out,
+                     "--steps", "1", "--R", "8", *bad]) == 2, bad
 
 
 def test_sampled_keep_sets(setup):

@@ -150,8 +150,8 @@ def make_rl_step(base, twig, kf: int, tx, group: int, policy: str = "plackett-lu
     policy: how keep-sets are drawn from the scores s: "plackett-luce" (Gumbel-top-R: the paper;
     its mode is top R) or "cover" (phead.sample_cover: its mode is the coverage keep-set,
     select="cover"; cover_sharpness > 1 draws closer to that mode). advantage: "std" (r - mean) /
-    std over each example's group, or "mean" (r - mean). Everything frozen (base, twig layers) is closed over as constants of the
-    jitted function.
+    std over each example's group, or "mean" (r - mean). Everything frozen (base, twig layers) is
+    closed over as constants of the jitted function.
     """
     import jax
     import jax.numpy as jnp
@@ -326,6 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not args.cover_sharpness > 0:
         print(f"error: --cover-sharpness must be > 0 (got {args.cover_sharpness})", file=sys.stderr)
+        return 2
+    if args.cover_sharpness != 1.0 and args.policy != "cover":
+        print("error: --cover-sharpness applies to --policy cover only", file=sys.stderr)
         return 2
 
     all_records = load_records(args.data)
