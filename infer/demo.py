@@ -166,6 +166,7 @@ def main(argv=None) -> int:
 
     import jax.numpy as jnp
 
+    from infer.speed_table import median_pass
     from twig_jax.bundle import accuracy_of, run_questions
     from twig_jax.pipeline import image_preprocessor_for, load_tokenizer, load_twig_any, make_generator
 
@@ -229,10 +230,8 @@ def main(argv=None) -> int:
             timed[label].append(run_questions(model, tokenizer, processor, questions, args.images, **kw))
     for label, calls in timed.items():
         answers = calls[0][0]  # greedy: every call answers the same
-        stats = {}
-        for cat in calls[0][1]:
-            by_time = sorted((c[1][cat] for c in calls), key=lambda st: st["seconds"])
-            stats[cat] = dict(by_time[len(by_time) // 2], rows=sum(q.category == cat for q in questions))
+        stats = {cat: dict(median_pass([c[1][cat] for c in calls]), rows=sum(q.category == cat for q in questions))
+                 for cat in calls[0][1]}
         results[label] = (answers, stats)
         secs = [sum(st["seconds"] for st in c[1].values()) for c in calls]
         print(f"{label}: timed calls " + ", ".join(f"{x:.2f}" for x in secs) + " s", file=sys.stderr)
