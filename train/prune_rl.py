@@ -141,6 +141,7 @@ class _Frozen:
 
 
 POLICIES = ("plackett-luce", "cover")
+ADVANTAGES = ("std", "mean")  # phead.group_advantage with scale=True / scale=False
 
 
 def make_rl_step(base, twig, kf: int, tx, group: int, policy: str = "plackett-luce", cover_sharpness: float = 1.0,
@@ -163,8 +164,8 @@ def make_rl_step(base, twig, kf: int, tx, group: int, policy: str = "plackett-lu
 
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r} must be one of {POLICIES}")
-    if advantage not in ("std", "mean"):
-        raise ValueError(f"advantage={advantage!r} must be 'std' or 'mean'")
+    if advantage not in ADVANTAGES:
+        raise ValueError(f"advantage={advantage!r} must be one of {ADVANTAGES}")
     fz = _Frozen(base, twig, kf)
 
     def step(params, opt_state, batch, key, R):
@@ -267,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=list(POLICIES), default="plackett-luce",
                    help="RL keep-set policy: Gumbel-top-R draws from the scores (the paper; used with "
                         "select top / sample) or the coverage policy (used with select cover)")
-    p.add_argument("--advantage", choices=["std", "mean"], default="std",
+    p.add_argument("--advantage", choices=list(ADVANTAGES), default="std",
                    help="std: group-normalised (r - mean) / std (default); mean: r - mean, so groups whose "
                         "samples score alike add little")
     p.add_argument("--cover-sharpness", type=float, default=1.0,
