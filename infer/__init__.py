@@ -1,1 +1,2 @@
-"""Runnable inference entry points (`python -m infer.bench`, ...)."""
+"""Inference entry points over the library (`python -m infer.demo`, ...); the assets the demo and
+the bundled-model tests read live in infer/assets."""

@@ -3,4 +3,4 @@
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/setup_env.sh"
 cd "$TWIG_ROOT"
-exec python -m infer.demo "$@"
+exec twig-jax demo "$@"

@@ -39,7 +39,7 @@ for stage in "att1 $W/lm2/final 400 3e-4 0.05 12 no" "att2 $W/att1/final 800 3e-
         --ckpt-dir "$W/$name" --every 200 --keep 1 --out "$W/$name/final" --no-progress
 done
 # --into gives only the 8-layer config (every text weight is overwritten; tower and projector come from --lm).
-python -m train.grow --lm "$W/att5/final" --into infer/assets/shapes-llava/base --out "$W/base" --image-side \
+python -m research.grow --lm "$W/att5/final" --into infer/assets/shapes-llava/base --out "$W/base" --image-side \
     --at 0,4 --fill next
 twig-jax train --base "$W/base" --twig-k 2 --twig-t 2 --data "$W/data/train.json" --images "$W/data/images" \
     --max-len 352 --on-too-long truncate --batch 8 --steps "${TWIG_STEPS:-400}" --lr 5e-4 --alpha 0.1 \

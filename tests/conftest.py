@@ -36,7 +36,7 @@ PATCH = 7
 class TinyLlava(NamedTuple):
     dir: str
     model: Any  # transformers.LlavaForConditionalGeneration (eval, float32, eager attention)
-    cfg: Any  # twig_jax.config.LlavaConfig
+    cfg: Any  # twig_jax.model.config.LlavaConfig
 
 
 def tiny_hf_configs(*, gqa: bool, vision_feature_layer=-2, select_strategy="default", tie=False):
@@ -87,7 +87,7 @@ def make_tiny_hf_llava(tmpdir, *, gqa: bool, vision_feature_layer=-2, select_str
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from twig_jax.config import load_hf_config
+    from twig_jax.model.config import load_hf_config
 
     *_, cfg = tiny_hf_configs(gqa=gqa, vision_feature_layer=vision_feature_layer,
                               select_strategy=select_strategy, tie=tie)
@@ -149,7 +149,7 @@ def sharpened_tiny_llava(head_scale: float):
     head_scale x LM head, so that greedy choices are decided and draft confidences vary."""
     from flax import nnx
 
-    from twig_jax.config import load_preset
+    from twig_jax.model.config import load_preset
     from twig_jax.model.llava import Llava
 
     model = Llava(load_preset("tiny"), rngs=nnx.Rngs(0))

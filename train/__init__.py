@@ -1,1 +1,1 @@
-"""Training entry points (`twig-jax train` calls train.train.main)."""
+"""Training entry points over the library (`python -m train.train`, `python -m train.prune_rl`)."""

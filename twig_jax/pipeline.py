@@ -9,18 +9,20 @@ and per batch. `Pipeline.stream` answers one question while printing it as it is
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
+
+from typing import Callable
 
 import numpy as np
 
-from twig_jax.generate import Generator, InputError
+from twig_jax.decode.generator import Generator
+from twig_jax.decode.buckets import InputError
 from twig_jax.model.llava import Llava
-from twig_jax.preprocess import ImagePreprocessor, build_prompt, tokenize_with_image
-from twig_jax.sampling import SamplingConfig
+from twig_jax.data.preprocess import ImagePreprocessor, build_prompt, tokenize_with_image
+from twig_jax.decode.sampling import SamplingConfig
+from twig_jax.assets import BASE_SUBDIR, BUNDLE_DIR, RUN_DTYPE, TWIG_SUBDIR
 
 
 @dataclasses.dataclass
@@ -46,101 +48,21 @@ def image_preprocessor_for(model: Llava, model_dir: str | None) -> ImagePreproce
     """preprocessor_config.json from the model dir, else CLIP defaults at the tower's image size."""
     if model_dir and os.path.exists(os.path.join(model_dir, "preprocessor_config.json")):
         return ImagePreprocessor.from_pretrained(model_dir)
-    from twig_jax.preprocess import LLAVA15_CLIP_PARAMS
+    from twig_jax.data.preprocess import LLAVA15_CLIP_PARAMS
 
     size = model.cfg.vision.image_size
     params = dict(LLAVA15_CLIP_PARAMS, crop_size={"height": size, "width": size}, size={"shortest_edge": size})
     return ImagePreprocessor(params)
 
 
-def save_converted_model(model: Llava, directory: str, tokenizer=None, preprocessor_from: str | None = None) -> str:
-    """Write an in-memory model as a converted twig_jax checkpoint dir (as `convert.convert` does:
-    orbax params/, config.json, the marker written last) plus the tokenizer when given, and the
-    image preprocessing (preprocessor_config.json) of the model dir `preprocessor_from` if it has one."""
-    import jax.numpy as jnp
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
-    from twig_jax.config import save_config
-    from twig_jax.convert import MARKER_FILE, MARKER_FORMAT, MARKER_VERSION, PARAMS_DIR
-
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(directory, PARAMS_DIR), nnx.state(model))
-        ckptr.wait_until_finished()
-    save_config(model.cfg, os.path.join(directory, "config.json"))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    if preprocessor_from is not None:
-        pre = os.path.join(preprocessor_from, "preprocessor_config.json")
-        if os.path.exists(pre):
-            shutil.copy(pre, directory)
-    marker = {"format": MARKER_FORMAT, "version": MARKER_VERSION,
-              "dtype": jnp.dtype(model.text.embed[...].dtype).name, "source": "in-memory", "vision_dir": None,
-              "copied_files": []}
-    with open(os.path.join(directory, MARKER_FILE), "w") as f:
-        json.dump(marker, f, indent=2)
-    return directory
 
 
 # ----------------------------------------------------------------------------------------------
 # TwigVLM generators
 
 
-def load_twig_any(path: str, text_cfg, dtype=None):
-    """(Twig, TwigConfig) from an orbax twig dir (save_twig) or MILVLG safetensors (export_milvlg,
-    whose metadata carries the TwigConfig)."""
-    from twig_jax.twig import TwigConfig
-    from twig_jax.twig_io import TWIG_CONFIG_FILE, TwigFormatError, import_milvlg, load_twig
-
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, TWIG_CONFIG_FILE)):
-        twig = load_twig(path, text_cfg, dtype=dtype)
-        return twig, twig.twig_cfg
-    files = [path] if os.path.isfile(path) else (
-        sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
-        if os.path.isdir(path) else [])
-    if not files:
-        raise TwigFormatError(f"{path}: neither an orbax twig dir ({TWIG_CONFIG_FILE}) nor MILVLG safetensors")
-    from safetensors import safe_open
-
-    with safe_open(files[0], framework="numpy") as f:
-        meta = f.metadata() or {}
-    if "twig_config" not in meta:
-        raise TwigFormatError(f"{files[0]}: MILVLG safetensors without a twig_config in its metadata; "
-                              f"convert it to an orbax twig dir (twig_io.save_twig) with its TwigConfig first")
-    twig_cfg = TwigConfig(**json.loads(meta["twig_config"]))
-    import jax.numpy as jnp
-
-    twig = import_milvlg(path, text_cfg, twig_cfg, dtype=jnp.float32 if dtype is None else dtype)
-    return twig, twig_cfg
 
 
-def make_generator(model: Llava, twig=None, twig_cfg=None, method: str | None = None, ssd: bool | None = None,
-                   **kwargs):
-    """A generator for (method, ssd): the plain `Generator` for ("none", no SSD) without a twig
-    (unless `force_twig_generator`), else a `TwigGenerator`. method defaults to "twig" with a twig,
-    "none" without; ssd defaults to "a twig is given". Raises TwigConfigError for SSD / "twig"
-    without a twig."""
-    from twig_jax.twig import TwigConfig, TwigConfigError
-    from twig_jax.twig_generate import TwigGenerator
-
-    force = kwargs.pop("force_twig_generator", False)
-    # TTP by default with a twig: the TwigVLM++ P-head when the twig has one, else its attention.
-    method = method or (("phead" if twig.p_head is not None else "twig") if twig is not None else "none")
-    ssd = (twig is not None) if ssd is None else ssd
-    if twig is None and ssd:
-        raise TwigConfigError("--ssd (self-speculative decoding) needs a twig: the twig is the draft model; "
-                              "give --twig DIR or use --no-ssd")
-    if twig is None and method in ("twig", "phead"):
-        raise TwigConfigError(f"method {method!r} (TTP) needs a twig (--twig DIR); without one use fastv, random "
-                              "or none")
-    if method == "none" and not ssd and not force:
-        return Generator(model, **kwargs)
-    if twig_cfg is None:
-        twig_cfg = twig.twig_cfg if twig is not None else TwigConfig(K=1, T=1, Kf=model.cfg.text.num_hidden_layers,
-                                                                     R=model.cfg.num_image_tokens)
-    return TwigGenerator(model, twig, twig_cfg, method=method, ssd=ssd, **kwargs)
 
 
 def row_stats(out, i: int) -> dict:
@@ -219,8 +141,8 @@ class Pipeline:
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
                on_chunk: Callable[[list[int], int], None] | None = None) -> tuple[Answer, dict]:
         """Answer one question, calling on_chunk(tokens, n_accepted_drafts) as tokens are made
-        (twig_jax.stream); same answer as `answer` for the same generator and seed."""
-        from twig_jax.stream import stream_generate
+        (twig_jax.decode.stream); same answer as `answer` for the same generator and seed."""
+        from twig_jax.decode.stream import stream_generate
 
         prompts = self.encode([question])
         pixels = self.image_processor([image])
@@ -236,3 +158,36 @@ class Pipeline:
         stats["kept_visual_tokens"] = int(out.keep.shape[1])
         stats.update(out.stats or {})
         return ans, stats
+
+
+@dataclasses.dataclass
+class Bundle:
+    model: Any  # twig_jax.model.llava.Llava
+    tokenizer: Any
+    image_processor: Any  # twig_jax.data.preprocess.ImagePreprocessor
+    twig: Any  # twig_jax.twig.Twig (None when the dir has no twig)
+    path: str
+
+    @property
+    def twig_cfg(self):
+        return None if self.twig is None else self.twig.twig_cfg
+
+
+def load_bundle(path: str = BUNDLE_DIR, dtype=RUN_DTYPE, twig_path: str | None = None) -> Bundle:
+    """A bundle dir (base/ + twig/), or a plain model dir (with twig_path, or none)."""
+    import jax.numpy as jnp
+
+    from twig_jax.convert.llava import load_model
+    from twig_jax.pipeline import image_preprocessor_for, load_tokenizer
+    from twig_jax.twig.io import load_twig_any
+
+    base = os.path.join(path, BASE_SUBDIR)
+    if not os.path.isdir(base):
+        base = path  # a model dir itself
+    if twig_path is None and os.path.isdir(os.path.join(path, TWIG_SUBDIR)):
+        twig_path = os.path.join(path, TWIG_SUBDIR)
+    model = load_model(base, dtype=None if dtype is None else jnp.dtype(dtype))
+    twig = None
+    if twig_path is not None:
+        twig, _ = load_twig_any(twig_path, model.cfg.text, dtype=model.text.embed[...].dtype)
+    return Bundle(model, load_tokenizer(base), image_preprocessor_for(model, base), twig, path)

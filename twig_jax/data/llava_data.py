@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from twig_jax.preprocess import IMAGE_PLACEHOLDER, VICUNA_V1_SYSTEM, ImagePreprocessor, tokenize_with_image
+from twig_jax.data.preprocess import IMAGE_PLACEHOLDER, VICUNA_V1_SYSTEM, ImagePreprocessor, tokenize_with_image
 
 log = logging.getLogger("twig_jax.data")
 
@@ -67,7 +67,7 @@ class DataConfig:
     worker_count: int = 0  # grain multiprocessing workers (0 = off: the default, for CPU)
     log_first: int = 5  # log the first N bad samples of each reason
     system: str = VICUNA_V1_SYSTEM
-    # Training-only attention targets (twig_jax.attn_target): "shapes" reads each record's
+    # Training-only attention targets (twig_jax.train.attn_target): "shapes" reads each record's
     # "objects" and marks the cells every short question is about; at most attn_slots per sample.
     # "shapes-roles": a relation's two objects are two targets (subject for even heads, reference
     # for odd ones) instead of one.
@@ -297,7 +297,7 @@ class SampleProcessor:
         self.attn_slots = attn_slots
 
     def _attn_fields(self, rec: Mapping, tokens: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-        from twig_jax.attn_target import cells_patch_mask, supervision_fields
+        from twig_jax.train.attn_target import cells_patch_mask, supervision_fields
         from twig_jax.data.shapes import ShapeObject, question_cells, relation_cells
 
         try:
@@ -434,7 +434,7 @@ def default_image_preprocessor(model_cfg, model_dir: str | None = None) -> Image
     the vision tower's image size."""
     if model_dir and os.path.isfile(os.path.join(model_dir, "preprocessor_config.json")):
         return ImagePreprocessor.from_pretrained(model_dir)
-    from twig_jax.preprocess import LLAVA15_CLIP_PARAMS
+    from twig_jax.data.preprocess import LLAVA15_CLIP_PARAMS
 
     params = dict(LLAVA15_CLIP_PARAMS)
     size = model_cfg.vision.image_size

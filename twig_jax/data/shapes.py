@@ -301,7 +301,7 @@ def relation_cells(question: str, objects: Sequence[ShapeObject]) -> tuple[int, 
 
 def question_cells(question: str, objects: Sequence[ShapeObject]) -> list[int] | None:
     """The grid cells of the objects a short question is about, for a training-only attention
-    target (`twig_jax.attn_target`): the named object for colour_of / shape_of / position / size_of,
+    target (`twig_jax.train.attn_target`): the named object for colour_of / shape_of / position / size_of,
     both for left_of / above, the matching objects for exists ("yes") and the two counts by colour
     or shape (when any match). None for questions no object answers (describe, count_all, a "no"
     to exists, a zero count) and for text this world does not ask."""
@@ -475,7 +475,7 @@ IMAGE_TOKEN = "<image>"
 
 def vocabulary() -> list[str]:
     """Every word the shapes data and the vicuna_v1 prompt can contain (lower case)."""
-    from twig_jax.preprocess import VICUNA_V1_SYSTEM
+    from twig_jax.data.preprocess import VICUNA_V1_SYSTEM
 
     words: set[str] = set()
     text = " ".join([

@@ -9,15 +9,18 @@ network into trunk / pruned middle / text-only tail needs.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
-
+from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from twig_jax.model.layers import rope_cos_sin
 
-from twig_jax.cache import write_kv, write_kv_fresh, write_kv_layer
-from twig_jax.config import TextConfig
-from twig_jax.model.layers import ACTIVATIONS, apply_rope, attention, rms_norm, rope_cos_sin
+from typing import NamedTuple
+
+
+from twig_jax.model.cache import write_kv, write_kv_fresh, write_kv_layer
+from twig_jax.model.config import TextConfig
+from twig_jax.model.layers import ACTIVATIONS, apply_rope, attention, rms_norm
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -231,3 +234,28 @@ class LlamaModel(nnx.Module):
     def logits(self, x: jax.Array) -> jax.Array:  # [B, T, V] float32
         x = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
         return jnp.einsum("btd,dv->btv", x, self.head_weight(), preferred_element_type=jnp.float32)
+
+
+def scan_layers(cfg, weights: dict[str, jax.Array], x: jax.Array, positions: jax.Array, start: int, stop: int,
+                *, remat: bool = False) -> jax.Array:  # [B, S, D]
+    """Stacked decoder layers [start, stop) over a full causal sequence, without a KV cache.
+
+    Same layer body (`llama._layer`) as inference; a scan over weight slices so the backward pass
+    stores only one hidden state per layer (or none inside a layer with remat).
+    """
+    if stop <= start:
+        return x
+    w = {k: v[start:stop] for k, v in weights.items()}  # [n, ...] each
+    b, s, _ = x.shape
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)  # [B, S, Dh]
+    # Right padding only: causal attention keeps real tokens from seeing pads.
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool))[None], (b, s, s))  # [B, S, S]
+
+    def body(h, wl):
+        h, _ = _layer(cfg, wl, h, cos, sin, lambda k, v: (k, v), mask, False)
+        return h, None
+
+    if remat:
+        body = jax.checkpoint(body)
+    x, _ = jax.lax.scan(body, x, w)
+    return x

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from twig_jax.cache import KVCache
-from twig_jax.config import LlavaConfig
+from twig_jax.model.cache import KVCache
+from twig_jax.model.config import LlavaConfig
 from twig_jax.model.layers import ACTIVATIONS
 from twig_jax.model.llama import LlamaModel, _normal, run_layers
 from twig_jax.model.vision import VisionTower

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from twig_jax.config import VisionConfig
+from twig_jax.model.config import VisionConfig
 from twig_jax.model.layers import ACTIVATIONS, attention, layer_norm
 from twig_jax.model.llama import _normal
 

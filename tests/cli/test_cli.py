@@ -1,0 +1,183 @@
+"""`twig-jax generate` with a twig: JSONL answers equal TwigGenerator's greedy answers; --stream
+prints the same answer with accepted drafts marked; SSD without a twig is a clear error."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from flax import nnx
+
+MAX_NEW = 8
+QUESTIONS = ["what colour is the circle ?", "describe the image ."]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A random demo LLaVA + tokenizer saved as a converted dir, a random twig saved with
+    save_twig, two images and a question file (both JSONL layouts)."""
+    from PIL import Image
+
+    from twig_jax.cli.demo import random_demo_model
+    from twig_jax.convert.llava import save_converted_model
+    from twig_jax.twig.module import Twig
+    from twig_jax.twig.config import TwigConfig
+    from twig_jax.twig.io import save_twig
+
+    root = tmp_path_factory.mktemp("cli_twig")
+    model, tok = random_demo_model()
+    model_dir = save_converted_model(model, str(root / "model"), tok)
+    tc = TwigConfig(K=1, T=2, Kf=3, R=16, draft_len=4, theta=0.05)
+    twig = Twig(model.cfg.text, tc, rngs=nnx.Rngs(3))
+    # A copy of the base head makes the drafts agree with the target now and then.
+    twig.head.set_value(model.text.head_weight())
+    twig_dir = save_twig(twig, str(root / "twig"))
+    rng = np.random.default_rng(0)
+    names = []
+    for i, shape in enumerate([(60, 90, 3), (80, 50, 3)]):
+        name = f"img{i}.png"
+        Image.fromarray((rng.random(shape) * 255).astype(np.uint8)).save(root / name)
+        names.append(name)
+    qfile = root / "questions.jsonl"
+    with open(qfile, "w") as f:
+        f.write(json.dumps({"question_id": 7, "image": names[0], "text": QUESTIONS[0]}) + "\n")
+        f.write(json.dumps({"image": names[1], "question": QUESTIONS[1]}) + "\n")
+    return dict(root=root, model=model, tok=tok, twig=twig, tc=tc, model_dir=model_dir, twig_dir=twig_dir,
+                images=[str(root / n) for n in names], qfile=str(qfile))
+
+
+@pytest.fixture(scope="module")
+def reference(saved):
+    """TwigGenerator greedy answers (method twig, SSD), one question per call like --batch-size 1."""
+    from twig_jax.pipeline import Pipeline, image_preprocessor_for
+    from twig_jax.decode.generator import TwigGenerator
+
+    gen = TwigGenerator(saved["model"], saved["twig"], saved["tc"], method="twig", ssd=True)
+    pipe = Pipeline(saved["model"], saved["tok"], image_preprocessor_for(saved["model"], saved["model_dir"]),
+                    generator=gen)
+    out = []
+    for img, q in zip(saved["images"], QUESTIONS):
+        (a,), stats = pipe.answer([img], [q], max_new_tokens=MAX_NEW)
+        out.append((a, stats))
+    return out
+
+
+def test_generate_jsonl_matches_twig_generator(saved, reference, tmp_path):
+    from twig_jax.cli.main import main
+
+    out = tmp_path / "answers.jsonl"
+    rc = main(["generate", "--model", saved["model_dir"], "--twig", saved["twig_dir"], "--jsonl", saved["qfile"],
+               "--images", str(saved["root"]), "--out", str(out), "--max-new-tokens", str(MAX_NEW),
+               "--batch-size", "1"])
+    assert rc == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in recs] == QUESTIONS
+    assert recs[0]["question_id"] == 7 and recs[0]["image"] == "img0.png"
+    for rec, (ans, stats) in zip(recs, reference):
+        assert rec["text"] == ans.text
+        assert rec["num_tokens"] == len(ans.tokens)
+        s = rec["stats"]
+        assert s["kept_visual_tokens"] == 16
+        assert s["rounds"] == ans.stats["rounds"] and s["accepted"] == ans.stats["accepted"]
+        assert 0.0 <= s["acceptance_rate"] <= 1.0 and s["tokens_per_round"] >= 1.0
+        assert s["batch_seconds"] > 0
+
+
+def test_stream_matches_and_marks_accepted(saved, reference, tmp_path, capsys):
+    from twig_jax.cli.main import main
+
+    out = tmp_path / "stream.jsonl"
+    rc = main(["generate", "--model", saved["model_dir"], "--twig", saved["twig_dir"], "--image", saved["images"][0],
+               "--prompt", QUESTIONS[0], "--max-new-tokens", str(MAX_NEW), "--stream", "--no-color",
+               "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out.strip()
+    ans, _ = reference[0]
+    rec = json.loads(out.read_text())
+    assert rec["text"] == ans.text and rec["num_tokens"] == len(ans.tokens)
+    assert "\x1b[" not in printed
+    assert re.sub(r"[\[\]]", "", printed).strip() == ans.text
+    # one [..] group per round with accepted drafts
+    assert printed.count("[") <= ans.stats["rounds"]
+
+
+def test_only_streaming_traces_host_callbacks(saved):
+    """generate() stays one while_loop without host callbacks; the streaming executable has them."""
+    import jax
+    import jax.numpy as jnp
+
+    from twig_jax.pipeline import Pipeline
+    from twig_jax.decode.sampling import SamplingConfig
+    from twig_jax.decode.stream import _stream_fn
+    from twig_jax.decode.generator import TwigGenerator
+
+    for ssd in (True, False):
+        gen = TwigGenerator(saved["model"], saved["twig"], saved["tc"], method="twig", ssd=ssd)
+        pipe = Pipeline(saved["model"], saved["tok"], generator=gen)
+        tokens, lengths, active, pv, out_len = gen._prepare(pipe.encode([QUESTIONS[0]]),
+                                                            pipe.image_processor([saved["images"][0]]), MAX_NEW)
+        args = (gen.state, gen.twig_state, gen.weights, tokens, lengths, pv, active, jax.random.key(0),
+                jnp.int32(MAX_NEW))
+        kw = dict(out_len=out_len, sampling=SamplingConfig(), eos_ids=(2,), pad_id=3)
+        plain = str(gen._gen.trace(*args, **kw).jaxpr)
+        assert "while" in plain and "callback" not in plain
+        assert "io_callback" in str(_stream_fn(gen).trace(*args, **kw).jaxpr)
+
+
+def test_stream_printer_highlights():
+    from twig_jax.decode.stream import ACCEPT_ON, ANSI_OFF, StreamPrinter
+
+    class Tok:
+        eos_token_id = 2
+        words = {5: "a", 6: "b", 7: "c", 8: "d"}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(self.words[i] for i in ids)
+
+    buf = io.StringIO()
+    p = StreamPrinter(Tok(), out=buf, color=False)
+    p([5], 0)
+    p([6, 7, 8], 2)
+    p([2], 0)
+    assert buf.getvalue() == "a[ b c] d"
+    buf = io.StringIO()
+    p = StreamPrinter(Tok(), out=buf, color=True)
+    p([5, 6], 1)
+    assert buf.getvalue() == f"{ACCEPT_ON}a{ANSI_OFF} b"
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--ssd"], "--ssd needs --twig"),
+    (["--method", "twig"], "--method twig (TTP) needs --twig"),
+])
+def test_twig_flags_without_twig_are_clear_errors(saved, capsys, extra, msg):
+    from twig_jax.cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", saved["model_dir"], "--image", saved["images"][0], "--prompt", "hi"] + extra)
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_make_generator_rejects_ssd_without_twig(saved):
+    from twig_jax.decode.generator import make_generator
+    from twig_jax.twig.config import TwigConfigError
+
+    with pytest.raises(TwigConfigError, match="needs a twig"):
+        make_generator(saved["model"], None, None, method="fastv", ssd=True)
+
+
+def test_bench_dispatch(monkeypatch):
+    """`twig-jax bench --methods ...` goes to infer/bench_twig.py."""
+    import twig_jax.bench.methods as bt
+    from twig_jax.cli import main as cli
+
+    seen = {}
+    monkeypatch.setattr(bt, "main", lambda argv: seen.setdefault("argv", argv) and 0)
+    assert cli.main(["bench", "--methods", "none,ttp", "--config", "tiny"]) == 0
+    assert seen["argv"] == ["--methods", "none,ttp", "--config", "tiny"]
+    assert os.path.basename(bt.__file__) == "methods.py"

@@ -1,0 +1,415 @@
+"""Twig-guided token pruning (TTP, DESIGN.md s.3) with four static-shape KV-cache groups.
+
+The network is split into the trunk (base layers 0..K-1, full prompt), the twig (T layers on the
+trunk's output, full prompt: it scores the visual tokens and later drafts), the middle (base
+layers K..Kf-1, text + R kept visual tokens) and the tail (base layers Kf..L-1, text only:
+FinalWipe). Each group has its own cache with its own capacity and per-row lengths, so pruning
+also shrinks KV memory. Every shape is a compile-time constant: prompts are right-padded to S,
+each row holds exactly N image placeholders, and pruning is a fixed-size keep-R gather (top-k,
+sorted indices, take_along_axis on hidden states and ORIGINAL position ids), never a boolean
+mask that changes a shape. Generated tokens continue at RoPE position = unpruned prompt length.
+
+Every function takes optional `weights` (LayerWeights): per-layer copies of the base decoder's
+and the twig's layer weights (llama.unstack_layers), made once by the caller outside jit. With
+them, layers run unrolled over their own buffers and every cache group is created per layer (a
+tuple of [B, Hkv, ., .] arrays written in place), as generate.Generator decodes: XLA on CPU
+copies each slice of a stacked [L, ...] array before its matmul. Without them (None), the
+modules' stacked weights and stacked caches are used (one compiled layer body in a fori_loop).
+
+Pruning methods share one code path and differ only in where the scores come from:
+  "twig"   last twig layer's attention (the paper's TTP),
+  "phead"  the TwigVLM++ P-head on the last twig layer (twig_jax/phead.py; the twig must have one),
+  "fastv"  attention of base layer K-1, the last trunk layer (FastV-style baseline, same R),
+  "random" uniform random scores from a key (random keep-R baseline),
+  "none"   no pruning: R = N and Kf = L (the unpruned model, computed through the same groups).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from twig_jax.model.cache import KVCache
+from twig_jax.model.config import LlavaConfig
+from twig_jax.decode.plain import token_loop
+from twig_jax.model.layers import gather_rows
+from twig_jax.model.llama import run_layers, unstack_layers
+from twig_jax.model.llava import Llava
+from twig_jax.decode.sampling import SamplingConfig
+from twig_jax.twig.keep import (cover_visual, gumbel_top_k, pruned_indices, score_query, scores_from_probs,
+                                select_visual, text_in_pruned, visual_positions)
+from twig_jax.twig.phead import p_head_weights, phead_scores
+from twig_jax.twig.module import Twig
+from twig_jax.twig.config import TwigConfig, TwigConfigError
+
+METHODS = ("twig", "phead", "fastv", "random", "none")
+TWIG_METHODS = ("twig", "phead")  # methods whose scores come from the twig
+
+
+def needs_twig(method: str) -> bool:
+    """Whether pruning with `method` reads the twig (else the twig is only needed for drafting)."""
+    return method in TWIG_METHODS
+
+
+def baseline_keep_rule(twig_cfg: TwigConfig, method: str | None, select: str | None = None) -> TwigConfig:
+    """twig_cfg as `method` runs it: a twig's keep-set rule (select) is for its own scores, so the
+    baselines FastV and random keep their published top R unless a rule is asked for (select)."""
+    if select is None and method in ("fastv", "random") and twig_cfg.select != "top":
+        return dataclasses.replace(twig_cfg, select="top")
+    return twig_cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Static plan
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunePlan:
+    """Resolved, validated pruning hyper-parameters (hashable: a static jit argument)."""
+
+    method: str
+    L: int  # base depth
+    N: int  # visual tokens per image
+    K: int  # trunk = base layers 0..K-1
+    T: int  # twig layers
+    Kf: int  # FinalWipe: base layers Kf..L-1 see text only
+    R: int  # kept visual tokens in base layers K..Kf-1
+    score_rows: str = "last"  # "last" or "text"
+    select: str = "top"  # keep-set rule: "top", "cover" (score-weighted coverage) or "sample" (P-head only:
+    # a Gumbel-top-R draw from its scores; needs the key)
+    draft_len: int = 5  # delta (SSD)
+    theta: float = 0.6  # SSD early-stop threshold on the draft's top probability
+
+    @property
+    def keep_rule(self) -> str:
+        """The keep-set rule this plan runs: "sample" only for the P-head (a draw from its scores),
+        "cover" for any scored method, otherwise (and for method none) "top"."""
+        if self.select == "sample" and self.method == "phead":
+            return "sample"
+        if self.select == "cover" and self.method != "none":
+            return "cover"
+        return "top"
+
+    def mid_len(self, prompt_len: int) -> int:
+        """Entries of the middle group for a prompt of prompt_len tokens (text + R visual)."""
+        return prompt_len - self.N + self.R
+
+    def tail_len(self, prompt_len: int) -> int:
+        """Entries of the tail group (text only)."""
+        return prompt_len - self.N
+
+
+def make_plan(cfg: LlavaConfig, twig_cfg: TwigConfig, method: str = "twig") -> PrunePlan:
+    """Validate twig_cfg against the base model and resolve R / Kf for `method`.
+
+    Raises TwigConfigError for bad K/T/Kf/R/R_bar (and an unknown method name).
+    """
+    if method not in METHODS:
+        raise TwigConfigError(f"pruning method {method!r} unknown; have {METHODS}")
+    L, N = cfg.text.num_hidden_layers, cfg.num_image_tokens
+    if method == "none":
+        # K and T still matter (trunk / twig split for drafting); R and Kf are fixed to "keep all".
+        twig_cfg = dataclasses.replace(twig_cfg, R=N, R_bar=None, Kf=L)
+    twig_cfg.validate(L, N)
+    return PrunePlan(method=method, L=L, N=N, K=twig_cfg.K, T=twig_cfg.T, Kf=twig_cfg.Kf,
+                     R=twig_cfg.kept_count(L, N), score_rows=twig_cfg.score_rows, select=twig_cfg.select,
+                     draft_len=twig_cfg.draft_len, theta=float(twig_cfg.theta))
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights
+
+
+class LayerWeights(NamedTuple):
+    """Per-layer decoder weights for the TwigVLM paths (a pytree: pass it into jit as an argument).
+
+    base: L dicts (llama.unstack_layers of the base decoder) or None (use the stacked arrays);
+    twig: T dicts for the twig's layers or None.
+    """
+
+    base: tuple[dict[str, jax.Array], ...] | None = None
+    twig: tuple[dict[str, jax.Array], ...] | None = None
+
+    @staticmethod
+    def of(model: Llava | None, twig: Twig | None = None) -> "LayerWeights":
+        """Per-layer copies of the model's (and the twig's) layer weights; call outside jit."""
+        return LayerWeights(None if model is None else unstack_layers(model.text.layers.weights()),
+                            None if twig is None else unstack_layers(twig.layers.weights()))
+
+
+def _base_weights(model: Llava, weights: LayerWeights | None):
+    return model.text.layers.weights() if weights is None or weights.base is None else weights.base
+
+
+def _twig_weights(twig: Twig, weights: LayerWeights | None):
+    return twig.layers.weights() if weights is None or weights.twig is None else weights.twig
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache groups
+
+
+@flax.struct.dataclass
+class TwigCaches:
+    trunk: KVCache  # base layers 0..K-1; slot == RoPE position (full prompt + generated)
+    twig: KVCache | None  # twig layers; slot == RoPE position (None when no twig is run)
+    mid: KVCache  # base layers K..Kf-1; text + R kept visual + generated
+    tail: KVCache  # base layers Kf..L-1; text + generated (zero layers when Kf == L)
+
+    def groups(self) -> dict[str, KVCache]:
+        out = {"trunk": self.trunk, "twig": self.twig, "mid": self.mid, "tail": self.tail}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def group_capacities(plan: PrunePlan, prompt_len: int, extra: int) -> dict[str, int]:
+    """Static slot count per group for a padded prompt of prompt_len plus `extra` new slots."""
+    return {"trunk": prompt_len + extra, "twig": prompt_len + extra,
+            "mid": plan.mid_len(prompt_len) + extra, "tail": plan.tail_len(prompt_len) + extra}
+
+
+def kv_bytes(cfg: LlavaConfig, plan: PrunePlan, prompt_len: int, new_tokens: int, itemsize: int,
+             with_twig: bool = True) -> dict[str, int]:
+    """KV-cache bytes per sequence for each group and in total (K and V, all layers).
+
+    with_twig=False is the plain pruned model (the twig cache is only needed for drafting).
+    """
+    tc = cfg.text
+    per_slot_layer = 2 * tc.num_key_value_heads * tc.head_dim * itemsize
+    caps = group_capacities(plan, prompt_len, new_tokens)
+    layers = {"trunk": plan.K, "twig": plan.T if with_twig else 0, "mid": plan.Kf - plan.K,
+              "tail": plan.L - plan.Kf}
+    out = {g: layers[g] * caps[g] * per_slot_layer for g in caps}
+    out["total"] = sum(out.values())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Static gathers
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefill
+
+
+class TTPPrefill(NamedTuple):
+    caches: TwigCaches
+    logits: jax.Array  # [B, V] next-token logits of the pruned target
+    scores: jax.Array  # [B, N] pruning scores (zeros for "none")
+    keep: jax.Array  # [B, R] kept visual indices, ascending
+    draft_logits: jax.Array | None  # [B, V] twig logits at the last prompt token (None without twig)
+
+
+def _new_cache(tc, layers: int, b: int, capacity: int, dtype, per_layer: bool) -> KVCache:
+    return KVCache.zeros(layers, b, tc.num_key_value_heads, capacity, tc.head_dim, dtype, per_layer=per_layer)
+
+
+def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Array, lengths: jax.Array,
+                pixel_values: jax.Array, extra: int, key: jax.Array | None = None, *,
+                weights: LayerWeights | None = None) -> TTPPrefill:
+    """Run the prompt through trunk, twig, pruned middle and text-only tail; fill all four caches.
+
+    tokens: [B, S] right-padded, each row with exactly N image placeholders (none in the
+    padding); lengths: [B]; pixel_values: [B, C, H, W]; extra: slots per group beyond the
+    prompt (new tokens + drafting headroom); key: only for method "random"; weights: per-layer
+    weights (then every cache group is per layer) or None (stacked).
+    """
+    tc = model.cfg.text
+    b, s = tokens.shape
+    n, r = plan.N, plan.R
+    lengths = lengths.astype(jnp.int32)
+    base_w = _base_weights(model, weights)
+    base_pl = not isinstance(base_w, dict)  # per-layer weights -> per-layer caches
+    x = model.embed(tokens, model.image_features(pixel_values))  # [B, S, D]
+    dtype = x.dtype
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
+    zeros = jnp.zeros((b,), jnp.int32)
+    caps = group_capacities(plan, s, extra)
+    is_image = tokens == model.cfg.image_token_index  # [B, S]
+    query = score_query(lengths, is_image, plan.score_rows)  # the attention rows the scores read
+
+    # Trunk: base layers 0..K-1 on the full prompt.
+    trunk = _new_cache(tc, plan.K, b, caps["trunk"], dtype, base_pl)
+    out = run_layers(tc, base_w, x, positions, trunk.k, trunk.v, zeros, start=0, stop=plan.K, fresh=True,
+                     return_last_probs=plan.method == "fastv", probs_query=query)
+    trunk = KVCache(out.k, out.v, lengths)
+    h_k = out.hidden  # [B, S, D] hidden state entering base layer K
+    probs = out.attn_probs  # [B, H, S] (the score rows) for fastv
+
+    # Twig: T layers on the trunk output (full prompt), for scores and the draft cache.
+    twig_cache, draft_logits = None, None
+    if needs_twig(plan.method) and twig is None:
+        raise TwigConfigError(f"method {plan.method!r} needs a twig")
+    if plan.method == "phead" and twig.p_head is None:
+        raise TwigConfigError("method 'phead' needs a twig with a P-head (train one with train/prune_rl.py)")
+    img_pos = visual_positions(is_image, n)  # [B, N]
+    phead_s = None
+    if twig is not None:
+        twig_w = _twig_weights(twig, weights)
+        twig_cache = _new_cache(tc, plan.T, b, caps["twig"], dtype, not isinstance(twig_w, dict))
+        h_t = h_k
+        if plan.method == "phead":  # stop before the last twig layer: the P-head reads its input
+            tout = run_layers(tc, twig_w, h_k, positions, twig_cache.k, twig_cache.v, zeros, stop=plan.T - 1,
+                              fresh=True)
+            twig_cache, h_t = KVCache(tout.k, tout.v, lengths), tout.hidden
+            last_w = (twig_w[plan.T - 1] if not isinstance(twig_w, dict)
+                      else {k_: v_[plan.T - 1] for k_, v_ in twig_w.items()})
+            phead_s = phead_scores(tc, last_w, p_head_weights(twig.p_head), h_t, positions, lengths - 1, img_pos)
+        tout = run_layers(tc, twig_w, h_t, positions, twig_cache.k, twig_cache.v, zeros,
+                          start=plan.T - 1 if plan.method == "phead" else 0, stop=plan.T,
+                          fresh=True, return_last_probs=plan.method == "twig", probs_query=query)
+        twig_cache = KVCache(tout.k, tout.v, lengths)
+        last_t = gather_rows(tout.hidden, (lengths - 1)[:, None])  # [B, 1, D]
+        draft_logits = twig.logits(last_t)[:, 0]
+        if plan.method == "twig":
+            probs = tout.attn_probs
+
+    # Scores and the kept set.
+    if plan.method in ("twig", "fastv"):
+        scores = scores_from_probs(probs, img_pos)
+    elif plan.method == "phead":
+        scores = phead_s
+    elif plan.method == "random":
+        if key is None:
+            raise TwigConfigError("method 'random' needs a PRNG key")
+        scores = jax.random.uniform(key, (b, n), jnp.float32)
+    else:
+        scores = jnp.zeros((b, n), jnp.float32)
+    if plan.keep_rule == "sample":
+        if key is None:
+            raise TwigConfigError("select='sample' needs a PRNG key")
+        # One Plackett-Luce draw of R tokens from the scores (a distribution over the visual tokens).
+        keep = jnp.sort(gumbel_top_k(key, jnp.log(jnp.maximum(scores, 1e-30)), r, 1)[:, 0], axis=1)
+    elif plan.keep_rule == "cover":
+        keep = cover_visual(scores, gather_rows(h_k, img_pos), r)  # [B, R]
+    else:
+        keep = select_visual(scores, r)  # [B, R]
+
+    # Middle: base layers K..Kf-1 on text + kept visual tokens, original positions.
+    m = plan.mid_len(s)
+    idx = pruned_indices(is_image, img_pos, keep, m)  # [B, M]
+    mid = _new_cache(tc, plan.Kf - plan.K, b, caps["mid"], dtype, base_pl)
+    mout = run_layers(tc, base_w, gather_rows(h_k, idx), idx, mid.k, mid.v, zeros,
+                      start=plan.K, stop=plan.Kf, cache_offset=plan.K, fresh=True)
+    mid = KVCache(mout.k, mout.v, lengths - n + r)
+
+    # Tail (FinalWipe): base layers Kf..L-1 on the text entries only.
+    tl = plan.tail_len(s)
+    tail = _new_cache(tc, plan.L - plan.Kf, b, caps["tail"], dtype, base_pl)
+    if plan.Kf < plan.L:
+        text_in_mid = text_in_pruned(is_image, idx, tl)  # [B, S-N] indices into the middle sequence
+        tout2 = run_layers(tc, base_w, gather_rows(mout.hidden, text_in_mid), gather_rows(idx, text_in_mid),
+                           tail.k, tail.v, zeros, start=plan.Kf, stop=plan.L, cache_offset=plan.Kf, fresh=True)
+        tail = KVCache(tout2.k, tout2.v, lengths - n)
+        last = gather_rows(tout2.hidden, jnp.maximum(lengths - n - 1, 0)[:, None])  # [B, 1, D]
+    else:
+        tail = KVCache(tail.k, tail.v, lengths - n)
+        last = gather_rows(mout.hidden, jnp.maximum(lengths - n + r - 1, 0)[:, None])  # [B, 1, D]
+    logits = model.text.logits(last)[:, 0]  # [B, V]
+    return TTPPrefill(TwigCaches(trunk, twig_cache, mid, tail), logits, scores, keep, draft_logits)
+
+
+# ----------------------------------------------------------------------------------------------
+# Incremental steps (tokens appended at each group's per-row length)
+
+
+def trunk_step(model: Llava, plan: PrunePlan, cache: KVCache, tokens: jax.Array,
+               weights: LayerWeights | None = None) -> tuple[KVCache, jax.Array]:
+    """Append tokens [B, T] to the trunk; return it and the layer-K hidden states.  # [B, T, D]
+
+    The trunk's slot equals the RoPE position, so positions = lengths + arange(T).
+    """
+    t = tokens.shape[1]
+    x = model.text.embed_tokens(tokens)
+    positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]  # [B, T]
+    out = run_layers(model.cfg.text, _base_weights(model, weights), x, positions, cache.k, cache.v, cache.lengths,
+                     start=0, stop=plan.K)
+    return KVCache(out.k, out.v, cache.lengths + t), out.hidden
+
+
+def twig_step(twig: Twig, cache: KVCache, h_k: jax.Array, positions: jax.Array,
+              weights: LayerWeights | None = None) -> tuple[KVCache, jax.Array]:
+    """Append layer-K hidden states [B, T, D] to the twig; return it and draft logits.  # [B, T, V]"""
+    t = h_k.shape[1]
+    out = run_layers(twig.text_cfg, _twig_weights(twig, weights), h_k, positions, cache.k, cache.v, cache.lengths)
+    return KVCache(out.k, out.v, cache.lengths + t), twig.logits(out.hidden)
+
+
+def target_step(model: Llava, plan: PrunePlan, mid: KVCache, tail: KVCache, h_k: jax.Array,
+                positions: jax.Array, weights: LayerWeights | None = None) -> tuple[KVCache, KVCache, jax.Array]:
+    """Run base layers K..L-1 on new layer-K hidden states [B, T, D] (all text entries).
+
+    Returns the middle and tail caches and target logits [B, T, V]; causal by slot, so T>1 is
+    the verification pass of speculative decoding.
+    """
+    tc = model.cfg.text
+    t = h_k.shape[1]
+    w = _base_weights(model, weights)
+    out = run_layers(tc, w, h_k, positions, mid.k, mid.v, mid.lengths, start=plan.K, stop=plan.Kf,
+                     cache_offset=plan.K)
+    mid = KVCache(out.k, out.v, mid.lengths + t)
+    h = out.hidden
+    if plan.Kf < plan.L:
+        out = run_layers(tc, w, h, positions, tail.k, tail.v, tail.lengths, start=plan.Kf, stop=plan.L,
+                         cache_offset=plan.Kf)
+        h = out.hidden
+        tail = KVCache(out.k, out.v, tail.lengths + t)
+    else:
+        tail = KVCache(tail.k, tail.v, tail.lengths + t)
+    return mid, tail, model.text.logits(h)
+
+
+def pruned_decode_step(model: Llava, plan: PrunePlan, caches: TwigCaches, tokens: jax.Array,
+                       weights: LayerWeights | None = None) -> tuple[TwigCaches, jax.Array]:
+    """Target-only step for tokens [B, T] through trunk, middle and tail.  # caches, [B, T, V]"""
+    positions = caches.trunk.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    trunk, h_k = trunk_step(model, plan, caches.trunk, tokens, weights)
+    mid, tail, logits = target_step(model, plan, caches.mid, caches.tail, h_k, positions, weights)
+    return caches.replace(trunk=trunk, mid=mid, tail=tail), logits
+
+
+def pruned_decode_loop(model: Llava, plan: PrunePlan, caches: TwigCaches, logits: jax.Array, active: jax.Array,
+                       key: jax.Array, max_new_tokens: jax.Array, *, out_len: int, sampling: SamplingConfig,
+                       eos_ids: tuple[int, ...], pad_id: int, on_token=None,
+                       weights: LayerWeights | None = None) -> tuple[jax.Array, jax.Array, TwigCaches]:
+    """Plain one-token-per-step decode of the pruned target in one while_loop (the SSD oracle).
+
+    Same contract as generate.decode_loop: returns tokens [B, out_len], counts [B], caches.
+    The twig cache is left untouched (only drafting needs it). on_token: optional host function
+    (streaming), called through an ordered io_callback as on_token(tokens [B, 1], n [B] (0/1),
+    zeros [B]) for every token; static, None (the default) traces no callback.
+    """
+    return token_loop(lambda c, t: pruned_decode_step(model, plan, c, t, weights), caches, logits, active, key,
+                      max_new_tokens, out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
+                      on_token=on_token)
+
+
+def pruned_generate(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Array, lengths: jax.Array,
+                    pixel_values: jax.Array, active: jax.Array, key: jax.Array, max_new_tokens: jax.Array, *,
+                    out_len: int, sampling: SamplingConfig = SamplingConfig(), eos_ids: tuple[int, ...] = (),
+                    pad_id: int = 0, weights: LayerWeights | None = None) -> tuple[jax.Array, jax.Array, TTPPrefill]:
+    """TTP prefill + plain pruned decode: tokens [B, out_len], counts [B], and the prefill result."""
+    key_prune, key_dec = jax.random.split(key)
+    pre = ttp_prefill(model, twig if needs_twig(plan.method) else None, plan, tokens, lengths, pixel_values,
+                      extra=out_len + 1, key=key_prune, weights=weights)  # key: random / select="sample"
+    out, count, _ = pruned_decode_loop(model, plan, pre.caches, pre.logits, active, key_dec, max_new_tokens,
+                                       out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
+                                       weights=weights)
+    return out, count, pre

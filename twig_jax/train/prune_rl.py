@@ -1,0 +1,475 @@
+"""TwigVLM++ P-head training: stage 2, reinforcement learning (default), or stage 1, AttnKL (DESIGN.md s.5).
+
+Only the P-head learns; the base and the twig stay frozen. For each single-turn example (image,
+question, reference answer) the P-head scores the visual tokens, G keep-sets of R tokens are drawn
+from its scores without replacement (Gumbel-top-k), and each is rewarded with the mean
+log-probability of the reference answer under the frozen base given that pruned input (teacher
+forced, FinalWipe at Kf; no rollouts). The loss is REINFORCE with group-normalised advantages.
+R follows the paper's curriculum over budgets, P(i) ~ exp(-beta(t) i), beta(t) = 8 (t/T)^2, with
+the budgets ordered from the most aggressive (smallest R) up, so the run ends on the smallest R.
+
+  python -m train.prune_rl --base W/base --twig W/twig --data W/data/train.json \\
+      --images W/data/images --out W/twig-phead --steps 300 --batch 8 --group 8 --R 16,32,48
+
+The result is the twig with its P-head (TwigConfig p_head=True) in --out; prune with it through
+`--method phead` (twig-jax eval / generate, research.accuracy_table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+
+
+def single_turn_records(records: Sequence[dict], image_placeholder: str = "<image>") -> list[dict]:
+    """Every (question, answer) turn of every record as its own one-turn record with the image.
+
+    The P-head scores from the last prompt token of one question, as at inference, so each turn
+    becomes a sequence of its own (later turns get the image placeholder the first turn had).
+    """
+    out = []
+    for rec in records:
+        conv = rec.get("conversations") or []
+        for j in range(0, len(conv) - 1, 2):
+            q, a = conv[j], conv[j + 1]
+            if q.get("from") != "human" or a.get("from") != "gpt":
+                continue
+            text = str(q["value"]).replace(image_placeholder, "").strip()
+            value = f"{image_placeholder}\n{text}" if rec.get("image") else text
+            out.append({"id": f"{rec.get('id', len(out))}_t{j // 2}", "image": rec.get("image"),
+                        "conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": a["value"]}]})
+    return out
+
+
+def curriculum_probs(step: int, total: int, count: int) -> np.ndarray:  # [count]
+    """P(i) ~ exp(-beta i), beta = 8 (step/total)^2: uniform at the start, the first budget at the end."""
+    beta = 8.0 * (step / max(total, 1)) ** 2
+    w = np.exp(-beta * np.arange(count))
+    return w / w.sum()
+
+
+class _Prelude(NamedTuple):
+    x: Any
+    h_k: Any
+    h_t: Any
+    pos: Any
+    query: Any
+    img_pos: Any
+    is_image: Any
+
+
+class _Frozen:
+    """The frozen pieces both jitted functions close over, and the shared forward prelude."""
+
+    def __init__(self, base, twig, kf: int):
+        self.base, self.tc, self.kf = base, base.cfg.text, kf
+        self.K, self.T, self.N = twig.twig_cfg.K, twig.twig_cfg.T, base.cfg.num_image_tokens
+        self.base_w = base.text.layers.weights()
+        self.twig_w = twig.layers.weights()
+        self.last_w = {k: v[self.T - 1] for k, v in self.twig_w.items()}
+
+    def prelude(self, batch):
+        """The embedded sequence x, h_k (enters base layer K), h_t (enters the last twig layer), all
+        [B, S, D]; positions, the last prompt token [B], visual positions [B, N], is_image [B, S]."""
+        import jax.numpy as jnp
+
+        from twig_jax.model.llama import scan_layers
+        from twig_jax.twig.keep import visual_positions
+
+        tokens = batch["tokens"]
+        b, s = tokens.shape
+        is_image = tokens == self.base.cfg.image_token_index
+        pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
+        x = self.base.embed(tokens, self.base.image_features(batch["pixel_values"]))
+        h_k = scan_layers(self.tc, self.base_w, x, pos, 0, self.K)
+        h_t = scan_layers(self.tc, self.twig_w, h_k, pos, 0, self.T - 1)
+        query = (jnp.argmax(batch["label_mask"], axis=1) - 1).astype(jnp.int32)  # answer starts after it
+        return _Prelude(x, h_k, h_t, pos, query, visual_positions(is_image, self.N), is_image)
+
+    def reward(self, h_k, batch, is_image, keep, kf=None):  # [B]
+        from twig_jax.train.phead_objectives import pruned_answer_logprob
+
+        return pruned_answer_logprob(self.tc, self.base_w, self.base.text.logits, h_k, batch["tokens"],
+                                     batch["label_mask"], is_image, keep, K=self.K,
+                                     Kf=self.kf if kf is None else kf, N=self.N)
+
+    def rule_rewards(self, params, pre, batch, key, R: int) -> dict:  # {rule: [B]}
+        """Rewards of the keep rules every probe compares: the P-head's top R, its coverage keep-set
+        and the mean of 4 keep-sets drawn from it (when params is not None), the twig's own attention
+        (TTP) top R and coverage keep-set (ttp.cover_visual on the layer-K hidden states), the mean
+        of 4 random keep-sets (one draw is too noisy a baseline), and unpruned (all N, no FinalWipe)."""
+        import jax
+        import jax.numpy as jnp
+
+        from twig_jax.train.phead_objectives import attention_over_visual, attention_rows
+        from twig_jax.twig.keep import gumbel_top_k
+        from twig_jax.model.layers import gather_rows
+        from twig_jax.twig.keep import cover_visual
+
+        _, h_k, h_t, pos, query, img_pos, is_image = pre
+        b = h_k.shape[0]
+        rw = lambda keep: self.reward(h_k, batch, is_image, keep)
+        top = lambda sc: jax.lax.top_k(sc, R)[1]
+        twig_s = attention_over_visual(self.tc, self.twig_w, h_t, pos, self.T - 1,
+                                       attention_rows(batch["label_mask"], "last"), img_pos)
+        cover = lambda sc: cover_visual(sc, gather_rows(h_k, img_pos), R)
+        out = {"twig": rw(top(twig_s)), "twig_cover": rw(cover(twig_s)),
+               "random": sum(rw(top(jax.random.uniform(k, (b, self.N)))) for k in jax.random.split(key, 4)) / 4,
+               "unpruned": self.reward(h_k, batch, is_image, jnp.broadcast_to(jnp.arange(self.N)[None], (b, self.N)),
+                                       kf=self.base.cfg.text.num_hidden_layers)}
+        if params is not None:
+            ls = self.log_scores(params, h_t, pos, query, img_pos)
+            out["phead"] = rw(top(ls))
+            out["phead_cover"] = rw(cover(jnp.exp(ls)))
+            # the policy RL trains: Gumbel-top-R draws from s (select="sample")
+            out["phead_sampled"] = sum(rw(gumbel_top_k(k, ls, R, 1)[:, 0])
+                                       for k in jax.random.split(jax.random.fold_in(key, 1), 4)) / 4
+        return out
+
+    def log_scores(self, params, h_t, pos, query, img_pos):  # [B, N]
+        import jax.numpy as jnp
+
+        from twig_jax.twig.phead import phead_scores
+
+        return jnp.log(jnp.maximum(phead_scores(self.tc, self.last_w, params, h_t, pos, query, img_pos), 1e-30))
+
+
+POLICIES = ("plackett-luce", "cover")
+ADVANTAGES = ("std", "mean")  # phead.group_advantage with scale=True / scale=False
+
+
+def make_rl_step(base, twig, kf: int, tx, group: int, policy: str = "plackett-luce", cover_sharpness: float = 1.0,
+                 advantage: str = "std"):
+    """rl_step(p_head_params, opt_state, batch, key, R) -> (params, opt_state, metrics), jitted; R static.
+
+    policy: how keep-sets are drawn from the scores s: "plackett-luce" (Gumbel-top-R: the paper;
+    its mode is top R) or "cover" (phead.sample_cover: its mode is the coverage keep-set,
+    select="cover"; cover_sharpness > 1 draws closer to that mode). advantage: "std" (r - mean) /
+    std over each example's group, or "mean" (r - mean). Everything frozen (base, twig layers) is
+    closed over as constants of the jitted function.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from twig_jax.model.layers import gather_rows
+    from twig_jax.twig.keep import (
+        coverage_similarity, cover_logprob, gumbel_top_k, plackett_luce_logprob, sample_cover,
+    )
+    from twig_jax.train.phead_objectives import group_advantage
+
+    if policy not in POLICIES:
+        raise ValueError(f"policy={policy!r} must be one of {POLICIES}")
+    if advantage not in ADVANTAGES:
+        raise ValueError(f"advantage={advantage!r} must be one of {ADVANTAGES}")
+    fz = _Frozen(base, twig, kf)
+
+    def step(params, opt_state, batch, key, R):
+        b = batch["tokens"].shape[0]
+        _, h_k, h_t, pos, query, img_pos, is_image = fz.prelude(batch)
+        ls = fz.log_scores(params, h_t, pos, query, img_pos)
+        if policy == "cover":
+            sim = coverage_similarity(gather_rows(h_k, img_pos))  # [B, N, N]
+            order = sample_cover(key, jax.lax.stop_gradient(ls), sim, R, group, cover_sharpness)  # [B, G, R]
+            logprob = lambda log_s: cover_logprob(log_s, sim, order, cover_sharpness)
+        else:
+            order = gumbel_top_k(key, jax.lax.stop_gradient(ls), R, group)  # [B, G, R]
+            logprob = lambda log_s: plackett_luce_logprob(log_s, order)
+        rep = lambda a: jnp.repeat(a, group, axis=0)  # [B*G, ...]
+        reward = fz.reward(rep(h_k), {k: rep(v) for k, v in batch.items()}, rep(is_image), order.reshape(b * group, R))
+        reward = jax.lax.stop_gradient(reward.reshape(b, group))
+        adv = group_advantage(reward, scale=advantage == "std")
+
+        def loss_fn(p):
+            return -jnp.mean(adv * logprob(fz.log_scores(p, h_t, pos, query, img_pos)))
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        entropy = -jnp.mean(jnp.sum(jnp.exp(ls) * ls, axis=1))
+        return params, opt_state, {"loss": loss, "reward": jnp.mean(reward), "entropy": entropy,
+                                   "grad_norm": optax.tree.norm(grads)}
+
+    return jax.jit(step, static_argnames=("R",), donate_argnums=(0, 1))
+
+
+def make_attn_step(base, twig, kf: int, tx, layer: int, rows: str):
+    """TwigVLM++ stage 1 for the P-head alone: attn_step(params, opt_state, batch) -> (params,
+    opt_state, metrics) minimising KL(a_base || s), a_base = base layer `layer`'s head-averaged
+    attention over the visual tokens from the query rows `rows` (phead.attention_rows), jitted."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from twig_jax.train.losses import attn_kl
+    from twig_jax.train.phead_objectives import attention_rows, attention_over_visual
+    from twig_jax.model.llama import scan_layers
+
+    fz = _Frozen(base, twig, kf)
+
+    def step(params, opt_state, batch):
+        x, h_k, h_t, pos, query, img_pos, is_image = fz.prelude(batch)
+        h_l = (scan_layers(fz.tc, fz.base_w, h_k, pos, fz.K, layer) if layer >= fz.K
+               else scan_layers(fz.tc, fz.base_w, x, pos, 0, layer))
+        target = attention_over_visual(fz.tc, fz.base_w, h_l, pos, layer,
+                                       attention_rows(batch["label_mask"], rows), img_pos)
+
+        def loss_fn(p):
+            return jnp.mean(attn_kl(target, jnp.exp(fz.log_scores(p, h_t, pos, query, img_pos))))
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, {"attn_kl": loss, "grad_norm": optax.tree.norm(grads)}
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_rl_eval(base, twig, kf: int):
+    """rl_eval(params, batch, key, R) -> per-example rewards [B] of each keep rule (_Frozen.rule_rewards), jitted."""
+    import jax
+
+    fz = _Frozen(base, twig, kf)
+    return jax.jit(lambda params, batch, key, R: fz.rule_rewards(params, fz.prelude(batch), batch, key, R),
+                   static_argnames=("R",))
+
+
+LONG_ANSWER_TOKENS = 8  # an answer this long or longer counts as long (descriptions)
+
+
+def accumulate(acc: dict, rewards: dict, batch: dict) -> dict:
+    """Add one batch's per-example rewards {rule: [B]} to acc {rule: {"long": [...], "short": [...]}},
+    skipping the padding rows of a last, filled-up batch (batch["valid"])."""
+    long_ = np.asarray(batch["label_mask"]).sum(1) >= LONG_ANSWER_TOKENS
+    for name, v in rewards.items():
+        v = np.asarray(v)
+        d = acc.setdefault(name, {"long": [], "short": []})
+        d["long"].extend(v[long_ & batch["valid"]].tolist())
+        d["short"].extend(v[~long_ & batch["valid"]].tolist())
+    return acc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.prune_rl", description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", required=True, help="base model dir (converted twig_jax or Hugging Face)")
+    p.add_argument("--twig", required=True, help="the trained twig (orbax dir); a P-head it has is continued")
+    p.add_argument("--data", required=True, help="LLaVA instruction JSON")
+    p.add_argument("--images", default=None, help="image folder")
+    p.add_argument("--out", required=True, help="where the twig with its P-head is written")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=8, help="examples per step")
+    p.add_argument("--group", type=int, default=8, help="G: keep-sets sampled per example")
+    p.add_argument("--R", default=None, help="budgets, comma-separated (default: N/9, 2N/9, 3N/9)")
+    p.add_argument("--Kf", type=int, default=None, help="FinalWipe layer of the reward model (default: the twig's)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--policy", choices=list(POLICIES), default="plackett-luce",
+                   help="RL keep-set policy: Gumbel-top-R draws from the scores (the paper; used with "
+                        "select top / sample) or the coverage policy (used with select cover)")
+    p.add_argument("--advantage", choices=list(ADVANTAGES), default="std",
+                   help="std: group-normalised (r - mean) / std (default); mean: r - mean, so groups whose "
+                        "samples score alike add little")
+    p.add_argument("--cover-sharpness", type=float, default=1.0,
+                   help="coverage policy: each pick's probability is gain^a / sum of gains^a (a > 1 draws "
+                        "closer to the greedy coverage set)")
+    p.add_argument("--objective", choices=["rl", "attn"], default="rl",
+                   help="rl: stage 2, REINFORCE on the answer's log-prob (default); attn: stage 1, AttnKL to the "
+                        "base's attention (the P-head alone; run rl on its output after)")
+    p.add_argument("--attn-layer", type=int, default=None,
+                   help="attn: the base layer whose attention is the target (default round(19/32 L), the paper's 19 of 32)")
+    p.add_argument("--attn-rows", choices=["last", "answer"], default="last",
+                   help="attn: the target's query rows: the last prompt token (paper) or every row that predicts "
+                        "an answer token")
+    p.add_argument("--init-scale", type=float, default=1.0,
+                   help="a new P-head's gate init scale (1: near the layer's own attention; small: near uniform, "
+                        "i.e. random pruning)")
+    p.add_argument("--max-len", type=int, default=352)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--every", type=int, default=50, help="save the twig every N steps (and at the end)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-records", type=int, default=24, help="records held out for the reward eval (0: none)")
+    p.add_argument("--eval-every", type=int, default=100, help="held-out eval at the smallest R every N steps")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from twig_jax.convert.llava import load_model
+    from twig_jax.data.llava_data import DataConfig, build_dataset, load_records
+    from twig_jax.twig.phead import p_head_weights, with_p_head
+    from twig_jax.pipeline import image_preprocessor_for, load_tokenizer
+    from twig_jax.twig.io import load_twig, save_twig
+
+    base = load_model(args.base, dtype=jnp.float32)
+    twig = load_twig(args.twig, base.cfg.text, dtype=jnp.float32)
+    had = twig.p_head is not None
+    twig = with_p_head(twig, seed=args.seed, init_scale=args.init_scale)
+    tc, N = twig.twig_cfg, base.cfg.num_image_tokens
+    R_values = tuple(int(r) for r in args.R.split(",")) if args.R else (N // 9, 2 * N // 9, 3 * N // 9)
+    R_values = tuple(sorted(R_values))
+    bad = [r for r in R_values if not 1 <= r <= N]
+    if bad:
+        print(f"error: --R {bad} outside [1, {N}] (the visual token count)", file=sys.stderr)
+        return 2
+    kf = args.Kf if args.Kf is not None else tc.Kf
+    L = base.cfg.text.num_hidden_layers
+    if not tc.K < kf <= L:
+        print(f"error: Kf={kf} must satisfy K={tc.K} < Kf <= L={L}", file=sys.stderr)
+        return 2
+    if args.group < 2:
+        print("error: --group must be >= 2 (the advantage is normalised within each group)", file=sys.stderr)
+        return 2
+    if not args.cover_sharpness > 0:
+        print(f"error: --cover-sharpness must be > 0 (got {args.cover_sharpness})", file=sys.stderr)
+        return 2
+    if args.cover_sharpness != 1.0 and args.policy != "cover":
+        print("error: --cover-sharpness applies to --policy cover only", file=sys.stderr)
+        return 2
+
+    all_records = load_records(args.data)
+    if args.eval_records >= len(all_records):
+        print(f"error: --eval-records {args.eval_records} leaves no training records (the data has "
+              f"{len(all_records)})", file=sys.stderr)
+        return 2
+    # The last --eval-records records are held out: every turn of them is an eval example.
+    cut = len(all_records) - args.eval_records
+    records = single_turn_records(all_records[:cut])
+    eval_recs = single_turn_records(all_records[cut:])
+    size = base.cfg.vision.image_size
+    tokenizer = load_tokenizer(args.base)
+
+    def dataset(recs, batch, shuffle, epochs):
+        cfg = DataConfig(json_path=args.data, image_dir=args.images, max_len=args.max_len, batch_size=batch,
+                         seed=args.seed, on_too_long="skip", shuffle=shuffle, num_epochs=epochs)
+        return build_dataset(cfg, tokenizer, image_token_index=base.cfg.image_token_index,
+                             num_image_tokens=N, image_preprocessor=image_preprocessor_for(base, args.base),
+                             pixel_shape=(base.cfg.vision.num_channels, size, size), records=recs,
+                             shard=_single_shard())
+
+    ds, report = dataset(records, args.batch, True, None)
+    data = iter(ds)
+    eval_batches = _eval_batches(list(dataset(eval_recs, 1, False, 1)[0]) if eval_recs else [], args.batch)
+    eval_fn = make_rl_eval(base, twig, kf)
+
+    tx = optax.adam(optax.cosine_decay_schedule(args.lr, args.steps, alpha=0.1))
+    params = p_head_weights(twig.p_head)
+    opt_state = tx.init(params)
+    attn_layer = args.attn_layer if args.attn_layer is not None else round(19 / 32 * L)
+    if not 0 <= attn_layer < L:
+        print(f"error: --attn-layer {attn_layer} must be in [0, {L})", file=sys.stderr)
+        return 2
+    if args.objective == "rl":
+        step_fn = make_rl_step(base, twig, kf, tx, args.group, args.policy, args.cover_sharpness, args.advantage)
+    else:
+        step_fn = make_attn_step(base, twig, kf, tx, attn_layer, args.attn_rows)
+    rng = np.random.default_rng(args.seed)
+    key = jax.random.key(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    log_path = os.path.join(args.out, "rl_log.jsonl")
+    what = (f"RL ({args.policy} keep-sets): budgets R={R_values}, G={args.group}" if args.objective == "rl" else
+            f"AttnKL to base layer {attn_layer}'s attention from the {args.attn_rows} rows")
+    print(f"P-head {what}; {len(records)} single-turn examples, batch {args.batch}, Kf={kf}, "
+          f"{'continuing its P-head' if had else 'new P-head'}", flush=True)
+
+    def evaluate(step, Rs):
+        """Mean held-out reward of each keep rule, by answer length (LONG_ANSWER_TOKENS)."""
+        out = {}
+        for r in Rs:
+            acc: dict = {}
+            for i, b in enumerate(eval_batches):
+                feed = {k: jnp.asarray(b[k]) for k in ("tokens", "label_mask", "pixel_values")}
+                accumulate(acc, eval_fn(params, feed, jax.random.key(1000 + i), R=r), b)
+            out[r] = {f"{k}/{c}": float(np.mean(v[c])) if v[c] else float("nan") for k, v in acc.items() for c in v}
+            line = "  ".join(f"{cat}: " + " ".join(f"{m} {out[r][f'{m}/{cat}']:.3f}"
+                                                   for m in ("unpruned", "phead", "phead_sampled", "phead_cover", "twig",
+                                                             "twig_cover", "random") if f"{m}/{cat}" in out[r])
+                             for cat in ("long", "short"))
+            print(f"  eval step {step} R={r} (mean answer log-prob)  {line}", flush=True)
+        with open(os.path.join(args.out, "rl_eval.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **{f"R{r}": v for r, v in out.items()}}) + "\n")
+        return out
+
+    def save(step):
+        twig.p_head.gate_q.set_value(params["gate_q"])
+        twig.p_head.gate_k.set_value(params["gate_k"])
+        save_twig(twig, args.out, overwrite=True)
+        with open(os.path.join(args.out, "rl_config.json"), "w") as f:
+            json.dump({"step": step, "objective": args.objective, "policy": args.policy,
+                       "cover_sharpness": args.cover_sharpness, "advantage": args.advantage, "attn_layer": attn_layer,
+                       "attn_rows": args.attn_rows,
+                       "R_values": R_values, "group": args.group, "batch": args.batch, "lr": args.lr,
+                       "init_scale": args.init_scale,
+                       "Kf": kf, "seed": args.seed, "data": args.data, "base": args.base, "twig": args.twig}, f,
+                      indent=2)
+
+    t0 = time.time()
+    if eval_batches:
+        print(f"held out: {len(eval_batches) * args.batch} examples (the last {args.eval_records} records)", flush=True)
+        evaluate(0, R_values[:1])
+    window: dict[int, list] = {}
+    with open(log_path, "a") as log:
+        for step in range(1, args.steps + 1):
+            batch = next(data)
+            r = int(R_values[rng.choice(len(R_values), p=curriculum_probs(step - 1, args.steps, len(R_values)))])
+            key, sub = jax.random.split(key)
+            feed = {k: jnp.asarray(batch[k]) for k in ("tokens", "label_mask", "pixel_values")}
+            if args.objective == "rl":
+                params, opt_state, m = step_fn(params, opt_state, feed, sub, R=r)
+            else:
+                params, opt_state, m = step_fn(params, opt_state, feed)
+                r = 0  # no budget: the target is a distribution over every visual token
+            m = {k: float(v) for k, v in m.items()}
+            if not all(math.isfinite(v) for v in m.values()):
+                print(f"error: non-finite metrics at step {step}: {m}", file=sys.stderr)
+                return 1
+            window.setdefault(r, []).append(m)
+            log.write(json.dumps({"step": step, "R": r, **m}) + "\n")
+            if step % args.log_every == 0 or step == args.steps:
+                parts = [f"R={rr}: reward {np.mean([x['reward'] for x in ms]):.3f} (n={len(ms)})" if rr else
+                         f"attn KL {np.mean([x['attn_kl'] for x in ms]):.4f}" for rr, ms in sorted(window.items())]
+                ent = [x["entropy"] for ms in window.values() for x in ms if "entropy" in x]
+                print(f"step {step}/{args.steps} {time.time() - t0:.0f}s  " + "; ".join(parts) +
+                      (f"; entropy {np.mean(ent):.2f} (uniform {math.log(N):.2f})" if ent else ""), flush=True)
+                log.flush()
+                window = {}
+            if step % args.every == 0 or step == args.steps:
+                save(step)
+            if eval_batches and step % args.eval_every == 0 and step != args.steps:
+                evaluate(step, R_values[:1])
+    if eval_batches:
+        evaluate(args.steps, R_values)
+    print(f"saved the twig with its P-head to {args.out} ({time.time() - t0:.0f}s)"
+          f"{'; bad samples: ' + json.dumps(report.to_dict()['counts']) if report.to_dict()['counts'] else ''}")
+    return 0
+
+
+def _eval_batches(examples: list[dict], batch: int) -> list[dict]:
+    """Single examples (batches of 1) regrouped into batches of `batch`; the last one is filled up
+    with copies of the first example, marked invalid (one compiled shape, every example counted once)."""
+    out = []
+    for i in range(0, len(examples), batch):
+        chunk = examples[i:i + batch]
+        valid = np.array([True] * len(chunk) + [False] * (batch - len(chunk)))
+        chunk = chunk + [examples[0]] * (batch - len(chunk))
+        b = {k: np.concatenate([c[k] for c in chunk]) for k in ("tokens", "label_mask", "pixel_values")}
+        out.append(dict(b, valid=valid))
+    return out
+
+
+def _single_shard():
+    import grain
+
+    return grain.sharding.NoSharding()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Twig checkpoints: the MILVLG/twigvlm safetensors format and an orbax format.
+
+MILVLG format (DESIGN.md s.2): PyTorch-layout keys for T layers, the twig norm and the D-head:
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight     [out, in]   (ours: [in, out])
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight      [out, in]
+    model.layers.{i}.input_layernorm.weight              [D]
+    model.layers.{i}.post_attention_layernorm.weight     [D]
+    model.norm.weight                                    [D]
+    lm_head.weight                                       [V, D]      (ours: [D, V])
+(+ `self_attn.{q,k,v,o}_proj.bias` / `mlp.*_proj.bias` when the text config has biases.)
+
+orbax format: a directory holding `twig_config.json` (TwigConfig + the TextConfig the twig was
+built for) and `params/` (the twig's nnx.State via StandardCheckpointer). By convention it sits
+beside a converted base (`<base_dir>/twig/`), but any directory works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import numpy as np
+
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from twig_jax.model.config import TextConfig
+from twig_jax.twig.module import Twig
+from twig_jax.twig.config import TwigConfig
+
+TWIG_CONFIG_FILE = "twig_config.json"
+TWIG_PARAMS_DIR = "params"
+
+# our DecoderLayers name -> (PyTorch key suffix, transposed)
+_LAYER_KEYS = {
+    "wq": ("self_attn.q_proj.weight", True),
+    "wk": ("self_attn.k_proj.weight", True),
+    "wv": ("self_attn.v_proj.weight", True),
+    "wo": ("self_attn.o_proj.weight", True),
+    "w_gate": ("mlp.gate_proj.weight", True),
+    "w_up": ("mlp.up_proj.weight", True),
+    "w_down": ("mlp.down_proj.weight", True),
+    "attn_norm": ("input_layernorm.weight", False),
+    "mlp_norm": ("post_attention_layernorm.weight", False),
+    "bq": ("self_attn.q_proj.bias", False),
+    "bk": ("self_attn.k_proj.bias", False),
+    "bv": ("self_attn.v_proj.bias", False),
+    "bo": ("self_attn.o_proj.bias", False),
+    "b_gate": ("mlp.gate_proj.bias", False),
+    "b_up": ("mlp.up_proj.bias", False),
+    "b_down": ("mlp.down_proj.bias", False),
+}
+
+
+class TwigFormatError(ValueError):
+    """A twig checkpoint that does not match the expected keys / shapes."""
+
+
+def twig_to_milvlg(twig: Twig) -> dict[str, np.ndarray]:
+    """The twig as a {MILVLG key: array in PyTorch layout} dict."""
+    out = {}
+    for name, stacked in twig.layers.weights().items():
+        suffix, transpose = _LAYER_KEYS[name]
+        for i in range(stacked.shape[0]):
+            a = stacked[i]
+            out[f"model.layers.{i}.{suffix}"] = a.T if transpose else a
+    out["model.norm.weight"] = twig.norm.get_value()
+    out["lm_head.weight"] = twig.head.get_value().T  # [V, D]
+    return out
+
+
+def expected_milvlg_shapes(text_cfg: TextConfig, T: int) -> dict[str, tuple[int, ...]]:
+    """Key -> PyTorch-layout shape of a twig with T layers for text_cfg."""
+    abstract = nnx.eval_shape(lambda: Twig(text_cfg, TwigConfig(K=1, T=T, Kf=T + 1, R=1), rngs=nnx.Rngs(0)))
+    out = {}
+    for name, stacked in nnx.to_pure_dict(nnx.state(abstract.layers)).items():
+        suffix, transpose = _LAYER_KEYS[name]
+        shape = tuple(stacked.shape[1:])
+        for i in range(T):
+            out[f"model.layers.{i}.{suffix}"] = shape[::-1] if transpose else shape
+    out["model.norm.weight"] = (text_cfg.hidden_size,)
+    out["lm_head.weight"] = (text_cfg.vocab_size, text_cfg.hidden_size)
+    return out
+
+
+def export_milvlg(twig: Twig, path: str, *, dtype=None) -> str:
+    """Write the twig as MILVLG safetensors (`path` is a file, or a dir -> dir/model.safetensors)."""
+    from safetensors.flax import save_file
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.safetensors")
+    tensors = {k: jnp.asarray(v if dtype is None else v.astype(dtype)) for k, v in twig_to_milvlg(twig).items()}
+    meta = {"format": "pt", "twig_config": json.dumps(dataclasses.asdict(twig.twig_cfg))}
+    save_file(tensors, path, metadata=meta)
+    return path
+
+
+def _read_safetensors(path: str) -> dict[str, jax.Array]:
+    from safetensors.flax import load_file
+
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise TwigFormatError(f"{path}: no .safetensors files")
+        out = {}
+        for f in files:
+            out.update(load_file(os.path.join(path, f)))
+        return out
+    if not os.path.isfile(path):
+        raise TwigFormatError(f"{path}: no such twig checkpoint")
+    return load_file(path)
+
+
+def import_milvlg(path: str, text_cfg: TextConfig, twig_cfg: TwigConfig, *, dtype=jnp.float32,
+                  strict: bool = False) -> Twig:
+    """A Twig from MILVLG safetensors. Missing or misshaped keys raise TwigFormatError listing
+    them all; unexpected keys are an error only when `strict` (released checkpoints may carry
+    extra heads)."""
+    tensors = _read_safetensors(path)
+    want = expected_milvlg_shapes(text_cfg, twig_cfg.T)
+    missing = sorted(k for k in want if k not in tensors)
+    bad = sorted(f"{k}: got {tuple(tensors[k].shape)}, expected {want[k]}" for k in want
+                 if k in tensors and tuple(tensors[k].shape) != want[k])
+    extra = sorted(k for k in tensors if k not in want)
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {missing}")
+    if bad:
+        problems.append(f"misshaped keys ({len(bad)}): {bad}")
+    if strict and extra:
+        problems.append(f"unexpected keys ({len(extra)}): {extra}")
+    if problems:
+        raise TwigFormatError(f"{path}: not a twig with T={twig_cfg.T} for this base: " + "; ".join(problems))
+    if twig_cfg.p_head:
+        raise TwigFormatError(f"{path}: MILVLG safetensors hold no P-head; load with p_head=False and add one "
+                              "(twig_jax.twig.phead.with_p_head) to train it")
+    twig = nnx.eval_shape(lambda: Twig(text_cfg, twig_cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    for name, (suffix, transpose) in _LAYER_KEYS.items():
+        if not hasattr(twig.layers, name):
+            continue
+        mats = [tensors[f"model.layers.{i}.{suffix}"] for i in range(twig_cfg.T)]
+        stacked = jnp.stack([m.T if transpose else m for m in mats]).astype(dtype)
+        getattr(twig.layers, name).set_value(stacked)
+    twig.norm.set_value(jnp.asarray(tensors["model.norm.weight"], dtype))
+    twig.head.set_value(jnp.asarray(tensors["lm_head.weight"]).T.astype(dtype))
+    return twig
+
+
+# ----------------------------------------------------------------------------------------------
+# orbax format
+
+
+def save_twig(twig: Twig, directory: str, *, overwrite: bool = False) -> str:
+    """Save a twig (params via orbax + TwigConfig/TextConfig JSON) into `directory`."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    params_dir = os.path.join(directory, TWIG_PARAMS_DIR)
+    if os.path.exists(params_dir):
+        if not overwrite:
+            raise TwigFormatError(f"{directory} already holds a twig (pass overwrite=True)")
+        import shutil
+
+        shutil.rmtree(params_dir)
+    os.makedirs(directory, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(params_dir, nnx.state(twig))
+        ckptr.wait_until_finished()
+    dtype = jnp.dtype(twig.norm.get_value().dtype).name
+    with open(os.path.join(directory, TWIG_CONFIG_FILE), "w") as f:
+        json.dump({"twig": dataclasses.asdict(twig.twig_cfg), "text": dataclasses.asdict(twig.text_cfg),
+                   "dtype": dtype}, f, indent=2)
+    return directory
+
+
+def load_twig(directory: str, text_cfg: TextConfig | None = None, dtype=None) -> Twig:
+    """Load a twig saved by save_twig; if text_cfg (the base's) is given it must match."""
+    import orbax.checkpoint as ocp
+
+    cfg_path = os.path.join(directory, TWIG_CONFIG_FILE)
+    if not os.path.isfile(cfg_path):
+        raise TwigFormatError(f"{directory}: no {TWIG_CONFIG_FILE}")
+    with open(cfg_path) as f:
+        d = json.load(f)
+    twig_cfg = TwigConfig(**d["twig"])
+    saved_text = TextConfig(**d["text"])
+    if text_cfg is not None and text_cfg != saved_text:
+        diff = {k: (getattr(saved_text, k), getattr(text_cfg, k)) for k in saved_text.__dataclass_fields__
+                if getattr(saved_text, k) != getattr(text_cfg, k)}
+        raise TwigFormatError(f"{directory}: twig was built for a different base (field: (twig, base)): {diff}")
+    dt = jnp.dtype(d.get("dtype", "float32")) if dtype is None else jnp.dtype(dtype)
+    abstract = nnx.eval_shape(lambda: Twig(saved_text, twig_cfg, rngs=nnx.Rngs(0), dtype=dt))
+    graphdef, abstract_state = nnx.split(abstract)
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state)
+    with ocp.StandardCheckpointer() as ckptr:
+        state = ckptr.restore(os.path.join(os.path.abspath(directory), TWIG_PARAMS_DIR), target)
+    return nnx.merge(graphdef, state)
+
+
+__all__ = ["TwigFormatError", "twig_to_milvlg", "expected_milvlg_shapes", "export_milvlg", "import_milvlg",
+           "save_twig", "load_twig"]
+
+
+def load_twig_any(path: str, text_cfg, dtype=None):
+    """(Twig, TwigConfig) from an orbax twig dir (save_twig) or MILVLG safetensors (export_milvlg,
+    whose metadata carries the TwigConfig)."""
+    from twig_jax.twig.config import TwigConfig
+    from twig_jax.twig.io import TWIG_CONFIG_FILE, TwigFormatError, import_milvlg, load_twig
+
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, TWIG_CONFIG_FILE)):
+        twig = load_twig(path, text_cfg, dtype=dtype)
+        return twig, twig.twig_cfg
+    files = [path] if os.path.isfile(path) else (
+        sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+        if os.path.isdir(path) else [])
+    if not files:
+        raise TwigFormatError(f"{path}: neither an orbax twig dir ({TWIG_CONFIG_FILE}) nor MILVLG safetensors")
+    from safetensors import safe_open
+
+    with safe_open(files[0], framework="numpy") as f:
+        meta = f.metadata() or {}
+    if "twig_config" not in meta:
+        raise TwigFormatError(f"{files[0]}: MILVLG safetensors without a twig_config in its metadata; "
+                              f"convert it to an orbax twig dir (twig_io.save_twig) with its TwigConfig first")
+    twig_cfg = TwigConfig(**json.loads(meta["twig_config"]))
+    import jax.numpy as jnp
+
+    twig = import_milvlg(path, text_cfg, twig_cfg, dtype=jnp.float32 if dtype is None else dtype)
+    return twig, twig_cfg
