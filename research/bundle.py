@@ -1,9 +1,9 @@
 """The bundled shapes-world model: packing it into the repository, checking it, measuring it.
 
-    python scripts/bundle_shapes.py --base /work/runs/base/final --twig /work/runs/twig \
+    python research/scripts/bundle_shapes.py --base /work/runs/base/final --twig /work/runs/twig \
         --out infer/assets/shapes-llava [--dtype bfloat16] [--Kf 6] [--R 16] [--measure]
-    python scripts/bundle_shapes.py --measure                # re-measure the bundle on the mini subset
-    python scripts/bundle_shapes.py --write-assets           # regenerate infer/assets/{demo,shapes-eval-mini}
+    python research/scripts/bundle_shapes.py --measure                # re-measure the bundle on the mini subset
+    python research/scripts/bundle_shapes.py --write-assets           # regenerate infer/assets/{demo,shapes-eval-mini}
 
 (`python -m research.bundle` is the same command.)
 
@@ -48,8 +48,8 @@ EXPECTED_FILE = "expected.json"
 # (seen on a random bundle: 9 of 48 answers); float32 keeps greedy SSD token-identical, and
 # measuring and testing in one dtype keeps expected.json exact.
 # Accuracy fields per method in expected.json, and the floor the unpruned figures must reach for
-# the bundle to count as measured. Issue 5's targets are >= 95% EM / 0.95 F1 on the whole eval
-# split (the session 12 bundle: 95.8% / 0.987; on the 48-question mini subset 0.938 / 1.00). The
+# the bundle to count as measured. The shapes model's targets are >= 95% EM / 0.95 F1 on the whole
+# eval split (the bundled model: 95.8% / 0.987; on the 48-question mini subset 0.938 / 1.00). The
 # floors are not those targets: they sit above what a model that ignores the image reaches
 # (language prior: ~40% EM, F1 ~0.05), so any bundle that reads its images can be measured.
 EXPECTED_METHODS = ("none", "twig")  # + "phead" when the bundled twig has a P-head (expected_methods)
@@ -197,7 +197,7 @@ def make_bundle(base_dir: str, twig_dir: str, out: str, *, dtype: str = "bfloat1
             "source_base": os.path.abspath(base_dir), "source_twig": os.path.abspath(twig_dir), "dtype": dtype,
             "trained_twig_config": dataclasses.asdict(trained), "twig_config": dataclasses.asdict(tc),
             "num_visual_tokens": N, "num_layers": L,
-            "command": "python scripts/bundle_shapes.py " + " ".join(
+            "command": "python research/scripts/bundle_shapes.py " + " ".join(
                 [f"--base {base_dir}", f"--twig {twig_dir}", f"--out {_repo_rel(out)}",
                  f"--dtype {dtype}", f"--Kf {Kf}", f"--R {R}", f"--draft-len {draft_len}", f"--theta {theta}",
                  f"--select {select}"]),
@@ -376,7 +376,7 @@ def write_expected(path: str, measured: dict | None, **meta) -> dict:
                    "twig's R and Kf, 'phead' (when the twig has a P-head) TwigVLM++ P-head pruning at the same R "
                    "and Kf, both with the twig config's keep-set rule (select; 'sample' applies to the P-head "
                    "only) (SSD off; greedy SSD gives the same answers). Written by "
-                   "`python scripts/bundle_shapes.py --measure`; null = never measured. "
+                   "`python research/scripts/bundle_shapes.py --measure`; null = never measured. "
                    "tests/test_bundled_model.py requires the bundle to reach these within "
                    f"{TOLERANCE} and the unpruned ones to be >= {MEASURED_FLOOR}.")
     d.update(meta)
@@ -411,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from twig_jax.twig.config import SELECT_RULES
 
-    p = argparse.ArgumentParser(prog="scripts/bundle_shapes.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="research/scripts/bundle_shapes.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--base", help="trained base model dir (converted, fp32; tokenizer inside)")
     p.add_argument("--twig", help="trained twig dir (orbax, twig_io.save_twig) or MILVLG safetensors")
     p.add_argument("--out", default=os.path.relpath(BUNDLE_DIR), help="bundle dir (default %(default)s)")

@@ -20,7 +20,7 @@ grown model allows; and a trained layer placed after the twig's trunk (K) makes 
 Why: in the shapes world's text control a 2-layer LM learns content lookup ("what shape is the
 purple object ?" -> find "purple", copy the next word) within 750-1250 steps at batch 32 (24k-40k
 sequences), while the 8-layer LM stayed at chance in every run tried (up to 16k sequences;
-docs/shapes_history.md). Growing keeps the lookup circuit
+docs/results.md). Growing keeps the lookup circuit
 and the 8-layer depth the twig needs (K = 2 trunk, Kf at three quarters).
 """
 

@@ -1,5 +1,5 @@
 """Image-prompt padding, side by side: prompts padded to N visual tokens + a text bucket (the default,
-generate.TEXT_BUCKETS) against whole-prompt buckets (text_buckets=None, before session 14), for plain
+generate.TEXT_BUCKETS) against whole-prompt buckets (text_buckets=None, the earlier rule), for plain
 decoding and the bundled P-head + SSD, on descriptions, in one run.
 
     python -m research.padding_ab [--data DIR] [--images 16] [--batches 1,8] [--repeats 5] [--out-json F]

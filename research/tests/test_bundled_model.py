@@ -1,9 +1,9 @@
-"""The bundled shapes-world model (infer/assets/shapes-llava, issue 5) on the checked-in mini eval
+"""The bundled shapes-world model (infer/assets/shapes-llava) on the checked-in mini eval
 subset (infer/assets/shapes-eval-mini: the first 16 eval images of seed 0, 48 questions).
 
 (a) the bundle loads (base + twig) and is at most 25 MB of plain, git-trackable files;
 (b) unpruned (and twig-pruned) accuracy reaches the figures it was measured at (expected.json,
-    written by `python scripts/bundle_shapes.py --measure`) within TOLERANCE; an unmeasured
+    written by `python research/scripts/bundle_shapes.py --measure`) within TOLERANCE; an unmeasured
     (null) or low (< MEASURED_FLOOR) expected.json fails: the bundle was never measured;
 (c) TTP + SSD greedy answers are token-identical to the plain greedy answers of the same pruned
     model (method twig, SSD off).
@@ -31,7 +31,7 @@ MINI = os.environ.get("TWIG_JAX_MINI", MINI_DIR)
 
 pytestmark = pytest.mark.skipif(
     not os.path.isdir(BUNDLE),
-    reason=f"no bundled model at {BUNDLE}: build it with `python scripts/bundle_shapes.py --base DIR --twig DIR "
+    reason=f"no bundled model at {BUNDLE}: build it with `python research/scripts/bundle_shapes.py --base DIR --twig DIR "
            f"--measure` (README, 'The bundled model')")
 
 
@@ -99,7 +99,7 @@ def _check_accuracy(bundle, subset, method: str, floor: dict | None) -> None:
     want = exp.get(method) or {}
     missing = [f for f in EXPECTED_FIELDS if want.get(f) is None]
     assert not missing, (f"{MINI}/{EXPECTED_FILE} has no measured {method} {missing}: the bundle was never "
-                         f"measured; run `python scripts/bundle_shapes.py --measure`")
+                         f"measured; run `python research/scripts/bundle_shapes.py --measure`")
     if floor is not None:
         low = {f: want[f] for f in EXPECTED_FIELDS if want[f] < floor[f]}
         assert not low, (f"{EXPECTED_FILE}: unpruned accuracy {low} < {floor}: the bundle was never measured "

@@ -25,7 +25,7 @@ medians over `repeats` timed runs after a warm-up run (compilation):
     e2e        wall time of `generate` (input checks, padding, prefill, decode, fetch)
     prefill    the method's own prefill alone (plain prefill / ttp_prefill with its caches)
     decode     e2e - prefill; decode tok/s = (generated - batch) / decode (the prefill emits one per row)
-    speed      generated / e2e, relative to method none at the same batch and length (DESIGN.md s.4)
+    speed      generated / e2e, relative to method none at the same batch and length (docs/design.md, "Self-speculative decoding")
     acc, tok/round  SSD acceptance rate (accepted / drafted) and tokens emitted per draft/verify round
     round/step one draft+verify round (decode / rounds of the longest row) over one plain decode step
     KV/seq     KV-cache bytes per sequence at the padded shapes (all groups, K and V)

@@ -5,7 +5,7 @@ bundled demo set, with answers, reference answers and speed against plain decodi
                          [--answers FILE]] [--R N] [--Kf N] [--max-new-tokens N] [--dtype float32|bfloat16]
                          [--out FILE]
 
-By default it loads infer/assets/shapes-llava (base + twig, see scripts/bundle_shapes.py) and
+By default it loads infer/assets/shapes-llava (base + twig, see research/scripts/bundle_shapes.py) and
 answers infer/assets/demo (8 eval images of the shapes world, seed 0: a short question and
 "describe the image ." each). Every configuration first runs a warm-up call per question category
 (it compiles); then the timed calls run round-robin over the configurations `--repeats` times
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
         bar = "!" * 100
         print(f"{bar}\n!! NO BUNDLED MODEL at {args.bundle}: using a RANDOMLY INITIALISED shapes-llava and twig.\n"
               f"!! The answers below are random words; every stage still runs for real. Build the bundle with\n"
-              f"!!   python scripts/bundle_shapes.py --base DIR --twig DIR --measure\n{bar}", file=sys.stderr)
+              f"!!   python research/scripts/bundle_shapes.py --base DIR --twig DIR --measure\n{bar}", file=sys.stderr)
         model, tokenizer, twig = random_shapes_model()
         processor = image_preprocessor_for(model, None)
         what = "RANDOM shapes-llava + random twig (no bundle found)"

@@ -1,4 +1,4 @@
-"""Twig-guided token pruning (TTP, DESIGN.md s.3) with four static-shape KV-cache groups.
+"""Twig-guided token pruning (TTP, docs/design.md, "Twig-guided token pruning") with four static-shape KV-cache groups.
 
 The network is split into the trunk (base layers 0..K-1, full prompt), the twig (T layers on the
 trunk's output, full prompt: it scores the visual tokens and later drafts), the middle (base

@@ -1,4 +1,4 @@
-"""Self-speculative decoding (SSD, DESIGN.md s.4): the twig drafts, the pruned base verifies.
+"""Self-speculative decoding (SSD, docs/design.md, "Self-speculative decoding"): the twig drafts, the pruned base verifies.
 
 Draft model = trunk (base layers 0..K-1) + twig layers + twig norm/head; target = the full base
 model with TTP pruning and FinalWipe (twig_jax.decode.prune). One jitted `lax.while_loop` over rounds, no

@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any, Sequence
 
+from twig_jax.assets import REPO
+
 # CLIP ViT-L/14-336, the tower LLaVA-1.5 uses; the liuhaotian layout only names it.
 CLIP_VIT_L_336 = dict(
     hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -106,7 +108,7 @@ class LlavaConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        """Visual tokens per image after selection (N in DESIGN.md)."""
+        """Visual tokens per image after selection (N in docs/design.md)."""
         return self.vision.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
 
     @property
@@ -266,7 +268,7 @@ def load_hf_config(model_dir: str, vision_dir: str | None = None) -> LlavaConfig
 # ----------------------------------------------------------------------------------------------
 # Presets
 
-PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+PRESET_DIR = os.path.join(REPO, "configs")  # the repository's configs/ (a checkout or an editable install)
 
 
 def list_presets() -> Sequence[str]:

@@ -1,4 +1,4 @@
-"""One device mesh ("data", "fsdp", "tensor") and ONE table of logical-axis rules (DESIGN.md s.6).
+"""One device mesh ("data", "fsdp", "tensor") and ONE table of logical-axis rules (docs/design.md, "Sharding").
 
 Every array is described by logical axis names ("batch", "embed", "heads", ...); LOGICAL_AXIS_RULES
 maps each logical name to mesh axes. Parameter logical axes come from PARAM_AXES, matched on the

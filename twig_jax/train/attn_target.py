@@ -2,7 +2,7 @@
 
 The shapes world's short questions are lookups ("what colour is the cross ?": find the cross,
 read its colour). A from-scratch model learns to read attributes from the image quickly but binds
-the wrong object for a long time (session 10: 24 of 25 wrong colour_of / shape_of answers name
+the wrong object for a long time (in one probe, 24 of 25 wrong colour_of / shape_of answers name
 another object of the scene). The generator knows which grid cells a question is about, so
 training can add, for each such question, a loss on the attention of the row that predicts the
 answer's first token: -log of the attention mass that `heads` heads of layer `layer` put on the
@@ -15,9 +15,9 @@ against the patches), so an earlier layer can get a second target (`key layer`):
 row, the mass of its heads on the current question's key words (colour, shape, size words).
 
 A relation ("is the A left of the B ?") needs both objects, each read by its own head: pulled
-onto the union of A's and B's cells, both heads met the target by looking at B alone (session 12's
+onto the union of A's and B's cells, both heads met the target by looking at B alone (a
 probe: 0.96-0.99 of their mass on B and its words), and left_of fell from 23 to 17 of 28 under
-that target (session 11). With roles, each target has
+that target. With roles, each target has
 two: role 0 (the subject A: its cells and the key words before the relation word) and role 1 (the
 reference B: its cells and the key words after it); supervised head h gets role h % 2. Every
 other question's two roles are the same target.

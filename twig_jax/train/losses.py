@@ -1,4 +1,4 @@
-"""Training losses for the twig (TwigVLM / TwigVLM++, DESIGN.md s.2 and s.5).
+"""Training losses for the twig (TwigVLM / TwigVLM++, docs/design.md, "The twig" and "The P-head").
 
 Everything is computed in float32 and reduced as masked *sums* plus a token count, so that
 gradient accumulation over micro-batches gives exactly the full-batch masked mean (the mean of

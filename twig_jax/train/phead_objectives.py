@@ -58,7 +58,7 @@ def pruned_answer_logprob(text_cfg: TextConfig, base_w: dict, head_fn, h_k: jax.
 
 
 def attention_rows(label_mask: jax.Array, rows: str) -> jax.Array:  # [B, S] float32
-    """Query-row weights for the AttnKL target. "last": the last prompt token (DESIGN.md s.5);
+    """Query-row weights for the AttnKL target. "last": the last prompt token (docs/design.md, "The P-head");
     "answer": every row that predicts an answer token (the last prompt token and the answer but its
     last token), i.e. where the base looks while it produces the whole reference answer."""
     m = label_mask.astype(jnp.float32)

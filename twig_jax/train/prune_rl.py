@@ -1,4 +1,4 @@
-"""TwigVLM++ P-head training: stage 2, reinforcement learning (default), or stage 1, AttnKL (DESIGN.md s.5).
+"""TwigVLM++ P-head training: stage 2, reinforcement learning (default), or stage 1, AttnKL (docs/design.md, "The P-head").
 
 Only the P-head learns; the base and the twig stay frozen. For each single-turn example (image,
 question, reference answer) the P-head scores the visual tokens, G keep-sets of R tokens are drawn

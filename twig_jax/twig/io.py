@@ -1,6 +1,6 @@
 """Twig checkpoints: the MILVLG/twigvlm safetensors format and an orbax format.
 
-MILVLG format (DESIGN.md s.2): PyTorch-layout keys for T layers, the twig norm and the D-head:
+MILVLG format (docs/design.md, "The twig"): PyTorch-layout keys for T layers, the twig norm and the D-head:
     model.layers.{i}.self_attn.{q,k,v,o}_proj.weight     [out, in]   (ours: [in, out])
     model.layers.{i}.mlp.{gate,up,down}_proj.weight      [out, in]
     model.layers.{i}.input_layernorm.weight              [D]

@@ -1,4 +1,4 @@
-"""The twig: T decoder layers + own RMSNorm + own LM head, grown on base layer K (DESIGN.md s.2)."""
+"""The twig: T decoder layers + own RMSNorm + own LM head, grown on base layer K (docs/design.md, "The twig")."""
 
 from __future__ import annotations
 

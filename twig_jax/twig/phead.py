@@ -1,4 +1,4 @@
-"""TwigVLM++ pruning head (P-head, DESIGN.md s.5) and the pieces its RL stage needs.
+"""TwigVLM++ pruning head (P-head, docs/design.md, "The P-head") and the pieces its RL stage needs.
 
 The P-head scores the M visual tokens from the last twig layer's own attention, re-weighted by
 two learned gates:

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The issue-5 tables and pictures for the bundled shapes model (infer/assets/shapes-llava):
-#   bash scripts/measure_shapes.sh [DATA_DIR]
+# The tables and pictures for the bundled shapes model (infer/assets/shapes-llava):
+#   bash research/scripts/measure_shapes.sh [DATA_DIR]
 # DATA_DIR: a `twig-jax data shapes --seed 0` output (its 300-image eval split); default: generated.
 # Writes bench_results/shapes_{accuracy,speed}.{json,md}, shapes_ssd_profile.json, shapes_padding.json,
 # shapes_coverage_*.json, shapes_lookup_probe.json
 # and infer/assets/pictures/prune_*.png.
 set -euo pipefail
-source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/setup_env.sh"
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")/../../scripts" && pwd)/setup_env.sh"
 cd "$TWIG_ROOT"
 D="${1:-bench_results/shapes-data}"
 if [ ! -f "$D/eval/questions.jsonl" ]; then

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Issue 5's speed figures on an accelerator machine, in one call (the speed target, TTP + SSD >= 1.54x
+# The shapes model's speed figures on an accelerator machine, in one call (the speed target, TTP + SSD >= 1.54x
 # plain decoding on descriptions, is about a machine where a multi-token verify pass costs about one
-# token; this CPU is not one: README, "What limits them").
-#   OUT=DIR bash scripts/gpu_speed.sh [--dtype bfloat16]
+# token; this CPU is not one: docs/results.md, "What limits them").
+#   OUT=DIR bash research/scripts/gpu_speed.sh [--dtype bfloat16]
 # For the device tool's image: its python3 already holds jax with CUDA, flax, optax, orbax, chex,
 # transformers and tokenizers, and nothing can be fetched there, so this script installs nothing and
 # runs the repository from its source tree (PYTHONPATH). Writes OUT/{speed.json,speed.md,ssd_profile.json,env.txt}.
 # Each stage has its own time limit, so a slow compile loses one table, not the run.
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-bench_results/gpu}"
 PY="${PYTHON:-python3}"
@@ -21,7 +21,7 @@ EOF
 cat "$OUT/env.txt"
 # Where a round's time goes (draft step, verify pass vs a one-token pass) at batch 1 and 8.
 timeout 240 "$PY" -m research.ssd_profile --batches 1,8 --repeats 5 --out-json "$OUT/ssd_profile.json" "$@"
-# The issue's rows (FastV, TTP, SSD, TTP + SSD) and the bundled setting (P-head + SSD), the first 16
+# The method rows (FastV, TTP, SSD, TTP + SSD) and the bundled setting (P-head + SSD), the first 16
 # descriptions of seed 0's eval split (generated in a temp dir), batch 1 and 8, median of 3 passes.
 timeout 300 "$PY" -m research.speed_table --images 16 --batches 1,8 --repeats 3 \
     --variants fastv,ttp,ssd,ttp+ssd,phead,phead+ssd \
