@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from twig_jax.train.prune_rl import _eval_batches, _Frozen, _single_shard, accumulate, single_turn_records
+    from twig_jax.train.prune_rl import eval_batches, FrozenModels, single_shard, accumulate, single_turn_records
     from twig_jax.convert.llava import load_model
     from twig_jax.data.llava_data import DataConfig, build_dataset, load_records
     from twig_jax.train.phead_objectives import attention_over_visual, attention_rows
@@ -92,9 +92,9 @@ def main(argv=None) -> int:
     size = base.cfg.vision.image_size
     ds, _ = build_dataset(cfg, load_tokenizer(args.model), image_token_index=base.cfg.image_token_index,
                           num_image_tokens=N, image_preprocessor=image_preprocessor_for(base, args.model),
-                          pixel_shape=(base.cfg.vision.num_channels, size, size), records=recs, shard=_single_shard())
-    batches = _eval_batches(list(ds), args.batch)
-    fz = _Frozen(base, twig, tc.Kf)
+                          pixel_shape=(base.cfg.vision.num_channels, size, size), records=recs, shard=single_shard())
+    batches = eval_batches(list(ds), args.batch)
+    fz = FrozenModels(base, twig, tc.Kf)
     grid = jnp.asarray(grid_keep(side, args.cells, args.R))
 
     p_head = p_head_weights(twig.p_head) if twig.p_head is not None else None

@@ -23,7 +23,7 @@ from twig_jax.model.config import TextConfig
 from twig_jax.model.layers import ACTIVATIONS, apply_rope, attention, rms_norm
 
 
-def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
+def normal_init(rngs: nnx.Rngs, shape, dtype, std=0.02):
     return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
 
 
@@ -36,14 +36,14 @@ class DecoderLayers(nnx.Module):
         self.cfg = cfg
         self.num_layers = num_layers
         self.attn_norm = nnx.Param(jnp.ones((n, d), dtype))
-        self.wq = _normal(rngs, (n, d, hq), dtype)
-        self.wk = _normal(rngs, (n, d, hkv), dtype)
-        self.wv = _normal(rngs, (n, d, hkv), dtype)
-        self.wo = _normal(rngs, (n, hq, d), dtype)
+        self.wq = normal_init(rngs, (n, d, hq), dtype)
+        self.wk = normal_init(rngs, (n, d, hkv), dtype)
+        self.wv = normal_init(rngs, (n, d, hkv), dtype)
+        self.wo = normal_init(rngs, (n, hq, d), dtype)
         self.mlp_norm = nnx.Param(jnp.ones((n, d), dtype))
-        self.w_gate = _normal(rngs, (n, d, i), dtype)
-        self.w_up = _normal(rngs, (n, d, i), dtype)
-        self.w_down = _normal(rngs, (n, i, d), dtype)
+        self.w_gate = normal_init(rngs, (n, d, i), dtype)
+        self.w_up = normal_init(rngs, (n, d, i), dtype)
+        self.w_down = normal_init(rngs, (n, i, d), dtype)
         if cfg.attention_bias:
             self.bq = nnx.Param(jnp.zeros((n, hq), dtype))
             self.bk = nnx.Param(jnp.zeros((n, hkv), dtype))
@@ -76,7 +76,7 @@ def reduce_query_rows(probs: jax.Array, query: jax.Array) -> jax.Array:  # [B, H
     return jnp.einsum("bhts,bt->bhs", probs.astype(jnp.float32), query.astype(jnp.float32))
 
 
-def _layer(cfg: TextConfig, w: dict, x, cos, sin, kv_read, mask, want_probs, keys_transposed=False,
+def decoder_layer(cfg: TextConfig, w: dict, x, cos, sin, kv_read, mask, want_probs, keys_transposed=False,
            probs_query=None):
     """One decoder layer on x [B, T, D]. `kv_read(k_new, v_new)` stores the new keys/values and
     returns the keys/values to attend over ([B, Hkv, S, Dh]; keys [B, Hkv, Dh, S] when
@@ -190,7 +190,7 @@ def run_layers(
             kv["v"] = write_kv(cv, layer, v_new, write_start)
             return kv["k"][layer], kv["v"][layer]
 
-        x, probs = _layer(cfg, w, x, cos, sin, kv_read, mask, want_probs, keys_transposed=not fresh,
+        x, probs = decoder_layer(cfg, w, x, cos, sin, kv_read, mask, want_probs, keys_transposed=not fresh,
                           probs_query=probs_query)
         return x, kv["k"], kv["v"], probs
 
@@ -220,10 +220,10 @@ class LlamaModel(nnx.Module):
 
     def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.cfg = cfg
-        self.embed = _normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
+        self.embed = normal_init(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
         self.layers = DecoderLayers(cfg, cfg.num_hidden_layers, rngs=rngs, dtype=dtype)
         self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), dtype))
-        self.lm_head = None if cfg.tie_word_embeddings else _normal(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else normal_init(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:  # [B, T, D]
         return jnp.take(self.embed[...], tokens, axis=0)
@@ -240,7 +240,7 @@ def scan_layers(cfg, weights: dict[str, jax.Array], x: jax.Array, positions: jax
                 *, remat: bool = False) -> jax.Array:  # [B, S, D]
     """Stacked decoder layers [start, stop) over a full causal sequence, without a KV cache.
 
-    Same layer body (`llama._layer`) as inference; a scan over weight slices so the backward pass
+    Same layer body (`llama.decoder_layer`) as inference; a scan over weight slices so the backward pass
     stores only one hidden state per layer (or none inside a layer with remat).
     """
     if stop <= start:
@@ -252,7 +252,7 @@ def scan_layers(cfg, weights: dict[str, jax.Array], x: jax.Array, positions: jax
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool))[None], (b, s, s))  # [B, S, S]
 
     def body(h, wl):
-        h, _ = _layer(cfg, wl, h, cos, sin, lambda k, v: (k, v), mask, False)
+        h, _ = decoder_layer(cfg, wl, h, cos, sin, lambda k, v: (k, v), mask, False)
         return h, None
 
     if remat:

@@ -9,7 +9,7 @@ from flax import nnx
 from twig_jax.model.cache import KVCache
 from twig_jax.model.config import LlavaConfig
 from twig_jax.model.layers import ACTIVATIONS
-from twig_jax.model.llama import LlamaModel, _normal, run_layers
+from twig_jax.model.llama import LlamaModel, normal_init, run_layers
 from twig_jax.model.vision import VisionTower
 
 
@@ -19,8 +19,8 @@ class Projector(nnx.Module):
     def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         d_in, d = cfg.projector_in_dim, cfg.text.hidden_size
         self.act = cfg.projector_hidden_act
-        self.w1 = _normal(rngs, (d_in, d), dtype)
-        self.w2 = _normal(rngs, (d, d), dtype)
+        self.w1 = normal_init(rngs, (d_in, d), dtype)
+        self.w2 = normal_init(rngs, (d, d), dtype)
         self.b1 = nnx.Param(jnp.zeros((d,), dtype)) if cfg.projector_bias else None
         self.b2 = nnx.Param(jnp.zeros((d,), dtype)) if cfg.projector_bias else None
 

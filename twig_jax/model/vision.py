@@ -8,7 +8,7 @@ from flax import nnx
 
 from twig_jax.model.config import VisionConfig
 from twig_jax.model.layers import ACTIVATIONS, attention, layer_norm
-from twig_jax.model.llama import _normal
+from twig_jax.model.llama import normal_init
 
 
 class VisionBlocks(nnx.Module):
@@ -19,13 +19,13 @@ class VisionBlocks(nnx.Module):
         self.ln1_scale = nnx.Param(jnp.ones((n, d), dtype))
         self.ln1_bias = nnx.Param(jnp.zeros((n, d), dtype))
         for name in ("q", "k", "v", "o"):
-            setattr(self, f"w{name}", _normal(rngs, (n, d, d), dtype))
+            setattr(self, f"w{name}", normal_init(rngs, (n, d, d), dtype))
             setattr(self, f"b{name}", nnx.Param(jnp.zeros((n, d), dtype)))
         self.ln2_scale = nnx.Param(jnp.ones((n, d), dtype))
         self.ln2_bias = nnx.Param(jnp.zeros((n, d), dtype))
-        self.w_fc1 = _normal(rngs, (n, d, i), dtype)
+        self.w_fc1 = normal_init(rngs, (n, d, i), dtype)
         self.b_fc1 = nnx.Param(jnp.zeros((n, i), dtype))
-        self.w_fc2 = _normal(rngs, (n, i, d), dtype)
+        self.w_fc2 = normal_init(rngs, (n, i, d), dtype)
         self.b_fc2 = nnx.Param(jnp.zeros((n, d), dtype))
 
     def weights(self) -> dict[str, jax.Array]:
@@ -54,9 +54,9 @@ class VisionTower(nnx.Module):
     def __init__(self, cfg: VisionConfig, num_layers: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
         d, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
         self.cfg = cfg
-        self.patch_embed = _normal(rngs, (c * p * p, d), dtype)  # conv kernel as [C*P*P, D]
-        self.class_embed = _normal(rngs, (d,), dtype)
-        self.pos_embed = _normal(rngs, (cfg.num_patches + 1, d), dtype)
+        self.patch_embed = normal_init(rngs, (c * p * p, d), dtype)  # conv kernel as [C*P*P, D]
+        self.class_embed = normal_init(rngs, (d,), dtype)
+        self.pos_embed = normal_init(rngs, (cfg.num_patches + 1, d), dtype)
         self.pre_ln_scale = nnx.Param(jnp.ones((d,), dtype))
         self.pre_ln_bias = nnx.Param(jnp.zeros((d,), dtype))
         self.blocks = VisionBlocks(cfg, num_layers, rngs=rngs, dtype=dtype)

@@ -79,12 +79,12 @@ def attention_over_visual(text_cfg: TextConfig, stacked_w: dict, h: jax.Array, p
     twig layer, its top R is TTP's keep-set (renormalising does not change the order).
 
     h: [B, S, D] the hidden state entering that layer (full, unpruned sequence, causal)."""
-    from twig_jax.model.llama import _layer
+    from twig_jax.model.llama import decoder_layer
 
     b, s, _ = h.shape
     w = {k: v[layer] for k, v in stacked_w.items()}
     cos, sin = rope_cos_sin(positions, text_cfg.head_dim, text_cfg.rope_theta, h.dtype)
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool))[None], (b, s, s))
-    _, probs = _layer(text_cfg, w, h, cos, sin, lambda k, v: (k, v), mask, True, probs_query=row_weights)
+    _, probs = decoder_layer(text_cfg, w, h, cos, sin, lambda k, v: (k, v), mask, True, probs_query=row_weights)
     per_key = jnp.take_along_axis(jnp.mean(probs, axis=1), img_pos, axis=1)  # [B, N]
     return per_key / jnp.maximum(jnp.sum(per_key, axis=1, keepdims=True), 1e-30)

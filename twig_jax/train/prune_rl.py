@@ -65,7 +65,7 @@ class _Prelude(NamedTuple):
     is_image: Any
 
 
-class _Frozen:
+class FrozenModels:
     """The frozen pieces both jitted functions close over, and the shared forward prelude."""
 
     def __init__(self, base, twig, kf: int):
@@ -169,7 +169,7 @@ def make_rl_step(base, twig, kf: int, tx, group: int, policy: str = "plackett-lu
         raise ValueError(f"policy={policy!r} must be one of {POLICIES}")
     if advantage not in ADVANTAGES:
         raise ValueError(f"advantage={advantage!r} must be one of {ADVANTAGES}")
-    fz = _Frozen(base, twig, kf)
+    fz = FrozenModels(base, twig, kf)
 
     def step(params, opt_state, batch, key, R):
         b = batch["tokens"].shape[0]
@@ -212,7 +212,7 @@ def make_attn_step(base, twig, kf: int, tx, layer: int, rows: str):
     from twig_jax.train.phead_objectives import attention_rows, attention_over_visual
     from twig_jax.model.llama import scan_layers
 
-    fz = _Frozen(base, twig, kf)
+    fz = FrozenModels(base, twig, kf)
 
     def step(params, opt_state, batch):
         x, h_k, h_t, pos, query, img_pos, is_image = fz.prelude(batch)
@@ -232,10 +232,10 @@ def make_attn_step(base, twig, kf: int, tx, layer: int, rows: str):
 
 
 def make_rl_eval(base, twig, kf: int):
-    """rl_eval(params, batch, key, R) -> per-example rewards [B] of each keep rule (_Frozen.rule_rewards), jitted."""
+    """rl_eval(params, batch, key, R) -> per-example rewards [B] of each keep rule (FrozenModels.rule_rewards), jitted."""
     import jax
 
-    fz = _Frozen(base, twig, kf)
+    fz = FrozenModels(base, twig, kf)
     return jax.jit(lambda params, batch, key, R: fz.rule_rewards(params, fz.prelude(batch), batch, key, R),
                    static_argnames=("R",))
 
@@ -353,11 +353,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return build_dataset(cfg, tokenizer, image_token_index=base.cfg.image_token_index,
                              num_image_tokens=N, image_preprocessor=image_preprocessor_for(base, args.base),
                              pixel_shape=(base.cfg.vision.num_channels, size, size), records=recs,
-                             shard=_single_shard())
+                             shard=single_shard())
 
     ds, report = dataset(records, args.batch, True, None)
     data = iter(ds)
-    eval_batches = _eval_batches(list(dataset(eval_recs, 1, False, 1)[0]) if eval_recs else [], args.batch)
+    eval_batches = eval_batches(list(dataset(eval_recs, 1, False, 1)[0]) if eval_recs else [], args.batch)
     eval_fn = make_rl_eval(base, twig, kf)
 
     tx = optax.adam(optax.cosine_decay_schedule(args.lr, args.steps, alpha=0.1))
@@ -452,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _eval_batches(examples: list[dict], batch: int) -> list[dict]:
+def eval_batches(examples: list[dict], batch: int) -> list[dict]:
     """Single examples (batches of 1) regrouped into batches of `batch`; the last one is filled up
     with copies of the first example, marked invalid (one compiled shape, every example counted once)."""
     out = []
@@ -465,7 +465,7 @@ def _eval_batches(examples: list[dict], batch: int) -> list[dict]:
     return out
 
 
-def _single_shard():
+def single_shard():
     import grain
 
     return grain.sharding.NoSharding()

@@ -39,7 +39,7 @@ from twig_jax.parallel import sharding as shd
 from twig_jax.train.attn_target import ATTN_FIELDS, attention_mass_loss, key_mass_loss
 from twig_jax.train.losses import LossConfig, LossSums, twig_loss_sums
 from twig_jax.model.layers import rope_cos_sin
-from twig_jax.model.llama import _layer, scan_layers
+from twig_jax.model.llama import decoder_layer, scan_layers
 from twig_jax.model.llava import Llava
 from twig_jax.twig.module import Twig, init_twig_from_base
 from twig_jax.twig.config import TwigConfig
@@ -175,7 +175,7 @@ def base_forward_with_probs(base: Llava, tokens: jax.Array, pixel_values: jax.Ar
     probs, done = {}, 0
     for layer in sorted(set(layers)):
         h = scan_layers(tc, w, h, pos, done, layer, remat=remat)  # [B, S, D] entering `layer`
-        h, probs[layer] = _layer(tc, {k: v[layer] for k, v in w.items()}, h, cos, sin, lambda k, v: (k, v), mask,
+        h, probs[layer] = decoder_layer(tc, {k: v[layer] for k, v in w.items()}, h, cos, sin, lambda k, v: (k, v), mask,
                                  True)
         done = layer + 1
     y = scan_layers(tc, w, h, pos, done, tc.num_hidden_layers, remat=remat)

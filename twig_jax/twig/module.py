@@ -10,7 +10,7 @@ from flax import nnx
 
 from twig_jax.model.config import LlavaConfig, TextConfig
 from twig_jax.model.layers import rms_norm
-from twig_jax.model.llama import DecoderLayers, _normal
+from twig_jax.model.llama import DecoderLayers, normal_init
 from twig_jax.twig.config import TwigConfig
 from twig_jax.twig.phead import PHead
 
@@ -27,7 +27,7 @@ class Twig(nnx.Module):
         self.twig_cfg = twig_cfg
         self.layers = DecoderLayers(text_cfg, twig_cfg.T, rngs=rngs, dtype=dtype)
         self.norm = nnx.Param(jnp.ones((text_cfg.hidden_size,), dtype))
-        self.head = _normal(rngs, (text_cfg.hidden_size, text_cfg.vocab_size), dtype)
+        self.head = normal_init(rngs, (text_cfg.hidden_size, text_cfg.vocab_size), dtype)
         self.p_head = PHead(text_cfg, rngs=rngs, dtype=dtype) if twig_cfg.p_head else None
 
     def logits(self, x: jax.Array) -> jax.Array:  # [B, T, V] float32
