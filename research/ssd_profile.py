@@ -45,7 +45,7 @@ def component_costs(gen, prompts, pixels, repeats: int, max_new_tokens: int, n_i
 
     from twig_jax.decode.prune import target_step, trunk_step, twig_step
 
-    tokens, lengths, _, pv, out_len = gen._prepare(prompts, pixels, max_new_tokens)
+    tokens, lengths, _, pv, out_len = gen.prepare(prompts, pixels, max_new_tokens)
     caches, _ = gen._prefill_only(gen.state, gen.twig_state, gen.weights, tokens, lengths, pv, jax.random.key(0),
                                   extra=out_len + gen.plan.draft_len + 1)
     plan = gen.plan

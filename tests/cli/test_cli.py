@@ -112,20 +112,20 @@ def test_only_streaming_traces_host_callbacks(saved):
 
     from twig_jax.pipeline import Pipeline
     from twig_jax.decode.sampling import SamplingConfig
-    from twig_jax.decode.stream import _stream_fn
+    from twig_jax.decode.sink import dispatch
     from twig_jax.decode.generator import TwigGenerator
 
     for ssd in (True, False):
         gen = TwigGenerator(saved["model"], saved["twig"], saved["tc"], method="twig", ssd=ssd)
         pipe = Pipeline(saved["model"], saved["tok"], generator=gen)
-        tokens, lengths, active, pv, out_len = gen._prepare(pipe.encode([QUESTIONS[0]]),
+        tokens, lengths, active, pv, out_len = gen.prepare(pipe.encode([QUESTIONS[0]]),
                                                             pipe.image_processor([saved["images"][0]]), MAX_NEW)
         args = (gen.state, gen.twig_state, gen.weights, tokens, lengths, pv, active, jax.random.key(0),
                 jnp.int32(MAX_NEW))
         kw = dict(out_len=out_len, sampling=SamplingConfig(), eos_ids=(2,), pad_id=3)
-        plain = str(gen._gen.trace(*args, **kw).jaxpr)
+        plain = str(gen._gen.trace(*args, **kw, on_step=None).jaxpr)
         assert "while" in plain and "callback" not in plain
-        assert "io_callback" in str(_stream_fn(gen).trace(*args, **kw).jaxpr)
+        assert "io_callback" in str(gen._gen.trace(*args, **kw, on_step=dispatch).jaxpr)
 
 
 def test_stream_printer_highlights():

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -31,3 +33,87 @@ def bucket(n: int, buckets: Sequence[int], what: str) -> int:
         if n <= b:
             return b
     raise InputError(f"{what} {n} exceeds the largest bucket {buckets[-1]}")
+
+
+class Batcher:
+    """Input checks and right-padding into (batch, prompt, new-token) buckets: what every generator
+    does before it compiles or runs anything. text_buckets: prompts with an image pad to N visual
+    tokens + a text bucket (None: every prompt pads to a prompt bucket)."""
+
+    def __init__(self, cfg, *, max_cache_len: int | None = None, batch_buckets: Sequence[int] = BATCH_BUCKETS,
+                 prompt_buckets: Sequence[int] = PROMPT_BUCKETS, new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS,
+                 text_buckets: Sequence[int] | None = TEXT_BUCKETS):
+        self.cfg = cfg  # twig_jax.model.config.LlavaConfig
+        self.max_cache_len = max_cache_len or cfg.text.max_position_embeddings
+        self.batch_buckets = tuple(batch_buckets)
+        self.prompt_buckets = tuple(prompt_buckets)
+        self.new_token_buckets = tuple(new_token_buckets)
+        self.text_buckets = None if text_buckets is None else tuple(text_buckets)
+
+    # --- input checks -------------------------------------------------------------------------
+    def check_inputs(self, prompts: Sequence[Sequence[int]], pixel_values, max_new_tokens: int) -> None:
+        cfg = self.cfg
+        if len(prompts) == 0:
+            raise InputError("empty batch: no prompts given")
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        n_img = cfg.num_image_tokens
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise InputError(f"prompt {i} is empty")
+            bad = [t for t in p if not 0 <= t < cfg.text.vocab_size]
+            if bad:
+                raise InputError(f"prompt {i} has token ids outside the vocabulary [0, {cfg.text.vocab_size}): {bad[:5]}")
+            if len(p) + max_new_tokens > self.max_cache_len:
+                raise InputError(
+                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that needs "
+                    f"{len(p) + max_new_tokens} cache slots, over the cache capacity {self.max_cache_len}")
+            count = sum(1 for t in p if t == cfg.image_token_index)
+            want = 0 if pixel_values is None else n_img
+            if count != want:
+                what = "no image given" if pixel_values is None else "one image per prompt"
+                raise InputError(
+                    f"prompt {i} has {count} image placeholder tokens (id {cfg.image_token_index}); "
+                    f"expected {want} ({what}, {n_img} visual tokens per image)")
+        if pixel_values is not None:
+            v = cfg.vision
+            want_shape = (len(prompts), v.num_channels, v.image_size, v.image_size)
+            if tuple(pixel_values.shape) != want_shape:
+                raise InputError(
+                    f"pixel_values has shape {tuple(pixel_values.shape)}; expected {want_shape} "
+                    f"([batch, channels, image_size, image_size])")
+
+    def prompt_bucket(self, longest: int, with_image: bool) -> int:
+        """Padded prompt length for a batch whose longest prompt has `longest` tokens: the smaller of
+        its prompt bucket and (with an image and text_buckets) N + its text's bucket."""
+        fits = []
+        if longest <= self.prompt_buckets[-1]:
+            fits.append(bucket(longest, self.prompt_buckets, "prompt length"))
+        n_img = self.cfg.num_image_tokens
+        if with_image and self.text_buckets is not None and longest - n_img <= self.text_buckets[-1]:
+            fits.append(n_img + bucket(longest - n_img, self.text_buckets, "prompt text length"))
+        if not fits:
+            raise InputError(f"prompt length {longest} exceeds the largest prompt bucket {self.prompt_buckets[-1]}"
+                             + (f" (and its text, {longest - n_img} tokens besides the image, the largest text "
+                                f"bucket {self.text_buckets[-1]})" if with_image and self.text_buckets else ""))
+        return min(fits)
+
+    def pad_inputs(self, prompts, pixel_values, max_new_tokens: int):
+        """Right-pad prompts into (batch, prompt) buckets; returns arrays plus the bucket sizes."""
+        n = len(prompts)
+        b = bucket(n, self.batch_buckets, "batch size")
+        s = self.prompt_bucket(max(len(p) for p in prompts), pixel_values is not None)
+        new = bucket(max_new_tokens, self.new_token_buckets, "max_new_tokens")
+        capacity = min(s + new, max(s, self.max_cache_len))
+        pad = self.cfg.text.pad_token_id or 0
+        tokens = np.full((b, s), pad, np.int32)
+        lengths = np.ones((b,), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = p
+            lengths[i] = len(p)
+        active = np.arange(b) < n
+        pv = None
+        if pixel_values is not None:
+            pv = np.zeros((b,) + tuple(pixel_values.shape[1:]), np.float32)
+            pv[:n] = np.asarray(pixel_values, np.float32)
+        return tokens, lengths, active, pv, new, capacity

@@ -11,17 +11,19 @@ always see N placeholders per row.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from twig_jax.decode.buckets import BATCH_BUCKETS, NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, TEXT_BUCKETS, InputError, bucket
+from twig_jax.decode.buckets import (BATCH_BUCKETS, NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, TEXT_BUCKETS, Batcher,
+                                     InputError)
 from twig_jax.decode.plain import decode_loop, prefill
 from twig_jax.decode.prune import LayerWeights, kv_bytes, make_plan, needs_twig, pruned_generate, ttp_prefill
 from twig_jax.decode.sampling import SamplingConfig
+from twig_jax.decode.sink import dispatch, streaming_to
 from twig_jax.decode.speculative import ssd_extra_slots, ssd_generate
 from twig_jax.model.cache import KVCache
 from twig_jax.model.llama import unstack_layers
@@ -36,35 +38,39 @@ class GenerationOutput:
     num_generated: np.ndarray  # [B]
 
 
-class Generator:
-    """Batched generation with compiled prefill and decode loop, cached per shape bucket."""
+def base_layer_copies(model: Llava, layer_weights, layer_copies: bool):
+    """The per-layer decoder weights a generator decodes from (None: the stacked arrays).
 
-    per_layer_decode = True  # decode from per-layer weight copies (faster on XLA CPU, 2x decoder memory)
+    Per-layer copies (llama.unstack_layers) are the XLA-CPU adapter: there a slice of a stacked
+    [L, ...] array is copied before every matmul, which about triples a decode step's weight
+    traffic. They are a second copy of the decoder weights while the caller keeps the stacked
+    model; generators on the same model share one (pass another's .layer_weights).
+    """
+    if not layer_copies:
+        return None
+    if layer_weights is None:
+        return unstack_layers(model.text.layers.weights())
+    if len(layer_weights) != model.cfg.text.num_hidden_layers:
+        raise ValueError(f"layer_weights has {len(layer_weights)} layers; the model has "
+                         f"{model.cfg.text.num_hidden_layers}")
+    return layer_weights
+
+
+class Generator(Batcher):
+    """Batched generation of the unpruned model: compiled prefill and decode loop per shape bucket.
+
+    layer_copies: decode from per-layer weight copies (base_layer_copies; the faster choice on XLA
+    CPU, at twice the decoder's memory).
+    """
 
     def __init__(self, model: Llava, *, max_cache_len: int | None = None,
                  batch_buckets: Sequence[int] = BATCH_BUCKETS, prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
                  new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS,
-                 text_buckets: Sequence[int] | None = TEXT_BUCKETS, layer_weights=None):
-        """text_buckets: prompts with an image pad to N visual tokens + a text bucket (None: every
-        prompt pads to a prompt bucket)."""
-        self.cfg = model.cfg
+                 text_buckets: Sequence[int] | None = TEXT_BUCKETS, layer_weights=None, layer_copies: bool = True):
+        super().__init__(model.cfg, max_cache_len=max_cache_len, batch_buckets=batch_buckets,
+                         prompt_buckets=prompt_buckets, new_token_buckets=new_token_buckets, text_buckets=text_buckets)
         self.graphdef, self.state = nnx.split(model)
-        # Decoder weights as separate per-layer buffers (see llama.unstack_layers). They are a
-        # second copy of the decoder weights while the caller also keeps the stacked model;
-        # generators on the same model can share one copy (pass another's .layer_weights).
-        if not self.per_layer_decode:
-            layer_weights = None
-        elif layer_weights is None:
-            layer_weights = unstack_layers(model.text.layers.weights())
-        elif len(layer_weights) != self.cfg.text.num_hidden_layers:
-            raise ValueError(f"layer_weights has {len(layer_weights)} layers; the model has "
-                             f"{self.cfg.text.num_hidden_layers}")
-        self.layer_weights = layer_weights
-        self.max_cache_len = max_cache_len or self.cfg.text.max_position_embeddings
-        self.batch_buckets = tuple(batch_buckets)
-        self.prompt_buckets = tuple(prompt_buckets)
-        self.new_token_buckets = tuple(new_token_buckets)
-        self.text_buckets = None if text_buckets is None else tuple(text_buckets)
+        self.layer_weights = base_layer_copies(model, layer_weights, layer_copies)
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("capacity",))
         self._decode = jax.jit(self._decode_impl, static_argnames=("out_len", "sampling", "eos_ids", "pad_id"),
                                donate_argnames=("cache",))
@@ -79,73 +85,8 @@ class Generator:
                            out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
                            layer_weights=layer_weights)
 
-    # --- input checks -------------------------------------------------------------------------
-    def check_inputs(self, prompts: Sequence[Sequence[int]], pixel_values, max_new_tokens: int) -> None:
-        cfg = self.cfg
-        if len(prompts) == 0:
-            raise InputError("empty batch: no prompts given")
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        n_img = cfg.num_image_tokens
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise InputError(f"prompt {i} is empty")
-            bad = [t for t in p if not 0 <= t < cfg.text.vocab_size]
-            if bad:
-                raise InputError(f"prompt {i} has token ids outside the vocabulary [0, {cfg.text.vocab_size}): {bad[:5]}")
-            if len(p) + max_new_tokens > self.max_cache_len:
-                raise InputError(
-                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that needs "
-                    f"{len(p) + max_new_tokens} cache slots, over the cache capacity {self.max_cache_len}")
-            count = sum(1 for t in p if t == cfg.image_token_index)
-            want = 0 if pixel_values is None else n_img
-            if count != want:
-                what = "no image given" if pixel_values is None else "one image per prompt"
-                raise InputError(
-                    f"prompt {i} has {count} image placeholder tokens (id {cfg.image_token_index}); "
-                    f"expected {want} ({what}, {n_img} visual tokens per image)")
-        if pixel_values is not None:
-            v = cfg.vision
-            want_shape = (len(prompts), v.num_channels, v.image_size, v.image_size)
-            if tuple(pixel_values.shape) != want_shape:
-                raise InputError(
-                    f"pixel_values has shape {tuple(pixel_values.shape)}; expected {want_shape} "
-                    f"([batch, channels, image_size, image_size])")
 
-    def prompt_bucket(self, longest: int, with_image: bool) -> int:
-        """Padded prompt length for a batch whose longest prompt has `longest` tokens: the smaller of
-        its prompt bucket and (with an image and text_buckets) N + its text's bucket."""
-        fits = []
-        if longest <= self.prompt_buckets[-1]:
-            fits.append(bucket(longest, self.prompt_buckets, "prompt length"))
-        n_img = self.cfg.num_image_tokens
-        if with_image and self.text_buckets is not None and longest - n_img <= self.text_buckets[-1]:
-            fits.append(n_img + bucket(longest - n_img, self.text_buckets, "prompt text length"))
-        if not fits:
-            raise InputError(f"prompt length {longest} exceeds the largest prompt bucket {self.prompt_buckets[-1]}"
-                             + (f" (and its text, {longest - n_img} tokens besides the image, the largest text "
-                                f"bucket {self.text_buckets[-1]})" if with_image and self.text_buckets else ""))
-        return min(fits)
 
-    def pad_inputs(self, prompts, pixel_values, max_new_tokens: int):
-        """Right-pad prompts into (batch, prompt) buckets; returns arrays plus the bucket sizes."""
-        n = len(prompts)
-        b = bucket(n, self.batch_buckets, "batch size")
-        s = self.prompt_bucket(max(len(p) for p in prompts), pixel_values is not None)
-        new = bucket(max_new_tokens, self.new_token_buckets, "max_new_tokens")
-        capacity = min(s + new, max(s, self.max_cache_len))
-        pad = self.cfg.text.pad_token_id or 0
-        tokens = np.full((b, s), pad, np.int32)
-        lengths = np.ones((b,), np.int32)
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = p
-            lengths[i] = len(p)
-        active = np.arange(b) < n
-        pv = None
-        if pixel_values is not None:
-            pv = np.zeros((b,) + tuple(pixel_values.shape[1:]), np.float32)
-            pv[:n] = np.asarray(pixel_values, np.float32)
-        return tokens, lengths, active, pv, new, capacity
 
     # --- entry points ---------------------------------------------------------------------------
     def run_prefill(self, tokens, lengths, pixel_values, capacity: int) -> tuple[KVCache, jax.Array]:
@@ -202,23 +143,26 @@ def ssd_stats(count: np.ndarray, rounds: np.ndarray, drafted: np.ndarray, accept
     }
 
 
-class TwigGenerator(Generator):
-    """Batched TwigVLM generation: method in ("twig", "phead", "fastv", "random", "none"), ssd on/off."""
+class TwigGenerator(Batcher):
+    """Batched TwigVLM generation: method in ("twig", "phead", "fastv", "random", "none"), ssd on/off.
 
-    # Prefill and decode read per-layer copies of the base decoder's and the twig's layer weights
-    # (ttp.LayerWeights, made once here) and keep every cache group per layer, as Generator does.
-    per_layer_decode = True
+    With layer_copies (the default), prefill and decode read per-layer copies of the base decoder's
+    and the twig's layer weights (prune.LayerWeights, made once here) and keep every cache group
+    per layer, as Generator does.
+    """
 
     def __init__(self, base_model: Llava, twig: Twig | None, twig_cfg: TwigConfig, method: str = "twig",
                  ssd: bool = True, *, max_cache_len: int | None = None,
                  batch_buckets: Sequence[int] = BATCH_BUCKETS, prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
                  new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS,
-                 text_buckets: Sequence[int] | None = TEXT_BUCKETS, layer_weights=None):
-        """text_buckets: see Generator. layer_weights: per-layer base decoder weights to share with
+                 text_buckets: Sequence[int] | None = TEXT_BUCKETS, layer_weights=None, layer_copies: bool = True):
+        """text_buckets: see Batcher. layer_weights: per-layer base decoder weights to share with
         another generator on the same model (its .layer_weights), instead of making a copy."""
-        super().__init__(base_model, max_cache_len=max_cache_len, batch_buckets=batch_buckets,
-                         prompt_buckets=prompt_buckets, new_token_buckets=new_token_buckets,
-                         text_buckets=text_buckets, layer_weights=layer_weights)
+        super().__init__(base_model.cfg, max_cache_len=max_cache_len, batch_buckets=batch_buckets,
+                         prompt_buckets=prompt_buckets, new_token_buckets=new_token_buckets, text_buckets=text_buckets)
+        self.graphdef, self.state = nnx.split(base_model)
+        self.layer_copies = layer_copies
+        self.layer_weights = base_layer_copies(base_model, layer_weights, layer_copies)
         self.plan = make_plan(base_model.cfg, twig_cfg, method)
         self.method, self.ssd = method, ssd
         if twig is None and (ssd or needs_twig(method)):
@@ -227,12 +171,12 @@ class TwigGenerator(Generator):
         self.twig_layer_weights = None if twig is None else self._unstack_twig(twig)
         self.itemsize = jnp.dtype(base_model.text.embed[...].dtype).itemsize
         self._last_shapes: tuple[int, int] | None = None
-        self._gen = jax.jit(self._gen_impl, static_argnames=("out_len", "sampling", "eos_ids", "pad_id"))
+        self._gen = jax.jit(self._gen_impl, static_argnames=("out_len", "sampling", "eos_ids", "pad_id", "on_step"))
         self._score = jax.jit(self._score_impl)
         self._prefill_only = jax.jit(self._prefill_only_impl, static_argnames=("extra",))
 
     def _unstack_twig(self, twig: Twig):
-        return unstack_layers(twig.layers.weights()) if self.per_layer_decode else None
+        return unstack_layers(twig.layers.weights()) if self.layer_copies else None
 
     @property
     def weights(self) -> LayerWeights:
@@ -253,9 +197,12 @@ class TwigGenerator(Generator):
         return None if twig_state is None else nnx.merge(self.twig_graphdef, twig_state)
 
     def _gen_impl(self, state, twig_state, weights, tokens, lengths, pixel_values, active, key, max_new_tokens, *,
-                  out_len, sampling, eos_ids, pad_id):
+                  out_len, sampling, eos_ids, pad_id, on_step):
+        # on_step (static): the streaming hook the decode loop calls once per round or token through
+        # an ordered io_callback (decode/sink.py); None traces no callback.
         model, twig = nnx.merge(self.graphdef, state), self._twig(twig_state)
-        kw = dict(out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, weights=weights)
+        kw = dict(out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, weights=weights,
+                  on_step=on_step)
         if self.ssd:
             out, pre = ssd_generate(model, twig, self.plan, tokens, lengths, pixel_values, active, key,
                                     max_new_tokens, **kw)
@@ -279,7 +226,9 @@ class TwigGenerator(Generator):
         return pre.caches, pre.logits
 
     # --- inputs --------------------------------------------------------------------------------
-    def _prepare(self, prompts, pixel_values, max_new_tokens):
+    def prepare(self, prompts, pixel_values, max_new_tokens):
+        """Checked, padded arrays for a call: (tokens [B, S], lengths [B], active [B], pixel values
+        [B, C, H, W], out_len), padding rows copying row 0."""
         if pixel_values is None:
             raise InputError("TwigVLM generation needs an image per prompt (pixel_values is None)")
         self.check_inputs(prompts, pixel_values, max_new_tokens)
@@ -296,17 +245,27 @@ class TwigGenerator(Generator):
     # --- entry points ----------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], pixel_values=None, *, max_new_tokens: int = 128,
                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-                 eos_ids: Sequence[int] | None = None) -> TwigGenerationOutput:
-        """prompts: token id lists with the N image placeholders expanded; pixel_values [B, C, H, W]."""
-        tokens, lengths, active, pv, out_len = self._prepare(prompts, pixel_values, max_new_tokens)
+                 eos_ids: Sequence[int] | None = None,
+                 on_chunk: Callable[[list[int], int], None] | None = None) -> TwigGenerationOutput:
+        """prompts: token id lists with the N image placeholders expanded; pixel_values [B, C, H, W].
+
+        on_chunk (streaming, one prompt): called as on_chunk(tokens, n_accepted) with the first token
+        and then with every round's tokens (SSD: the first n_accepted are drafts the target accepted)
+        or every token (no SSD), from the same loop as a call without it; see decode/stream.py.
+        """
+        if on_chunk is not None and len(prompts) != 1:
+            raise InputError(f"streaming answers one prompt at a time; got {len(prompts)}")
+        tokens, lengths, active, pv, out_len = self.prepare(prompts, pixel_values, max_new_tokens)
         if eos_ids is None:
             eos_ids = () if self.cfg.text.eos_token_id is None else (self.cfg.text.eos_token_id,)
         pad_id = self.cfg.text.pad_token_id if self.cfg.text.pad_token_id is not None else 0
         self._last_shapes = (tokens.shape[1], out_len)
-        res = self._gen(self.state, self.twig_state, self.weights, tokens, lengths, pv, active, jax.random.key(seed),
-                        jnp.int32(max_new_tokens), out_len=out_len, sampling=sampling,
-                        eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id))
-        out, count, rounds, drafted, accepted, keep = (np.asarray(x) for x in res)
+        with streaming_to(on_chunk):
+            res = self._gen(self.state, self.twig_state, self.weights, tokens, lengths, pv, active,
+                            jax.random.key(seed), jnp.int32(max_new_tokens), out_len=out_len, sampling=sampling,
+                            eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
+                            on_step=None if on_chunk is None else dispatch)
+            out, count, rounds, drafted, accepted, keep = (np.asarray(x) for x in res)
         n = len(prompts)
         stats = ssd_stats(count[:n], rounds[:n], drafted[:n], accepted[:n]) if self.ssd else {}
         return TwigGenerationOutput([out[i, :count[i]].tolist() for i in range(n)], count[:n], stats, keep[:n])
@@ -314,7 +273,7 @@ class TwigGenerator(Generator):
     def prune_scores(self, prompts: Sequence[Sequence[int]], pixel_values,
                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Pruning scores [B, N] over the visual tokens and the kept indices [B, R] (for pictures)."""
-        tokens, lengths, _, pv, _ = self._prepare(prompts, pixel_values, 1)
+        tokens, lengths, _, pv, _ = self.prepare(prompts, pixel_values, 1)
         scores, keep = self._score(self.state, self.twig_state, self.weights, tokens, lengths, pv, jax.random.key(seed))
         n = len(prompts)
         return np.asarray(scores)[:n], np.asarray(keep)[:n]
@@ -323,7 +282,7 @@ class TwigGenerator(Generator):
                      seed: int = 0):
         """The compiled TTP prefill alone, with the caches generate() would decode from (benchmarks
         time it on its own); returns (TwigCaches, target next-token logits [B, V])."""
-        tokens, lengths, _, pv, out_len = self._prepare(prompts, pixel_values, max_new_tokens)
+        tokens, lengths, _, pv, out_len = self.prepare(prompts, pixel_values, max_new_tokens)
         extra = ssd_extra_slots(self.plan, out_len) if self.ssd else out_len + 1
         return self._prefill_only(self.state, self.twig_state, self.weights, tokens, lengths, pv,
                                   jax.random.key(seed), extra=extra)

@@ -9,6 +9,9 @@ reuse one executable.
 from __future__ import annotations
 
 
+from typing import Any
+
+import flax.struct
 import jax
 import jax.experimental
 import jax.numpy as jnp
@@ -59,6 +62,19 @@ def decode_step(model: Llava, cache: KVCache, tokens: jax.Array, layer_weights=N
     return KVCache(out.k, out.v, cache.lengths + t), model.text.logits(out.hidden)
 
 
+@flax.struct.dataclass
+class TokenLoopState:
+    """The carry of the one-token-per-step loop."""
+
+    step: jax.Array  # [] tokens emitted so far by the longest row (the next column of out)
+    last_token: jax.Array  # [B] the token the next step appends
+    cache: Any  # any cache pytree the step function reads and returns
+    out: jax.Array  # [B, out_len] generated tokens, pad after a row stops
+    done: jax.Array  # [B] bool: the row hit EOS, its budget, or is padding
+    count: jax.Array  # [B] tokens generated per row
+    key: jax.Array  # PRNG key
+
+
 def token_loop(step, cache, logits: jax.Array, active: jax.Array, key: jax.Array, max_new_tokens: jax.Array, *,
                out_len: int, sampling: SamplingConfig, eos_ids: tuple[int, ...], pad_id: int, on_token=None):
     """One-token-per-step generation in one while_loop, for any cache and step function.
@@ -88,22 +104,20 @@ def token_loop(step, cache, logits: jax.Array, active: jax.Array, key: jax.Array
     count = (~done0).astype(jnp.int32)
     emit(tok, count)
 
-    def cond(state):
-        i, _, _, _, done, _, _ = state
-        return (i < max_new_tokens) & ~jnp.all(done)
+    def cond(st: TokenLoopState):
+        return (st.step < max_new_tokens) & ~jnp.all(st.done)
 
-    def body(state):
-        i, tok, cache, out, done, count, key = state
-        cache, logits = step(cache, tok[:, None])
-        key, sub = jax.random.split(key)
-        new, new_done = pick(logits[:, 0], sub, done)
-        emit(new, (~done).astype(jnp.int32))
-        out = jax.lax.dynamic_update_slice(out, new[:, None], (0, i))
-        return i + 1, new, cache, out, new_done, count + (~done).astype(jnp.int32), key
+    def body(st: TokenLoopState) -> TokenLoopState:
+        cache, logits = step(st.cache, st.last_token[:, None])
+        key, sub = jax.random.split(st.key)
+        new, new_done = pick(logits[:, 0], sub, st.done)
+        live = (~st.done).astype(jnp.int32)
+        emit(new, live)
+        out = jax.lax.dynamic_update_slice(st.out, new[:, None], (0, st.step))
+        return TokenLoopState(st.step + 1, new, cache, out, new_done, st.count + live, key)
 
-    state = (jnp.int32(1), tok, cache, out, done, count, key)
-    _, _, cache, out, _, count, _ = jax.lax.while_loop(cond, body, state)
-    return out, count, cache
+    st = jax.lax.while_loop(cond, body, TokenLoopState(jnp.int32(1), tok, cache, out, done, count, key))
+    return st.out, st.count, st.cache
 
 
 def decode_loop(model: Llava, cache: KVCache, logits: jax.Array, active: jax.Array, key: jax.Array,

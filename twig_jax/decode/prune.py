@@ -404,12 +404,13 @@ def pruned_decode_loop(model: Llava, plan: PrunePlan, caches: TwigCaches, logits
 def pruned_generate(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Array, lengths: jax.Array,
                     pixel_values: jax.Array, active: jax.Array, key: jax.Array, max_new_tokens: jax.Array, *,
                     out_len: int, sampling: SamplingConfig = SamplingConfig(), eos_ids: tuple[int, ...] = (),
-                    pad_id: int = 0, weights: LayerWeights | None = None) -> tuple[jax.Array, jax.Array, TTPPrefill]:
+                    pad_id: int = 0, weights: LayerWeights | None = None,
+                    on_step=None) -> tuple[jax.Array, jax.Array, TTPPrefill]:
     """TTP prefill + plain pruned decode: tokens [B, out_len], counts [B], and the prefill result."""
     key_prune, key_dec = jax.random.split(key)
     pre = ttp_prefill(model, twig if needs_twig(plan.method) else None, plan, tokens, lengths, pixel_values,
                       extra=out_len + 1, key=key_prune, weights=weights)  # key: random / select="sample"
     out, count, _ = pruned_decode_loop(model, plan, pre.caches, pre.logits, active, key_dec, max_new_tokens,
                                        out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
-                                       weights=weights)
+                                       weights=weights, on_token=on_step)
     return out, count, pre

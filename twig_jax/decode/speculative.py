@@ -25,10 +25,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import flax.struct
 import jax
 import jax.experimental
 import jax.numpy as jnp
 
+from twig_jax.model.cache import KVCache
 from twig_jax.model.llava import Llava
 from twig_jax.decode.sampling import SamplingConfig, filtered_logits, sample_logits
 from twig_jax.decode.prune import (
@@ -51,7 +53,7 @@ def ssd_extra_slots(plan: PrunePlan, out_len: int) -> int:
     return out_len + plan.draft_len + 1
 
 
-def _probs(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:  # [..., V] float32
+def sampling_probs(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:  # [..., V] float32
     """The distribution a token is drawn from (greedy: plain softmax, used only for theta)."""
     if sampling.greedy:
         return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
@@ -93,25 +95,137 @@ def rejection_sample(p: jax.Array, q: jax.Array, drafts: jax.Array, n_draft: jax
     return a, final
 
 
+@flax.struct.dataclass
+class ChainDraft:
+    """One round's chain of drafts, from the last emitted token x_0 = d_0."""
+
+    trunk: KVCache  # trunk cache with x_0..x_m appended (the row's length is not yet moved on)
+    twig: KVCache  # twig cache, likewise
+    hidden: jax.Array  # [B, delta+1, D] layer-K hidden states of x_0..x_delta (the verifier's input)
+    tokens: jax.Array  # [B, delta+1] drafts d_1..d_{delta+1}
+    probs: jax.Array  # [B, delta+1, V] the distributions the drafts were drawn from ([B, 0, V] when greedy)
+    n_draft: jax.Array  # [B] drafts proposed (m)
+
+
+@flax.struct.dataclass
+class DraftStep:
+    """The carry of the drafting loop: step j runs x_j through trunk + twig."""
+
+    j: jax.Array  # []
+    token: jax.Array  # [B] x_j
+    draft: ChainDraft
+    stopped: jax.Array  # [B] bool: the row has proposed its last draft
+
+
+def draft_chain(model: Llava, twig: Twig, plan: PrunePlan, trunk: KVCache, twig_cache: KVCache, last_token: jax.Array,
+                live: jax.Array, key: jax.Array, sampling: SamplingConfig,
+                weights: LayerWeights | None = None) -> ChainDraft:
+    """Steps j = 0..max m through trunk + twig: row b proposes d_1..d_m, m <= delta, stopping after
+    the first draft whose top probability is below theta. Step m still runs (h_m and the twig
+    entry of d_m are needed); the loop exits once every live row has run its step m."""
+    b, delta, v = last_token.shape[0], plan.draft_len, model.cfg.text.vocab_size
+    cur = trunk.lengths
+    greedy = sampling.greedy
+    init = ChainDraft(trunk, twig_cache,
+                      jnp.zeros((b, delta + 1, model.cfg.text.hidden_size), model.text.embed[...].dtype),
+                      jnp.zeros((b, delta + 1), jnp.int32),
+                      jnp.zeros((b, 0 if greedy else delta + 1, v), jnp.float32), jnp.zeros((b,), jnp.int32))
+
+    def cond(st: DraftStep):
+        need = jnp.where(st.stopped, st.j <= st.draft.n_draft, True) & live  # finished rows never extend the loop
+        return (st.j <= delta) & jnp.any(need)
+
+    def body(st: DraftStep) -> DraftStep:
+        d0, j = st.draft, st.j
+        trunk, h = trunk_step(model, plan, d0.trunk, st.token[:, None], weights)  # h: [B, 1, D]
+        tw, lq = twig_step(twig, d0.twig, h, (cur + j)[:, None], weights)
+        q = sampling_probs(lq[:, 0], sampling)  # [B, V]
+        probs = d0.probs
+        if greedy:
+            d = jnp.argmax(lq[:, 0], axis=-1).astype(jnp.int32)
+        else:
+            d = jax.random.categorical(jax.random.fold_in(key, j), jnp.log(q), axis=-1).astype(jnp.int32)
+            probs = jax.lax.dynamic_update_slice(probs, q[:, None], (0, j, 0))
+        hidden = jax.lax.dynamic_update_slice(d0.hidden, h, (0, j, 0))
+        tokens = jax.lax.dynamic_update_slice(d0.tokens, d[:, None], (0, j))
+        n_draft = jnp.where(st.stopped, d0.n_draft, j + 1)
+        stopped = st.stopped | (jnp.max(q, axis=-1) < plan.theta) | (j + 1 >= delta)
+        return DraftStep(j + 1, d, ChainDraft(trunk, tw, hidden, tokens, probs, n_draft), stopped)
+
+    st = jax.lax.while_loop(cond, body, DraftStep(jnp.int32(0), last_token, init, jnp.zeros((b,), bool)))
+    return st.draft
+
+
+def accept_greedy(drafts: jax.Array, target_logits: jax.Array, n_draft: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Greedy acceptance: the longest prefix with d_k == y_k (k <= m) and the target's own next token
+    y_{a+1}.  # a [B], final token [B]
+
+    drafts: [B, delta+1]; target_logits: [B, delta+1, V], the target's prediction after x_0..x_k.
+    """
+    delta = drafts.shape[1] - 1
+    y = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, delta+1]
+    match = (drafts[:, :delta] == y[:, :delta]) & (jnp.arange(delta)[None] < n_draft[:, None])
+    a = _leading_true(match)
+    return a, jnp.take_along_axis(y, a[:, None], axis=1)[:, 0]
+
+
+def emitted_tokens(drafts: jax.Array, a: jax.Array, final: jax.Array, budget: jax.Array, done: jax.Array,
+                   eos: jax.Array, pad_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """d_1..d_a and the target's token, cut after the first EOS and at the row's budget.
+
+    Returns the tokens [B, delta+1] (pad past n_emit), n_emit [B] (0 for finished rows) and whether
+    the row emitted an EOS [B]."""
+    slots = jnp.arange(drafts.shape[1], dtype=jnp.int32)[None]
+    emit = jnp.where(slots < a[:, None], drafts, final[:, None])
+    n_emit = a + 1
+    is_eos = jnp.isin(emit, eos) & (slots < n_emit[:, None])
+    n_emit = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, n_emit)
+    n_emit = jnp.where(done, 0, jnp.minimum(n_emit, budget))
+    hit_eos = jnp.any(is_eos & (slots < n_emit[:, None]), axis=1)
+    return jnp.where(slots < n_emit[:, None], emit, pad_id), n_emit, hit_eos
+
+
+def commit(start: TwigCaches, draft: ChainDraft, mid: KVCache, tail: KVCache, advance: jax.Array) -> TwigCaches:
+    """Every group's per-row length becomes its length at the round's start + advance (x_0..x_a
+    are now cached); the stale slots past it are masked and overwritten by later rounds."""
+    cur = start.trunk.lengths
+    return TwigCaches(draft.trunk.replace(lengths=cur + advance), draft.twig.replace(lengths=cur + advance),
+                      mid.replace(lengths=start.mid.lengths + advance),
+                      tail.replace(lengths=start.tail.lengths + advance))
+
+
+@flax.struct.dataclass
+class SSDState:
+    """The carry of the round loop."""
+
+    out: jax.Array  # [B, out_len + delta + 1] generated tokens, pad after each row's count
+    count: jax.Array  # [B] generated tokens per row
+    done: jax.Array  # [B] bool
+    last_token: jax.Array  # [B] the last emitted token, not yet in any cache
+    caches: TwigCaches
+    key: jax.Array
+    rounds: jax.Array  # [B]
+    drafted: jax.Array  # [B]
+    accepted: jax.Array  # [B]
+
+
 def ssd_loop(model: Llava, twig: Twig, plan: PrunePlan, caches: TwigCaches, logits: jax.Array, active: jax.Array,
              key: jax.Array, max_new_tokens: jax.Array, *, out_len: int, sampling: SamplingConfig,
              eos_ids: tuple[int, ...], pad_id: int, on_round=None, weights: LayerWeights | None = None) -> SSDOutput:
-    """Generate up to max_new_tokens (<= out_len) per row by draft/verify rounds.
+    """Generate up to max_new_tokens (<= out_len) per row by draft / verify / accept / commit rounds.
 
     caches: from ttp_prefill with the twig (its capacities need ssd_extra_slots headroom);
     logits: [B, V] target next-token logits after the prompt; active: [B] (False = padding row).
-    on_round: optional host function (streaming, twig_jax.decode.stream), called through an ordered
+    on_round: optional host function (streaming, decode/sink.py), called through an ordered
     `io_callback` as on_round(tokens [B, delta+1], n_emit [B], n_accepted [B]) with the first
     token and then every round's emitted tokens (the first min(n_accepted, n_emit) are accepted
     drafts). Static: None (the default) traces no callback at all. weights: per-layer base / twig
-    weights matching the caches' layout (ttp.LayerWeights; None: the stacked arrays).
+    weights matching the caches' layout (prune.LayerWeights; None: the stacked arrays).
     """
     if caches.twig is None:
         raise TwigConfigError("SSD needs the twig cache: run ttp_prefill with a twig")
-    b, v = logits.shape
+    b = logits.shape[0]
     delta = plan.draft_len
-    d_model = model.cfg.text.hidden_size
-    greedy = sampling.greedy
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     slots = jnp.arange(delta + 1, dtype=jnp.int32)
 
@@ -125,98 +239,44 @@ def ssd_loop(model: Llava, twig: Twig, plan: PrunePlan, caches: TwigCaches, logi
     if on_round is not None:
         jax.experimental.io_callback(on_round, None, out[:, :delta + 1], count, zeros, ordered=True)
 
-    def draft(trunk, twig_cache, t0, live, key):
-        """Steps j = 0..max m through trunk + twig.  # hs [B, delta+1, D], drafts [B, delta+1], q, n_draft [B]"""
-        cur = trunk.lengths
-        hs = jnp.zeros((b, delta + 1, d_model), model.text.embed[...].dtype)
-        drafts = jnp.zeros((b, delta + 1), jnp.int32)
-        qs = jnp.zeros((b, delta + 1, v), jnp.float32) if not greedy else jnp.zeros((b, 0, v), jnp.float32)
-
-        def cond(st):
-            j, _, _, _, _, _, _, n_draft, stopped = st
-            need = jnp.where(stopped, j <= n_draft, True) & live  # finished rows never extend the loop
-            return (j <= delta) & jnp.any(need)
-
-        def body(st):
-            j, x, trunk, tw, hs, drafts, qs, n_draft, stopped = st
-            trunk, h = trunk_step(model, plan, trunk, x[:, None], weights)  # h: [B, 1, D]
-            tw, lq = twig_step(twig, tw, h, (cur + j)[:, None], weights)
-            q = _probs(lq[:, 0], sampling)  # [B, V]
-            if greedy:
-                d = jnp.argmax(lq[:, 0], axis=-1).astype(jnp.int32)
-            else:
-                d = jax.random.categorical(jax.random.fold_in(key, j), jnp.log(q), axis=-1).astype(jnp.int32)
-                qs = jax.lax.dynamic_update_slice(qs, q[:, None], (0, j, 0))
-            pmax = jnp.max(q, axis=-1)
-            hs = jax.lax.dynamic_update_slice(hs, h, (0, j, 0))
-            drafts = jax.lax.dynamic_update_slice(drafts, d[:, None], (0, j))
-            n_draft = jnp.where(stopped, n_draft, j + 1)
-            stopped = stopped | (pmax < plan.theta) | (j + 1 >= delta)
-            return j + 1, d, trunk, tw, hs, drafts, qs, n_draft, stopped
-
-        st = (jnp.int32(0), t0, trunk, twig_cache, hs, drafts, qs, zeros, jnp.zeros((b,), bool))
-        _, _, trunk, twig_cache, hs, drafts, qs, n_draft, _ = jax.lax.while_loop(cond, body, st)
-        return trunk, twig_cache, hs, drafts, qs, n_draft
-
-    def cond(state):
-        return ~jnp.all(state[2])
-
-    def body(state):
-        out, count, done, t0, caches, key, rounds, drafted, accepted = state
-        key, k_draft, k_acc = jax.random.split(key, 3)
-        cur, mid0, tail0 = caches.trunk.lengths, caches.mid.lengths, caches.tail.lengths
-        trunk, tw, hs, drafts, qs, n_draft = draft(caches.trunk, caches.twig, t0, ~done, k_draft)
-
-        positions = cur[:, None] + slots[None]  # [B, delta+1]
-        mid, tail, lp = target_step(model, plan, caches.mid, caches.tail, hs, positions, weights)  # [B, delta+1, V]
-        if greedy:
-            y = jnp.argmax(lp, axis=-1).astype(jnp.int32)  # [B, delta+1]
-            match = (drafts[:, :delta] == y[:, :delta]) & (slots[None, :delta] < n_draft[:, None])
-            a = _leading_true(match)
-            final = jnp.take_along_axis(y, a[:, None], axis=1)[:, 0]
+    def body(st: SSDState) -> SSDState:
+        key, k_draft, k_acc = jax.random.split(st.key, 3)
+        live = ~st.done
+        draft = draft_chain(model, twig, plan, st.caches.trunk, st.caches.twig, st.last_token, live, k_draft,
+                            sampling, weights)
+        positions = st.caches.trunk.lengths[:, None] + slots[None]  # [B, delta+1]
+        mid, tail, target_logits = target_step(model, plan, st.caches.mid, st.caches.tail, draft.hidden, positions,
+                                               weights)  # verification: [B, delta+1, V]
+        if sampling.greedy:
+            a, final = accept_greedy(draft.tokens, target_logits, draft.n_draft)
         else:
-            a, final = rejection_sample(_probs(lp, sampling), qs, drafts, n_draft, k_acc)
-
-        # Emit d_1..d_a and the target's token, cut at EOS and at the budget.
-        emit = jnp.where(slots[None] < a[:, None], drafts, final[:, None])  # [B, delta+1]
-        n_emit = a + 1
-        is_eos = jnp.isin(emit, eos) & (slots[None] < n_emit[:, None])
-        first_eos = jnp.argmax(is_eos, axis=1)
-        n_emit = jnp.where(jnp.any(is_eos, axis=1), first_eos + 1, n_emit)
-        n_emit = jnp.minimum(n_emit, max_new_tokens - count)
-        n_emit = jnp.where(done, 0, n_emit)
-        vals = jnp.where(slots[None] < n_emit[:, None], emit, pad_id)
-        out = jax.vmap(lambda o, x, s: jax.lax.dynamic_update_slice(o, x, (s,)))(out, vals, count)
-        hit_eos = jnp.any(is_eos & (slots[None] < n_emit[:, None]), axis=1)
+            a, final = rejection_sample(sampling_probs(target_logits, sampling), draft.probs, draft.tokens,
+                                        draft.n_draft, k_acc)
+        vals, n_emit, hit_eos = emitted_tokens(draft.tokens, a, final, max_new_tokens - st.count, st.done, eos,
+                                               pad_id)
+        out = jax.vmap(lambda o, x, c: jax.lax.dynamic_update_slice(o, x, (c,)))(st.out, vals, st.count)
         if on_round is not None:
-            jax.experimental.io_callback(on_round, None, vals, n_emit, jnp.where(done, 0, a), ordered=True)
-        live = ~done
-        count = count + n_emit
-        new_done = done | hit_eos | (count >= max_new_tokens)
+            jax.experimental.io_callback(on_round, None, vals, n_emit, jnp.where(st.done, 0, a), ordered=True)
+        count = st.count + n_emit
+        caches = commit(st.caches, draft, mid, tail, jnp.where(live, a + 1, 0))
+        return SSDState(out, count, st.done | hit_eos | (count >= max_new_tokens), jnp.where(live, final, st.last_token),
+                        caches, key, st.rounds + live.astype(jnp.int32),
+                        st.drafted + jnp.where(live, draft.n_draft, 0), st.accepted + jnp.where(live, a, 0))
 
-        # Roll every group back to the accepted prefix (x_0..x_a are now cached).
-        adv = jnp.where(live, a + 1, 0)
-        caches = TwigCaches(trunk.replace(lengths=cur + adv), tw.replace(lengths=cur + adv),
-                            mid.replace(lengths=mid0 + adv), tail.replace(lengths=tail0 + adv))
-        rounds = rounds + live.astype(jnp.int32)
-        drafted = drafted + jnp.where(live, n_draft, 0)
-        accepted = accepted + jnp.where(live, a, 0)
-        t0 = jnp.where(live, final, t0)
-        return out, count, new_done, t0, caches, key, rounds, drafted, accepted
-
-    state = (out, count, done, t0, caches, key, zeros, zeros, zeros)
-    out, count, _, _, _, _, rounds, drafted, accepted = jax.lax.while_loop(cond, body, state)
-    return SSDOutput(out[:, :out_len], count, rounds, drafted, accepted)
+    st = jax.lax.while_loop(lambda st: ~jnp.all(st.done), body,
+                            SSDState(out, count, done, t0, caches, key, zeros, zeros, zeros))
+    return SSDOutput(st.out[:, :out_len], st.count, st.rounds, st.drafted, st.accepted)
 
 
 def ssd_generate(model: Llava, twig: Twig, plan: PrunePlan, tokens: jax.Array, lengths: jax.Array,
                  pixel_values: jax.Array, active: jax.Array, key: jax.Array, max_new_tokens: jax.Array, *,
                  out_len: int, sampling: SamplingConfig = SamplingConfig(), eos_ids: tuple[int, ...] = (),
-                 pad_id: int = 0, weights: LayerWeights | None = None) -> tuple[SSDOutput, TTPPrefill]:
+                 pad_id: int = 0, weights: LayerWeights | None = None,
+                 on_step=None) -> tuple[SSDOutput, TTPPrefill]:
     """TTP prefill (with the twig cache) + SSD rounds; the prefill result carries scores / keep."""
     key_prune, key_dec = jax.random.split(key)
     pre = ttp_prefill(model, twig, plan, tokens, lengths, pixel_values, extra=ssd_extra_slots(plan, out_len),
                       key=key_prune, weights=weights)
     out = ssd_loop(model, twig, plan, pre.caches, pre.logits, active, key_dec, max_new_tokens, out_len=out_len,
-                   sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, weights=weights)
+                   sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, weights=weights, on_round=on_step)
     return out, pre

@@ -357,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ds, report = dataset(records, args.batch, True, None)
     data = iter(ds)
-    eval_batches = eval_batches(list(dataset(eval_recs, 1, False, 1)[0]) if eval_recs else [], args.batch)
+    held_out = eval_batches(list(dataset(eval_recs, 1, False, 1)[0]) if eval_recs else [], args.batch)
     eval_fn = make_rl_eval(base, twig, kf)
 
     tx = optax.adam(optax.cosine_decay_schedule(args.lr, args.steps, alpha=0.1))
@@ -385,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = {}
         for r in Rs:
             acc: dict = {}
-            for i, b in enumerate(eval_batches):
+            for i, b in enumerate(held_out):
                 feed = {k: jnp.asarray(b[k]) for k in ("tokens", "label_mask", "pixel_values")}
                 accumulate(acc, eval_fn(params, feed, jax.random.key(1000 + i), R=r), b)
             out[r] = {f"{k}/{c}": float(np.mean(v[c])) if v[c] else float("nan") for k, v in acc.items() for c in v}
@@ -412,8 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       indent=2)
 
     t0 = time.time()
-    if eval_batches:
-        print(f"held out: {len(eval_batches) * args.batch} examples (the last {args.eval_records} records)", flush=True)
+    if held_out:
+        print(f"held out: {len(held_out) * args.batch} examples (the last {args.eval_records} records)", flush=True)
         evaluate(0, R_values[:1])
     window: dict[int, list] = {}
     with open(log_path, "a") as log:
@@ -443,9 +443,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 window = {}
             if step % args.every == 0 or step == args.steps:
                 save(step)
-            if eval_batches and step % args.eval_every == 0 and step != args.steps:
+            if held_out and step % args.eval_every == 0 and step != args.steps:
                 evaluate(step, R_values[:1])
-    if eval_batches:
+    if held_out:
         evaluate(args.steps, R_values)
     print(f"saved the twig with its P-head to {args.out} ({time.time() - t0:.0f}s)"
           f"{'; bad samples: ' + json.dumps(report.to_dict()['counts']) if report.to_dict()['counts'] else ''}")
