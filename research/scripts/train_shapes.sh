@@ -7,8 +7,9 @@
 #   1. the shapes world: 24000 training scenes + 300 eval scenes, seed 0
 #   2. the 2-layer LLaVA continued on all of its language model and projector (tower frozen),
 #      batch 32, 1500 steps
-#   2b. continued with the two-hop attention target (twig_jax/attn_target.py: layer 0's first two
-#      heads onto the question's key words, layer 1's onto the asked objects' cells), batch 16,
+#   2b. continued with the two-hop attention target (python -m research.train_attention,
+#      research/attention_target.py: layer 0's first two heads onto the question's key words,
+#      layer 1's onto the asked objects' cells), batch 16,
 #      400 steps, then 800 more from that model; then 400 + 800 + 800 steps with roles
 #      (--attn-roles: a relation's subject and reference are separate targets)
 #   3. grown to 8 layers: its two layers at depths 0 and 4, six zero-output layers that read like
@@ -32,10 +33,11 @@ for stage in "att1 $W/lm2/final 400 3e-4 0.05 12 no" "att2 $W/att1/final 800 3e-
              "att3 $W/att2/final 400 3e-4 0.02 16 roles" "att4 $W/att3/final 800 5e-4 0.02 18 roles" \
              "att5 $W/att4/final 800 5e-4 0.02 20 roles"; do
     read -r name start steps lr warmup seed roles <<< "$stage"
-    twig-jax train --base "$start" --train-all --freeze vision --data "$W/data/train.json" --images "$W/data/images" \
-        --max-len 352 --on-too-long truncate --batch 16 --steps "$steps" --lr "$lr" --warmup-ratio "$warmup" \
-        --attn-layer 1 --attn-key-layer 0 --attn-heads 2 --attn-weight 0.3 --seed "$seed" \
+    python -m research.train_attention --attn-layer 1 --attn-key-layer 0 --attn-heads 2 --attn-weight 0.3 \
         $([ "$roles" = roles ] && echo --attn-roles) \
+        --base "$start" --train-all --freeze vision --data "$W/data/train.json" --images "$W/data/images" \
+        --max-len 352 --on-too-long truncate --batch 16 --steps "$steps" --lr "$lr" --warmup-ratio "$warmup" \
+        --seed "$seed" \
         --ckpt-dir "$W/$name" --every 200 --keep 1 --out "$W/$name/final" --no-progress
 done
 # --into gives only the 8-layer config (every text weight is overwritten; tower and projector come from --lm).

@@ -1,4 +1,5 @@
-"""Twig training losses: NTP cross-entropy, TwigVLM++ PredKL, AttnKL hook, and the twig forward."""
+"""Twig training losses: NTP cross-entropy, TwigVLM++ PredKL, AttnKL hook, the auxiliary-loss slot,
+and the twig forward."""
 
 from __future__ import annotations
 
@@ -72,6 +73,31 @@ def test_attn_kl_hook():
     sums = twig_loss_sums(logits, tokens, mask, LossConfig(gamma=2.0), attn_pair=(jnp.asarray(p), jnp.asarray(q)))
     np.testing.assert_allclose(float(sums.means(LossConfig(gamma=2.0))["attn_kl"]),
                                (p * np.log(p / q)).sum(-1).mean(), rtol=1e-4)
+
+
+def test_aux_loss_slot_has_its_own_metric_and_weight():
+    """An auxiliary loss's (sum, count) ride in LossSums' aux slot: its mean under its own metric
+    name, weight from the loss object; attn_kl stays the AttnKL term (0 here: no attention pair)."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Aux:
+        metric: str = "probe_nll"
+        weight: float = 0.25
+
+    logits = jnp.zeros((2, 5, 8))
+    tokens = jnp.zeros((2, 5), jnp.int32)
+    mask = jnp.ones((2, 5), jnp.int32)  # 8 target tokens (the last position has none)
+    cfg = LossConfig(alpha=0.1, gamma=2.0)
+    sums = twig_loss_sums(logits, tokens, mask, cfg)._replace(aux=jnp.float32(6.0), aux_count=jnp.float32(3.0))
+    ce = np.log(8.0)  # uniform logits over 8 classes
+    means = sums.means(cfg, Aux())
+    assert set(means) == {"ce", "pred_kl", "attn_kl", "probe_nll", "loss"} and float(means["attn_kl"]) == 0.0
+    np.testing.assert_allclose(float(means["probe_nll"]), 2.0, rtol=1e-6)
+    np.testing.assert_allclose(float(means["loss"]), ce + 0.25 * 2.0, rtol=1e-6)
+    # the total's gradient / count is the mean loss's: the aux mean is scaled to the token count
+    np.testing.assert_allclose(float(sums.total(cfg, Aux())) / 8.0, ce + 0.25 * 2.0, rtol=1e-6)
+    assert "probe_nll" not in sums.means(cfg) and float(sums.total(cfg)) / 8.0 == pytest.approx(ce, rel=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from twig_jax.model.llava import Llava
 from twig_jax.train.trainer import OptimConfig, TrainConfig, Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TESTS = os.path.join(ROOT, "tests")
+TESTS = os.path.join(ROOT, "tests", "train")
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
@@ -299,3 +299,92 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path):
     for k in fa:
         assert np.array_equal(fa[k], fb[k]), k  # bit-identical parameters
     assert sorted(x for x in os.listdir(part) if x.isdigit()) == ["3", "6"]
+
+
+# ---------------------------------------------------------------------------- extension point
+
+
+@dataclasses.dataclass(frozen=True)
+class AnswerRow:
+    """A DataConfig.extra_fields: the row that predicts the first answer token."""
+
+    field_names: tuple[str, ...] = ("answer_row",)
+
+    def sample_fields(self, record, tokens, label_mask, encoder):
+        return {"answer_row": np.int32(np.flatnonzero(label_mask)[0] - 1)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageMassAtAnswerRow:
+    """A TrainConfig.aux_loss: -log of the head-averaged attention mass that `layer` puts on the
+    image from each sample's answer row (samples without an image are left out)."""
+
+    layer: int = 1
+    image_token_index: int = 255
+    weight: float = 0.5
+    metric: str = "image_mass_nll"
+    batch_fields: tuple[str, ...] = ("answer_row",)
+
+    @property
+    def layers(self):
+        return (self.layer,)
+
+    def sums(self, probs, batch):
+        import jax.numpy as jnp
+
+        p = probs[0].mean(axis=1)  # [B, S, S]
+        row = jnp.take_along_axis(p, batch["answer_row"][:, None, None], axis=1)[:, 0]  # [B, S]
+        is_image = (batch["tokens"] == self.image_token_index).astype(jnp.float32)  # [B, S]
+        valid = (is_image.sum(-1) > 0).astype(jnp.float32)  # [B]
+        nll = -jnp.log(jnp.sum(row * is_image, axis=-1) + 1e-6)  # [B]
+        return jnp.sum(nll * valid), jnp.sum(valid)
+
+
+def test_loader_and_trainer_take_a_custom_extension(tmp_path, base):
+    """DataConfig.extra_fields adds its field to every batch; TrainConfig.aux_loss reads it with its
+    layer's attention, is logged under its own metric and weighted into the loss, as a numpy
+    reference on the same probabilities says; the checks on both sides are generic."""
+    from tokenizers import Tokenizer
+
+    from twig_jax.data import CallableTokenizer, DataConfig, make_train_iterator
+    from twig_jax.train.trainer import base_forward_with_probs
+
+    d = str(tmp_path)
+    _write_dataset(d)
+    tok = CallableTokenizer(Tokenizer.from_file(os.path.join(d, "tokenizer.json")))
+    cfg = DataConfig(json_path=os.path.join(d, "data.json"), image_dir=d, max_len=64, batch_size=4, seed=0,
+                     extra_fields=AnswerRow())
+    it, _ = make_train_iterator(cfg, tok, base.cfg)
+    batch = next(it)
+    assert batch["answer_row"].shape == (4,)
+    for i in range(4):
+        first = np.flatnonzero(batch["label_mask"][i])[0]
+        assert batch["answer_row"][i] == first - 1 and batch["label_mask"][i, first - 1] == 0
+    assert batch["has_image"].any() and not batch["has_image"].all()  # both kinds of sample
+
+    aux = ImageMassAtAnswerRow()
+    _, (probs,) = base_forward_with_probs(base, batch["tokens"], batch["pixel_values"], (1,))
+    probs = np.asarray(probs, np.float64)  # [B, H, S, S]
+    want = []
+    for i in range(4):
+        image = batch["tokens"][i] == 255
+        if image.any():
+            want.append(-np.log(probs[i].mean(0)[batch["answer_row"][i], image].sum() + 1e-6))
+    tr = Trainer(base, TrainConfig(steps=1, batch_size=4, train_all=True, aux_loss=aux, optim=OptimConfig(lr=1e-2)))
+    with pytest.raises(ValueError, match=r"needs its fields in the batch, missing \['answer_row'\]"):
+        tr.step({k: v for k, v in batch.items() if k != "answer_row"})
+    m = jax.device_get(tr.step(batch))
+    np.testing.assert_allclose(m["image_mass_nll"], np.mean(want), rtol=1e-5)
+    np.testing.assert_allclose(m["loss"], m["ce"] + 0.5 * m["image_mass_nll"], rtol=1e-6)
+    assert m["attn_kl"] == 0.0 and len(want) == int(batch["has_image"].sum())
+
+    with pytest.raises(ValueError, match="needs train_all"):
+        Trainer(base, TrainConfig(steps=1, batch_size=4, aux_loss=aux))
+    with pytest.raises(ValueError, match="taken by a step metric"):
+        Trainer(base, TrainConfig(steps=1, batch_size=4, train_all=True,
+                                  aux_loss=dataclasses.replace(aux, metric="ce")))
+    with pytest.raises(ValueError, match="would replace the sample's"):
+        dataclasses.replace(cfg, extra_fields=AnswerRow(field_names=("tokens",))).validate()
+    it, _ = make_train_iterator(dataclasses.replace(cfg, extra_fields=AnswerRow(field_names=("row",))), tok, base.cfg)
+    with pytest.raises(ValueError, match="declared"):  # a wrong extension stops the run, not skipped samples
+        next(it)

@@ -4,6 +4,10 @@ Example:
   twig-jax train --data llava_v1_5_mix665k.json --images data/ --base converted/llava-1.5-7b \\
       --twig-k 2 --twig-t 3 --steps 5200 --batch 128 --accum 8 --lr 1e-4 --dtype bfloat16 \\
       --mesh data=1,fsdp=8,tensor=1 --ckpt-dir runs/twig --every 500 --keep 3 --out runs/twig/final
+
+`main` also takes a data extension (`DataConfig.extra_fields`) and an auxiliary attention loss
+(`TrainConfig.aux_loss`) as keyword arguments, for entry points that build them from their own
+flags (research/train_attention.py).
 """
 
 from __future__ import annotations
@@ -12,7 +16,11 @@ import argparse
 import json
 import os
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from twig_jax.data import SampleExtension
+    from twig_jax.train.losses import AttentionAuxLoss
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,18 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--warmup-ratio", type=float, default=0.03)
     o.add_argument("--clip", type=float, default=1.0, help="global-norm gradient clipping (<= 0: off)")
     o.add_argument("--alpha", type=float, default=0.1, help="PredKL weight (0: plain next-token CE)")
-    o.add_argument("--attn-layer", type=int, default=None,
-                   help="with --train-all: a training-only attention target (twig_jax/attn_target.py) on this "
-                        "layer: its first --attn-heads heads are pulled onto the cells each short question is "
-                        "about (shapes-world data: the records' 'objects')")
-    o.add_argument("--attn-heads", type=int, default=1, help="heads of --attn-layer that get the target")
-    o.add_argument("--attn-key-layer", type=int, default=None,
-                   help="with --attn-layer: also pull this layer's first --attn-heads heads, from the same row, "
-                        "onto the question's key words (the lookup's first hop)")
-    o.add_argument("--attn-weight", type=float, default=1.0, help="weight of the attention target's loss")
-    o.add_argument("--attn-roles", action="store_true",
-                   help="with --attn-layer: a relation's two objects are two targets (even heads: the subject "
-                        "and its words, odd heads: the reference and its words) instead of one")
     o.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     o.add_argument("--remat", action="store_true")
     o.add_argument("--seed", type=int, default=0)
@@ -102,19 +98,16 @@ def wants_distributed(mode: str, env) -> bool:
     return bool(env.get("JAX_COORDINATOR_ADDRESS")) or multi_host_tpu
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, extra_fields: SampleExtension | None = None,
+         aux_loss: AttentionAuxLoss | None = None) -> int:
+    """The training command; extra_fields / aux_loss go to DataConfig / TrainConfig unchanged."""
     args = build_parser().parse_args(argv)
     if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
         print(f"twig-jax train: error: --stop-at {args.stop_at} must be in 1..--steps ({args.steps})", file=sys.stderr)
         return 2
-    if args.attn_layer is not None and not args.train_all:
-        print("twig-jax train: error: --attn-layer trains the base's attention: it needs --train-all", file=sys.stderr)
-        return 2
-    if args.attn_roles and args.attn_layer is None:
-        print("twig-jax train: error: --attn-roles needs --attn-layer", file=sys.stderr)
-        return 2
-    if args.attn_key_layer is not None and args.attn_layer is None:
-        print("twig-jax train: error: --attn-key-layer needs --attn-layer", file=sys.stderr)
+    if aux_loss is not None and not args.train_all:
+        print(f"twig-jax train: error: the auxiliary loss {aux_loss.metric!r} trains the base's attention: it needs "
+              "--train-all", file=sys.stderr)
         return 2
     if args.freeze and not args.train_all:
         print("twig-jax train: error: --freeze needs --train-all (twig training already freezes the whole base)",
@@ -173,16 +166,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         freeze=tuple(n for n in args.freeze.split(",") if n),
         twig_K=args.twig_k, twig_T=args.twig_t, compute_dtype=args.dtype, remat=args.remat, mesh=args.mesh,
         seed=args.seed, optim=OptimConfig(lr=args.lr, warmup_ratio=args.warmup_ratio, clip_norm=args.clip),
-        loss=LossConfig(alpha=args.alpha, gamma=args.attn_weight), attn_layer=args.attn_layer,
-        attn_heads=args.attn_heads, attn_key_layer=args.attn_key_layer, ckpt_dir=ckpt, save_every=args.every, keep=args.keep,
+        loss=LossConfig(alpha=args.alpha), aux_loss=aux_loss, ckpt_dir=ckpt, save_every=args.every, keep=args.keep,
         metrics_path=args.metrics or (os.path.join(ckpt, "metrics.jsonl") if ckpt else None),
         plot_path=args.plot or (os.path.join(ckpt, "loss.png") if ckpt else None),
         progress=not args.no_progress, benchmark=args.benchmark)
     data_cfg = DataConfig(json_path=args.data, image_dir=args.images, max_len=args.max_len, batch_size=args.batch,
                           seed=args.seed, on_too_long=args.on_too_long, num_threads=args.data_threads,
-                          worker_count=args.data_workers,
-                          attn_targets=None if args.attn_layer is None else
-                          "shapes-roles" if args.attn_roles else "shapes")
+                          worker_count=args.data_workers, extra_fields=extra_fields)
     it, report = make_train_iterator(data_cfg, tokenizer, base.cfg, model_dir=model_dir)
     out = train(base, cfg, it, twig=twig, bad_report=report)
     if args.out and jax.process_index() == 0 and not args.train_all:

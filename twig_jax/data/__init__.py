@@ -8,6 +8,8 @@ from twig_jax.data.llava_data import (  # noqa: F401
     ConversationEncoder,
     DataConfig,
     NoUsableSamples,
+    SAMPLE_FIELDS,
+    SampleExtension,
     SampleProcessor,
     as_tokenizer,
     build_dataset,

@@ -27,13 +27,12 @@ each reason are logged with their ids, and they are skipped, or truncated when
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
 import threading
 from collections.abc import Mapping
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -49,7 +48,22 @@ BAD_REASONS = ("missing_image", "unreadable_image", "too_long", "malformed", "no
                "error")  # "error": any other exception while processing the sample
 
 
-ATTN_TARGETS = (None, "shapes", "shapes-roles")
+SAMPLE_FIELDS = ("tokens", "label_mask", "pixel_values", "length", "has_image", "index")  # every sample's
+
+
+class SampleExtension(Protocol):
+    """Extra batch fields computed per sample (e.g. a training target read from the record's own
+    annotations). Picklable (grain workers may run it); every field has the same shape for every
+    sample, so that samples batch."""
+
+    @property
+    def field_names(self) -> tuple[str, ...]: ...  # exactly the keys `sample_fields` returns
+
+    def sample_fields(self, record: Mapping, tokens: np.ndarray, label_mask: np.ndarray,
+                      encoder: ConversationEncoder) -> dict[str, np.ndarray]:
+        """The fields of one sample; tokens / label_mask [max_len] as encoded by `encoder` (its
+        tokenizer, image_token_index and num_image_tokens). Raises BadSample to skip the sample."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,20 +81,15 @@ class DataConfig:
     worker_count: int = 0  # grain multiprocessing workers (0 = off: the default, for CPU)
     log_first: int = 5  # log the first N bad samples of each reason
     system: str = VICUNA_V1_SYSTEM
-    # Training-only attention targets (twig_jax.train.attn_target): "shapes" reads each record's
-    # "objects" and marks the cells every short question is about; at most attn_slots per sample.
-    # "shapes-roles": a relation's two objects are two targets (subject for even heads, reference
-    # for odd ones) instead of one.
-    attn_targets: str | None = None
-    attn_slots: int = 8
+    extra_fields: SampleExtension | None = None  # adds its fields to every sample
 
     def validate(self) -> "DataConfig":
         if self.on_too_long not in ("skip", "truncate"):
             raise ValueError(f"on_too_long={self.on_too_long!r} must be 'skip' or 'truncate'")
-        if self.attn_targets not in ATTN_TARGETS:
-            raise ValueError(f"attn_targets={self.attn_targets!r} must be one of {ATTN_TARGETS}")
-        if self.attn_slots < 1:
-            raise ValueError(f"attn_slots={self.attn_slots} must be >= 1")
+        if self.extra_fields is not None:
+            clash = sorted(set(self.extra_fields.field_names) & set(SAMPLE_FIELDS))
+            if clash:
+                raise ValueError(f"extra_fields {type(self.extra_fields).__name__} would replace the sample's {clash}")
         if self.max_len < 2:
             raise ValueError(f"max_len={self.max_len} too small")
         return self
@@ -288,54 +297,12 @@ class SampleProcessor:
     """(index, record) -> a training sample dict, or {"_bad": reason, ...} (filtered later)."""
 
     def __init__(self, encoder: ConversationEncoder, image_preprocessor: ImagePreprocessor, image_dir: str | None,
-                 pixel_shape: tuple[int, int, int], attn_targets: str | None = None, attn_slots: int = 8):
+                 pixel_shape: tuple[int, int, int], extra_fields: SampleExtension | None = None):
         self.encoder = encoder
         self.images = image_preprocessor
         self.image_dir = image_dir
         self.pixel_shape = pixel_shape  # (3, H, W)
-        self.attn_targets = attn_targets
-        self.attn_slots = attn_slots
-
-    def _attn_fields(self, rec: Mapping, tokens: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-        from twig_jax.train.attn_target import cells_patch_mask, supervision_fields
-        from twig_jax.data.shapes import ShapeObject, question_cells, relation_cells
-
-        try:
-            objects = [ShapeObject.from_key(k) for k in rec["objects"]]
-        except (KeyError, TypeError, ValueError) as e:
-            raise BadSample("malformed", f"attention targets need the record's shapes-world 'objects' ({e!r})") from None
-        n = self.encoder.num_image_tokens
-        targets = []
-        for msg in rec["conversations"]:
-            if str(msg.get("from", "")).lower() not in ("human", "user"):
-                continue
-            question = str(msg.get("value", ""))
-            pair = relation_cells(question, objects) if self.attn_targets == "shapes-roles" else None
-            if pair is not None:
-                targets.append((cells_patch_mask([pair[0]], n), cells_patch_mask([pair[1]], n)))
-                continue
-            cells = question_cells(question, objects)
-            targets.append(None if cells is None else cells_patch_mask(cells, n))
-        return supervision_fields(tokens, mask, self.encoder.image_token_index, n, targets, self.attn_slots,
-                                  self._key_ids, self._relation_ids)
-
-    def _token_ids(self, words: Sequence[str]) -> list[int]:
-        """Token ids of shapes-world words (one word-level token each; unknown words dropped)."""
-        ids = [self.encoder.tok.convert_tokens_to_ids(w) for w in words]
-        unk = getattr(self.encoder.tok, "unk_token_id", None)
-        return [i for i in ids if i is not None and i != unk]
-
-    @functools.cached_property
-    def _key_ids(self) -> list[int]:  # the attribute words a question names an object by
-        from twig_jax.data.shapes import key_words
-
-        return self._token_ids(key_words())
-
-    @functools.cached_property
-    def _relation_ids(self) -> list[int]:  # "left", "above": where a relation's subject ends
-        from twig_jax.data.shapes import RELATION_WORDS
-
-        return self._token_ids(RELATION_WORDS)
+        self.extra_fields = extra_fields
 
     def __call__(self, item: tuple[int, Any]) -> dict[str, Any]:
         index, rec = item
@@ -345,7 +312,9 @@ class SampleProcessor:
                 raise BadSample("malformed", "no 'conversations' list")
             has_image = rec.get("image") not in (None, "")
             tokens, mask, length, truncated = self.encoder.encode(rec["conversations"], has_image)
-            attn = self._attn_fields(rec, tokens, mask) if self.attn_targets else {}
+            extra = {}
+            if self.extra_fields is not None:
+                extra = self.extra_fields.sample_fields(rec, tokens, mask, self.encoder)
             pix = np.zeros(self.pixel_shape, np.float32)  # [3, H, W]
             if has_image:
                 path = os.path.join(self.image_dir or "", str(rec["image"]))
@@ -361,8 +330,12 @@ class SampleProcessor:
             return {"_bad": e.reason, "_detail": e.detail, "_id": sid}
         except Exception as e:  # noqa: BLE001 - one odd sample must not end the epoch; it is reported
             return {"_bad": "error", "_detail": f"{type(e).__name__}: {e}", "_id": sid}
+        if self.extra_fields is not None and set(extra) != set(self.extra_fields.field_names):
+            # a wrong extension, not a bad sample: stop here rather than skip every sample
+            raise ValueError(f"{type(self.extra_fields).__name__} returned fields {sorted(extra)}, "
+                             f"declared {sorted(self.extra_fields.field_names)}")
         out = {"tokens": tokens, "label_mask": mask, "pixel_values": pix, "length": np.int32(length),
-               "has_image": np.bool_(has_image), "index": np.int64(index), **attn}
+               "has_image": np.bool_(has_image), "index": np.int64(index), **extra}
         if truncated:
             out["_truncated"] = sid
         return out
@@ -408,7 +381,7 @@ def build_dataset(cfg: DataConfig, tokenizer, *, image_token_index: int, num_ima
         raise ValueError(f"batch_size {cfg.batch_size} not divisible by {shard.shard_count} processes")
     encoder = ConversationEncoder(tokenizer, image_token_index, num_image_tokens, cfg.max_len, cfg.on_too_long,
                                   system=cfg.system)
-    proc = SampleProcessor(encoder, image_preprocessor, cfg.image_dir, pixel_shape, cfg.attn_targets, cfg.attn_slots)
+    proc = SampleProcessor(encoder, image_preprocessor, cfg.image_dir, pixel_shape, cfg.extra_fields)
     ds = grain.MapDataset.source(list(enumerate(records)))
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
@@ -454,6 +427,7 @@ def make_train_iterator(cfg: DataConfig, tokenizer, model_cfg, *, image_preproce
     return iter(ds), report
 
 
-__all__ = ["DataConfig", "BadSample", "NoUsableSamples", "BadSampleReport", "CallableTokenizer", "as_tokenizer", "normalize_conversation",
-           "vicuna_v1_text", "ConversationEncoder", "load_records", "SampleProcessor", "build_dataset",
-           "default_image_preprocessor", "make_train_iterator", "BAD_REASONS"]
+__all__ = ["DataConfig", "SampleExtension", "SAMPLE_FIELDS", "BadSample", "NoUsableSamples", "BadSampleReport",
+           "CallableTokenizer", "as_tokenizer", "normalize_conversation", "vicuna_v1_text", "ConversationEncoder",
+           "load_records", "SampleProcessor", "build_dataset", "default_image_preprocessor", "make_train_iterator",
+           "BAD_REASONS"]

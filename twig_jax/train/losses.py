@@ -12,7 +12,7 @@ turns (tokens, label_mask) into per-position targets and weights.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,30 @@ class LossConfig:
     kl_clip: float = 4.0  # each token's scaled KL is clipped at this value and divided by it
 
 
+class AttentionAuxLoss(Protocol):
+    """An auxiliary training loss on the base's attention (train_all only), next to the LM loss.
+
+    The trainer runs `layers` on their own to get their attention probabilities, sends
+    `batch_fields` (added by the data pipeline, e.g. a `DataConfig.extra_fields`) to the device,
+    and adds `weight` times the mean sum / count to the loss; the mean is logged as `metric`."""
+
+    @property
+    def layers(self) -> tuple[int, ...]: ...  # base layers whose attention probabilities `sums` reads
+
+    @property
+    def batch_fields(self) -> tuple[str, ...]: ...  # batch fields `sums` reads
+
+    @property
+    def metric(self) -> str: ...  # name of the mean in the step metrics
+
+    @property
+    def weight(self) -> float: ...  # weight of the mean in the loss
+
+    def sums(self, probs: Sequence[jax.Array], batch: dict) -> tuple[jax.Array, jax.Array]:
+        """(sum, count) float32 scalars; probs: per entry of `layers`, [B, H, S, S]."""
+        ...
+
+
 class LossSums(NamedTuple):
     """Masked sums (float32 scalars); divide by `count` for means."""
 
@@ -36,17 +60,25 @@ class LossSums(NamedTuple):
     attn_kl: jax.Array
     count: jax.Array  # number of target tokens
     attn_count: jax.Array  # number of attention distributions in attn_kl
+    aux: jax.Array  # sum of an AttentionAuxLoss (0 without one)
+    aux_count: jax.Array  # its count
 
-    def total(self, cfg: LossConfig) -> jax.Array:
+    def total(self, cfg: LossConfig, aux: AttentionAuxLoss | None = None) -> jax.Array:
         """Weighted sum whose gradient divided by `count` is the gradient of the mean loss."""
         attn = self.attn_kl * (self.count / jnp.maximum(self.attn_count, 1.0))
-        return self.ce + cfg.alpha * self.pred_kl + cfg.gamma * attn
+        out = self.ce + cfg.alpha * self.pred_kl + cfg.gamma * attn
+        if aux is not None:
+            out = out + aux.weight * (self.aux * (self.count / jnp.maximum(self.aux_count, 1.0)))
+        return out
 
-    def means(self, cfg: LossConfig) -> dict[str, jax.Array]:
+    def means(self, cfg: LossConfig, aux: AttentionAuxLoss | None = None) -> dict[str, jax.Array]:
         n = jnp.maximum(self.count, 1.0)
         out = {"ce": self.ce / n, "pred_kl": self.pred_kl / n,
                "attn_kl": self.attn_kl / jnp.maximum(self.attn_count, 1.0)}
         out["loss"] = out["ce"] + cfg.alpha * out["pred_kl"] + cfg.gamma * out["attn_kl"]
+        if aux is not None:
+            out[aux.metric] = self.aux / jnp.maximum(self.aux_count, 1.0)
+            out["loss"] = out["loss"] + aux.weight * out[aux.metric]
         return out
 
 
@@ -125,8 +157,8 @@ def twig_loss_sums(
         a_base, score = attn_pair
         akl = jnp.sum(attn_kl_fn(jax.lax.stop_gradient(a_base), score))
         acount = jnp.asarray(a_base.shape[0], jnp.float32)
-    return LossSums(ce, kl, akl, count, acount)
+    return LossSums(ce, kl, akl, count, acount, zero, zero)
 
 
-__all__ = ["LossConfig", "LossSums", "shift_targets", "masked_mean", "token_ce", "token_pred_kl",
+__all__ = ["LossConfig", "AttentionAuxLoss", "LossSums", "shift_targets", "masked_mean", "token_ce", "token_pred_kl",
            "attn_kl", "twig_loss_sums"]

@@ -36,8 +36,7 @@ import optax
 from flax import nnx
 
 from twig_jax.parallel import sharding as shd
-from twig_jax.train.attn_target import ATTN_FIELDS, attention_mass_loss, key_mass_loss
-from twig_jax.train.losses import LossConfig, LossSums, twig_loss_sums
+from twig_jax.train.losses import AttentionAuxLoss, LossConfig, LossSums, twig_loss_sums
 from twig_jax.model.layers import rope_cos_sin
 from twig_jax.model.llama import decoder_layer, scan_layers
 from twig_jax.model.llava import Llava
@@ -89,15 +88,15 @@ class TrainConfig:
     plot_path: str | None = None  # loss-curve PNG at the end
     progress: bool = True
     benchmark: bool = False
-    # Training-only attention target (train_all; `twig_jax.train.attn_target`): layer attn_layer's first
-    # attn_heads heads are pulled onto the asked object's visual tokens, weight loss.gamma.
-    attn_layer: int | None = None
-    attn_heads: int = 1
-    # and, optionally, layer attn_key_layer's first attn_heads heads onto the question's key words
-    attn_key_layer: int | None = None
+    # train_all only: an extra loss on the base's attention probabilities (its batch fields come
+    # from the data pipeline, e.g. DataConfig.extra_fields).
+    aux_loss: AttentionAuxLoss | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-able (checkpoint meta): the auxiliary loss by its repr."""
+        d = dataclasses.asdict(dataclasses.replace(self, aux_loss=None))
+        d["aux_loss"] = None if self.aux_loss is None else repr(self.aux_loss)
+        return d
 
 
 def compute_dtype_of(name: str):
@@ -164,7 +163,7 @@ def base_forward_with_probs(base: Llava, tokens: jax.Array, pixel_values: jax.Ar
     tc = base.cfg.text
     bad = [l for l in layers if not 0 <= l < tc.num_hidden_layers]
     if bad or not layers:
-        raise ValueError(f"attention target layers {list(layers)}: each must be a layer of this "
+        raise ValueError(f"attention layers {list(layers)}: each must be a layer of this "
                          f"{tc.num_hidden_layers}-layer model")
     w = base.text.layers.weights()
     pos = _positions(tokens)
@@ -252,17 +251,17 @@ def make_loss_fn(model: TrainModel, cfg: TrainConfig, mesh=None) -> Callable:
     """loss_fn(trainable, frozen, batch) -> (weighted masked sum, LossSums)."""
     cdt = compute_dtype_of(cfg.compute_dtype)
     use_teacher = (not model.train_all) and cfg.loss.alpha != 0.0
+    aux = cfg.aux_loss
 
     def loss_fn(trainable, frozen, batch):
         pix = batch.get("pixel_values")
         probs = None
         if model.train_all:
             base, _ = model.modules(_cast_floats(trainable, cdt), _cast_floats(frozen, cdt))
-            if cfg.attn_layer is None:
+            if aux is None:
                 logits = base_forward(base, batch["tokens"], pix, remat=cfg.remat, mesh=mesh)
             else:
-                layers = (cfg.attn_layer,) + (() if cfg.attn_key_layer is None else (cfg.attn_key_layer,))
-                logits, probs = base_forward_with_probs(base, batch["tokens"], pix, layers, remat=cfg.remat,
+                logits, probs = base_forward_with_probs(base, batch["tokens"], pix, aux.layers, remat=cfg.remat,
                                                         mesh=mesh)
             teacher = None
         else:
@@ -270,16 +269,10 @@ def make_loss_fn(model: TrainModel, cfg: TrainConfig, mesh=None) -> Callable:
             logits, teacher = twig_forward(base, twig, batch["tokens"], pix, teacher=use_teacher,
                                            remat=cfg.remat, mesh=mesh)
         sums = twig_loss_sums(logits, batch["tokens"], batch["label_mask"], cfg.loss, teacher)
-        if probs is not None and cfg.loss.gamma:
-            # The attention target rides in LossSums' attn slot: mean over supervised questions,
-            # weight gamma (metrics: "attn_kl" is then this -log mass).
-            # With a key layer too, its -log mass is added per question (same count).
-            nll, count = attention_mass_loss(probs[0], batch, cfg.attn_heads)
-            if cfg.attn_key_layer is not None:
-                key_nll, key_count = key_mass_loss(probs[1], batch, cfg.attn_heads)
-                nll = nll + key_nll * count / jnp.maximum(key_count, 1.0)
-            sums = sums._replace(attn_kl=nll, attn_count=count)
-        return sums.total(cfg.loss), sums
+        if probs is not None:
+            aux_sum, aux_count = aux.sums(probs, batch)
+            sums = sums._replace(aux=aux_sum, aux_count=aux_count)
+        return sums.total(cfg.loss, aux), sums
 
     return loss_fn
 
@@ -344,7 +337,7 @@ def make_train_step(model: TrainModel, cfg: TrainConfig, tx, schedule, mesh=None
         grads = jax.tree.map(lambda g: (g / n).astype(jnp.float32), grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        metrics = dict(sums.means(cfg.loss))
+        metrics = dict(sums.means(cfg.loss, cfg.aux_loss))
         metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]), tokens=sums.count)
         return {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}, metrics
 
@@ -362,9 +355,12 @@ def put_batch(batch: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[s
     return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
 
 
-def device_batch_keys(batch: dict[str, Any]) -> dict[str, Any]:
-    """The batch fields the step consumes (ids / bookkeeping stay on the host)."""
-    return {k: batch[k] for k in ("tokens", "label_mask", "pixel_values") + ATTN_FIELDS if k in batch}
+STEP_METRICS = ("ce", "pred_kl", "attn_kl", "loss", "grad_norm", "lr", "tokens")  # an auxiliary loss adds its own
+
+
+def device_batch_keys(batch: dict[str, Any], extra: Sequence[str] = ()) -> dict[str, Any]:
+    """The batch fields the step consumes, plus `extra` (ids / bookkeeping stay on the host)."""
+    return {k: batch[k] for k in ("tokens", "label_mask", "pixel_values", *extra) if k in batch}
 
 
 class Trainer:
@@ -375,10 +371,13 @@ class Trainer:
         if cfg.batch_size % cfg.accum_steps:
             raise ValueError(f"batch_size {cfg.batch_size} not divisible by accum_steps {cfg.accum_steps}")
         check_freeze(cfg.freeze, cfg.train_all)
-        if cfg.attn_layer is not None and not cfg.train_all:
-            raise ValueError("an attention target (attn_layer) trains the base's attention: it needs train_all")
-        if cfg.attn_key_layer is not None and cfg.attn_layer is None:
-            raise ValueError("attn_key_layer is the second hop of an attention target: it needs attn_layer")
+        if cfg.aux_loss is not None:
+            if not cfg.train_all:
+                raise ValueError(f"the auxiliary loss {cfg.aux_loss.metric!r} trains the base's attention: "
+                                 "it needs train_all")
+            if cfg.aux_loss.metric in STEP_METRICS:
+                raise ValueError(f"the auxiliary loss's metric name {cfg.aux_loss.metric!r} is taken by a step metric "
+                                 f"({list(STEP_METRICS)})")
         self.mesh = mesh if mesh is not None else shd.make_mesh(cfg.mesh)
         if not cfg.train_all and twig is None:
             twig = init_twig_from_base(base, training_twig_config(base, cfg.twig_K, cfg.twig_T))
@@ -404,10 +403,11 @@ class Trainer:
         self.batch_sh = None
 
     def compile_for(self, batch: dict[str, np.ndarray]):
-        missing = [k for k in ATTN_FIELDS if k not in batch]
-        if self.cfg.attn_layer is not None and missing:
-            raise ValueError(f"attn_layer={self.cfg.attn_layer} needs attention targets in the batch, missing "
-                             f"{missing} (DataConfig.attn_targets, or --attn-layer with data that has them)")
+        aux = self.cfg.aux_loss
+        missing = [] if aux is None else [k for k in aux.batch_fields if k not in batch]
+        if missing:
+            raise ValueError(f"the auxiliary loss {aux.metric!r} needs its fields in the batch, missing {missing} "
+                             "(a DataConfig.extra_fields that adds them)")
         per_process = self.cfg.batch_size // jax.process_count()
         for k, v in batch.items():
             if np.shape(v)[0] != per_process:
@@ -416,7 +416,7 @@ class Trainer:
         self._jitted = jit_train_step(self._step_fn, self.state_sh, self.frozen_sh, self.batch_sh, self.mesh)
 
     def step(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        batch = device_batch_keys(batch)
+        batch = device_batch_keys(batch, () if self.cfg.aux_loss is None else self.cfg.aux_loss.batch_fields)
         if self._jitted is None:
             self.compile_for(batch)
         self.state, metrics = self._jitted(self.state, self.frozen, put_batch(batch, self.batch_sh))
@@ -724,7 +724,7 @@ def train(base: Llava, cfg: TrainConfig, data_iter: Iterator[dict[str, np.ndarra
     return {"trainer": trainer, "metrics": history, "benchmark": bench, "start_step": start}
 
 
-__all__ = ["OptimConfig", "TrainConfig", "scan_layers", "twig_forward", "base_forward", "TrainModel", "split_model",
-           "training_twig_config", "make_loss_fn", "make_optimizer", "init_train_state", "train_state_shardings",
-           "make_train_step", "jit_train_step", "Trainer", "Checkpointer", "measure_matmul_flops",
-           "model_flops_per_step", "plot_loss", "train"]
+__all__ = ["OptimConfig", "TrainConfig", "scan_layers", "twig_forward", "base_forward", "base_forward_with_probs",
+           "TrainModel", "split_model", "training_twig_config", "make_loss_fn", "make_optimizer", "init_train_state",
+           "train_state_shardings", "make_train_step", "jit_train_step", "STEP_METRICS", "device_batch_keys", "Trainer",
+           "Checkpointer", "measure_matmul_flops", "model_flops_per_step", "plot_loss", "train"]

@@ -22,7 +22,12 @@ two: role 0 (the subject A: its cells and the key words before the relation word
 reference B: its cells and the key words after it); supervised head h gets role h % 2. Every
 other question's two roles are the same target.
 
-Batch fields (from `twig_jax.data.SampleProcessor` with `DataConfig.attn_targets`):
+Here are both halves of the library's extension point: `ShapesAttentionTargets` (a
+`DataConfig.extra_fields`: the batch fields below, from each record's shapes-world "objects") and
+`ShapesAttentionLoss` (a `TrainConfig.aux_loss`: the loss, logged as "attn_mass_nll");
+`shapes_attention` builds the pair from `python -m research.train_attention`'s flags.
+
+Batch fields (per sample from `ShapesAttentionTargets`, batched by the data pipeline):
   attn_rows [B, Q] int32       the row predicting each supervised answer's first token (0 if unused)
   attn_target [B, Q, 2, N]     per role, 1 on the visual tokens of the question's cells
   attn_key_target [B, Q, 2, S] per role, 1 on the key words of the question (the tokens in key_ids
@@ -33,12 +38,17 @@ Batch fields (from `twig_jax.data.SampleProcessor` with `DataConfig.attn_targets
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Collection, Sequence
+from collections.abc import Mapping
+from typing import ClassVar, Collection, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from twig_jax.data import BadSample, ConversationEncoder
+from twig_jax.data.shapes import RELATION_WORDS, ShapeObject, key_words, question_cells, relation_cells
 
 ATTN_FIELDS = ("attn_rows", "attn_target", "attn_key_target", "attn_valid", "attn_img_start")
 
@@ -153,5 +163,85 @@ def attention_mass_loss(probs: jax.Array, batch: dict, heads: int) -> tuple[jax.
     return _mass_nll(p_img, batch["attn_target"], batch["attn_valid"])
 
 
+def _token_ids(tok, words: Sequence[str]) -> list[int]:
+    """Token ids of shapes-world words (one word-level token each; unknown words dropped)."""
+    ids = [tok.convert_tokens_to_ids(w) for w in words]
+    unk = getattr(tok, "unk_token_id", None)
+    return [i for i in ids if i is not None and i != unk]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapesAttentionTargets:
+    """`DataConfig.extra_fields`: the ATTN_FIELDS of each sample, from the record's "objects" (the
+    cells every short question is about)."""
+
+    roles: bool = False  # a relation's two objects are two targets (subject: even heads, reference: odd heads)
+    slots: int = 8  # supervised questions per sample, at most
+    field_names: ClassVar[tuple[str, ...]] = ATTN_FIELDS
+
+    def __post_init__(self):
+        if self.slots < 1:
+            raise ValueError(f"attention target slots={self.slots} must be >= 1")
+
+    def sample_fields(self, record: Mapping, tokens: np.ndarray, label_mask: np.ndarray,
+                      encoder: ConversationEncoder) -> dict[str, np.ndarray]:
+        try:
+            objects = [ShapeObject.from_key(k) for k in record["objects"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise BadSample("malformed",
+                            f"attention targets need the record's shapes-world 'objects' ({e!r})") from None
+        n = encoder.num_image_tokens
+        targets = []
+        for msg in record["conversations"]:
+            if str(msg.get("from", "")).lower() not in ("human", "user"):
+                continue
+            question = str(msg.get("value", ""))
+            pair = relation_cells(question, objects) if self.roles else None
+            if pair is not None:
+                targets.append((cells_patch_mask([pair[0]], n), cells_patch_mask([pair[1]], n)))
+                continue
+            cells = question_cells(question, objects)
+            targets.append(None if cells is None else cells_patch_mask(cells, n))
+        # key words: the attribute words a question names an object by; relation words ("left",
+        # "above"): where a relation's subject ends
+        return supervision_fields(tokens, label_mask, encoder.image_token_index, n, targets, self.slots,
+                                  _token_ids(encoder.tok, key_words()), _token_ids(encoder.tok, RELATION_WORDS))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapesAttentionLoss:
+    """`TrainConfig.aux_loss`: layer `layer`'s first `heads` heads onto the asked object's visual
+    tokens and, with `key_layer`, that layer's first `heads` heads onto the question's key words
+    (its -log mass added per question, same count); weight `weight`."""
+
+    layer: int
+    heads: int = 1
+    key_layer: int | None = None
+    weight: float = 1.0
+    batch_fields: ClassVar[tuple[str, ...]] = ATTN_FIELDS
+    metric: ClassVar[str] = "attn_mass_nll"
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return (self.layer,) + (() if self.key_layer is None else (self.key_layer,))
+
+    def sums(self, probs: Sequence[jax.Array], batch: dict) -> tuple[jax.Array, jax.Array]:
+        nll, count = attention_mass_loss(probs[0], batch, self.heads)
+        if self.key_layer is not None:
+            key_nll, key_count = key_mass_loss(probs[1], batch, self.heads)
+            nll = nll + key_nll * count / jnp.maximum(key_count, 1.0)
+        return nll, count
+
+
+def shapes_attention(attn_layer: int | None, attn_heads: int = 1, attn_key_layer: int | None = None,
+                     attn_weight: float = 1.0, attn_roles: bool = False,
+                     ) -> tuple[ShapesAttentionTargets, ShapesAttentionLoss]:
+    """The data and loss halves of the attention target, from research.train_attention's flags."""
+    if attn_layer is None:
+        raise ValueError("the attention target (and its second hop, attn_key_layer, or its roles) needs attn_layer")
+    return (ShapesAttentionTargets(roles=attn_roles),
+            ShapesAttentionLoss(layer=attn_layer, heads=attn_heads, key_layer=attn_key_layer, weight=attn_weight))
+
+
 __all__ = ["ATTN_FIELDS", "cells_patch_mask", "answer_rows", "supervision_fields", "attention_mass_loss",
-           "key_mass_loss"]
+           "key_mass_loss", "ShapesAttentionTargets", "ShapesAttentionLoss", "shapes_attention"]

@@ -1,6 +1,7 @@
-"""The training-only attention target (twig_jax/attn_target.py): which cells a question is about,
-the batch fields the data pipeline builds, the loss against the inference layer runner's
-attention, and that training with it moves the supervised heads onto the target."""
+"""The training-only attention target (research/attention_target.py): which cells a question is
+about, the batch fields the data pipeline builds, the loss against the inference layer runner's
+attention, that training with it moves the supervised heads onto the target, and the
+research.train_attention entry point."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from twig_jax.train.attn_target import (
-    answer_rows, attention_mass_loss, cells_patch_mask, key_mass_loss, supervision_fields,
+from research.attention_target import (
+    ShapesAttentionLoss, ShapesAttentionTargets, answer_rows, attention_mass_loss, cells_patch_mask, key_mass_loss,
+    shapes_attention, supervision_fields,
 )
 from twig_jax.model.config import load_preset
 from twig_jax.data.shapes import (COLOURS, NUMBERS, POSITIONS, RELATION_WORDS, SHAPES, ShapeObject,
@@ -89,7 +91,7 @@ def test_data_pipeline_rows_point_at_each_answer(tmp_path, targets):
     image_id = tok.convert_tokens_to_ids("<image>")
     enc = ConversationEncoder(tok, image_id, 144, 400)
     proc = SampleProcessor(enc, lambda path: np.zeros((1, 3, 96, 96), np.float32), os.path.join(out, "images"),
-                           (3, 96, 96), attn_targets=targets, attn_slots=8)
+                           (3, 96, 96), extra_fields=ShapesAttentionTargets(roles=targets == "shapes-roles", slots=8))
     supervised = relations = 0
     for i, rec in enumerate(records):
         s = proc((i, rec))
@@ -221,23 +223,24 @@ def test_training_pulls_the_heads_onto_the_target(tiny):
     """A few steps with only the attention loss (CE weight is 1 but the target dominates) raise
     the supervised heads' mass on the target; the unsupervised heads are not asked to."""
     batch = _batch(tiny.cfg, seed=1)
-    tr = Trainer(tiny, TrainConfig(steps=30, batch_size=4, train_all=True, freeze=("vision",), attn_layer=1,
-                                   attn_heads=2, attn_key_layer=0, optim=OptimConfig(lr=3e-3, warmup_ratio=0.0)))
-    first = float(tr.step(batch)["attn_kl"])
+    tr = Trainer(tiny, TrainConfig(steps=30, batch_size=4, train_all=True, freeze=("vision",),
+                                   aux_loss=ShapesAttentionLoss(layer=1, heads=2, key_layer=0),
+                                   optim=OptimConfig(lr=3e-3, warmup_ratio=0.0)))
+    first = float(tr.step(batch)["attn_mass_nll"])
     for _ in range(29):
-        last = float(tr.step(batch)["attn_kl"])
+        last = float(tr.step(batch)["attn_mass_nll"])
     assert last < 0.5 * first, (first, last)
 
 
 def test_clear_errors(tiny):
     with pytest.raises(ValueError, match="needs train_all"):
-        Trainer(tiny, TrainConfig(steps=1, batch_size=2, attn_layer=1))
-    tr = Trainer(tiny, TrainConfig(steps=1, batch_size=4, train_all=True, attn_layer=1))
+        Trainer(tiny, TrainConfig(steps=1, batch_size=2, aux_loss=ShapesAttentionLoss(layer=1)))
+    tr = Trainer(tiny, TrainConfig(steps=1, batch_size=4, train_all=True, aux_loss=ShapesAttentionLoss(layer=1)))
     plain = {k: v for k, v in _batch(tiny.cfg).items() if not k.startswith("attn")}
-    with pytest.raises(ValueError, match="needs attention targets"):
+    with pytest.raises(ValueError, match="needs its fields in the batch"):
         tr.step(plain)
     with pytest.raises(ValueError, match="needs attn_layer"):
-        Trainer(tiny, TrainConfig(steps=1, batch_size=2, train_all=True, attn_key_layer=0))
+        shapes_attention(attn_layer=None, attn_key_layer=0)
     with pytest.raises(ValueError, match=r"layers \[1, 9\]"):
         base_forward_with_probs(tiny, jnp.zeros((1, 20), jnp.int32), None, (1, 9))
     with pytest.raises(ValueError, match="heads=5"):
@@ -246,3 +249,47 @@ def test_clear_errors(tiny):
     tokens = np.array([5] * 2 + [tiny.cfg.image_token_index] * 16 + [7, 8, 9, 4, 4]), np.array([0] * 21 + [1, 1])
     with pytest.raises(ValueError, match="relation word"):  # a two-role target in a question without one
         supervision_fields(*tokens, tiny.cfg.image_token_index, 16, [(eye[0], eye[1])], 2, split_ids=[SPLIT])
+
+
+def test_train_attention_entry_point_hands_its_objects_to_twig_jax_train(monkeypatch, capsys):
+    """The --attn-* flags become the data extension and the auxiliary loss; every other argument
+    goes to twig-jax train unchanged, which rejects the loss without --train-all."""
+    from research import train_attention
+    from twig_jax.cli.train import main as train_main
+
+    calls = []
+    monkeypatch.setattr(train_attention, "train_main", lambda argv, **kw: calls.append((argv, kw)) or 0)
+    rest = ["--data", "d.json", "--train-all", "--steps", "5", "--lr", "3e-4"]
+    assert train_attention.main(["--attn-layer", "1", "--data", "d.json", "--attn-heads", "2", "--train-all",
+                                 "--attn-key-layer", "0", "--steps", "5", "--attn-weight", "0.3", "--attn-roles",
+                                 "--lr", "3e-4"]) == 0
+    assert calls == [(rest, {"extra_fields": ShapesAttentionTargets(roles=True, slots=8),
+                             "aux_loss": ShapesAttentionLoss(layer=1, heads=2, key_layer=0, weight=0.3)})]
+    assert train_attention.main(["--attn-key-layer", "0", *rest]) == 2 and len(calls) == 1
+    assert "needs attn_layer" in capsys.readouterr().err
+    assert train_main(["--data", "d.json", "--base-preset", "tiny", "--steps", "1"],
+                      aux_loss=ShapesAttentionLoss(layer=1)) == 2
+    assert "needs --train-all" in capsys.readouterr().err
+
+
+def test_train_attention_runs_a_shapes_step(tmp_path):
+    """One step of python -m research.train_attention on a random shapes-world LLaVA: the metrics
+    log the attention target as attn_mass_nll, weighted into the loss."""
+    from research.train_attention import main
+
+    data = str(tmp_path / "data")
+    generate_dataset(data, 6, 0, seed=2)
+    with open(os.path.join(data, "train.json")) as f:
+        records = [r for r in json.load(f) if len(r["conversations"]) > 2]  # the scenes with short questions
+    with open(os.path.join(data, "train.json"), "w") as f:
+        json.dump(records, f)
+    ckpt = str(tmp_path / "run")
+    assert main(["--attn-layer", "1", "--attn-key-layer", "0", "--attn-heads", "2", "--attn-weight", "0.3",
+                 "--attn-roles", "--base-preset", "shapes-lm-2layer", "--tokenizer", os.path.join(data, "tokenizer"),
+                 "--train-all", "--freeze", "vision", "--data", os.path.join(data, "train.json"), "--images",
+                 os.path.join(data, "images"), "--max-len", "352", "--on-too-long", "truncate", "--batch", "2",
+                 "--steps", "1", "--ckpt-dir", ckpt, "--no-progress"]) == 0
+    with open(os.path.join(ckpt, "metrics.jsonl")) as f:
+        (rec,) = [json.loads(line) for line in f]
+    assert rec["attn_mass_nll"] > 0 and rec["attn_kl"] == 0.0  # no AttnKL term in this run
+    np.testing.assert_allclose(rec["loss"], rec["ce"] + 0.3 * rec["attn_mass_nll"], rtol=1e-6)
