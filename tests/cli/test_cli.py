@@ -181,3 +181,14 @@ def test_bench_dispatch(monkeypatch):
     assert cli.main(["bench", "--methods", "none,ttp", "--config", "tiny"]) == 0
     assert seen["argv"] == ["--methods", "none,ttp", "--config", "tiny"]
     assert os.path.basename(bt.__file__) == "methods.py"
+
+
+def test_help_lists_every_command_with_a_summary(capsys):
+    from twig_jax.cli.main import COMMANDS, main
+
+    assert main(["--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name, command in COMMANDS.items():
+        assert command.summary and "\n" not in command.summary
+        assert any(line.split()[:1] == [name] and command.summary in line for line in lines), name
+    assert main(["no-such-command"]) == 2

@@ -301,7 +301,7 @@ def relation_cells(question: str, objects: Sequence[ShapeObject]) -> tuple[int, 
 
 def question_cells(question: str, objects: Sequence[ShapeObject]) -> list[int] | None:
     """The grid cells of the objects a short question is about, for a training-only attention
-    target (`twig_jax.train.attn_target`): the named object for colour_of / shape_of / position / size_of,
+    target (`research.attention_target`): the named object for colour_of / shape_of / position / size_of,
     both for left_of / above, the matching objects for exists ("yes") and the two counts by colour
     or shape (when any match). None for questions no object answers (describe, count_all, a "no"
     to exists, a zero count) and for text this world does not ask."""
