@@ -13,9 +13,9 @@
 #      400 steps, then 800 more from that model; then 400 + 800 + 800 steps with roles
 #      (--attn-roles: a relation's subject and reference are separate targets)
 #   3. grown to 8 layers: its two layers at depths 0 and 4, six zero-output layers that read like
-#      the next trained layer (train/grow.py --at 0,4 --fill next); exactly the 2-layer function
+#      the next trained layer (research/grow.py --at 0,4 --fill next); exactly the 2-layer function
 #   4. the twig (K=2, T=2) distilled from the frozen grown base with the training stack
-#   5. its TwigVLM++ P-head trained by RL (train/prune_rl.py: base and twig frozen, 400 steps)
+#   5. its TwigVLM++ P-head trained by RL (twig_jax/train/prune_rl.py: base and twig frozen, 400 steps)
 #   6. bundle (bfloat16, <= 25 MB; keep-sets: the coverage rule over the P-head's scores), check, and
 #      measure the CI subset
 set -euo pipefail

@@ -1,4 +1,4 @@
-"""infer/accuracy_table.py on the bundled model and the first image of the checked-in mini subset:
+"""research/accuracy_table.py on the bundled model and the first image of the checked-in mini subset:
 the table's runs answer exactly what `twig-jax eval` answers for the same method, keep-set rule, R
 and Kf (so --Kf and the row's rule really reach every pruned run), accuracy kept is method / unpruned accuracy, and bad
 --Kf / --ninths values are refused with a message that names them."""

@@ -144,7 +144,7 @@ def test_ttp_ssd_equals_pruned_greedy(bundle, subset):
 
 
 def test_demo_main_job_answers_and_reports(bundle, tmp_path, capsys):
-    """The README's main command (scripts/demo.sh -> infer.demo) on the bundle and its demo set: it
+    """The README's main command (scripts/demo.sh -> twig-jax demo) on the bundle and its demo set: it
     answers every question, and the accuracy it prints is eval.score's on the answers it writes."""
     from twig_jax.cli.demo import DEMO_DIR, main
     from twig_jax.eval.evaluate import read_answers, score

@@ -1,4 +1,4 @@
-"""train/grow.py: the grown model computes the shallow LM's function exactly (its logits against the
+"""research/grow.py: the grown model computes the shallow LM's function exactly (its logits against the
 shallow model's own forward pass), keeps the target's vision tower and projector, trains its new
 layers, and refuses an incompatible pair."""
 

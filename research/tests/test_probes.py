@@ -1,4 +1,4 @@
-"""The measurement helpers behind infer/kept_coverage.py and infer/lookup_probe.py, against
+"""The measurement helpers behind research/kept_coverage.py and research/lookup_probe.py, against
 hand-made scenes whose answers are known, and one kept_coverage run on the bundled model."""
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def test_kept_coverage_on_the_bundle(tmp_path):
 
 
 def test_find_probe_fields_and_prompts(tmp_path):
-    """infer/find_probe.py: fields of a key-first answer (one- and two-word keys and positions, a
+    """research/find_probe.py: fields of a key-first answer (one- and two-word keys and positions, a
     model that runs on after its first sentence), and prompts whose references are the generator's."""
     from research.find_probe import field_hits, find_prompts
     from twig_jax.data.shapes import generate_dataset

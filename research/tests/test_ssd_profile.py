@@ -1,4 +1,4 @@
-"""infer/ssd_profile.py runs on the bundled model and its figures are consistent with each other
+"""research/ssd_profile.py runs on the bundled model and its figures are consistent with each other
 (timings themselves are benchmarks, not test assertions)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""train/text_control.py: the text-only layouts keep every short question and answer of a scene, the
+"""research/text_control.py: the text-only layouts keep every short question and answer of a scene, the
 eval prompts match the training format, and its batched first-token predictions equal one
 unpadded forward pass per prompt."""
 

@@ -1,4 +1,4 @@
-"""infer/bench_twig as a library: bench_methods on a tiny random model returns one row per
+"""twig_jax.bench.methods as a library: bench_methods on a tiny random model returns one row per
 (batch, length, method) with the figures the README table reports; the perfect twig accepts
 every draft and emits delta + 1 tokens per full round."""
 

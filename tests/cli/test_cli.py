@@ -172,7 +172,7 @@ def test_make_generator_rejects_ssd_without_twig(saved):
 
 
 def test_bench_dispatch(monkeypatch):
-    """`twig-jax bench --methods ...` goes to infer/bench_twig.py."""
+    """`twig-jax bench --methods ...` goes to twig_jax.bench.methods."""
     import twig_jax.bench.methods as bt
     from twig_jax.cli import main as cli
 

@@ -1,4 +1,4 @@
-"""TwigVLM++ P-head (twig_jax/phead.py) and its RL stage (train/prune_rl.py).
+"""TwigVLM++ P-head (twig_jax/twig/phead.py) and its RL stage (twig_jax/train/prune_rl.py).
 
 (a) P-head scores equal a float64 numpy computation of the formula (gates, own q/k, RoPE);
     pruning with method "phead" keeps their top R and decodes like the numpy pruned model;
@@ -438,7 +438,7 @@ def test_attention_over_visual_is_ttps_scores(setup):
 
 
 def test_keep_set_probe_runs(tmp_path, tiny_shapes_dirs):
-    """infer/keep_set_probe.py end to end on the tiny model: every rule scored on both answer kinds;
+    """research/keep_set_probe.py end to end on the tiny model: every rule scored on both answer kinds;
     keeping everything (R = N) gives every rule the same reward."""
     from research.keep_set_probe import main
 

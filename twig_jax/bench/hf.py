@@ -15,7 +15,7 @@ padding + prefill + decode + fetch. HF: prefill = `generate(max_new_tokens=1)`; 
 (compilation for ours). Throughputs are aggregate over the batch: decode tok/s =
 (new_tokens - 1) * batch / decode time, e2e tok/s = new_tokens * batch / end-to-end time.
 
-Floors (twig_jax/bench_floors.py): decode step >= bytes read per step / measured bandwidth;
+Floors (twig_jax/bench/floors.py): decode step >= bytes read per step / measured bandwidth;
 prefill >= prefill FLOPs / measured matmul rate.
 """
 

@@ -1,7 +1,7 @@
 """The main job: batch inference with the bundled shapes-world LLaVA + twig (TTP + SSD) on the
 bundled demo set, with answers, reference answers and speed against plain decoding.
 
-    python -m infer.demo [--bundle DIR] [--model DIR [--twig DIR]] [--questions FILE --images DIR
+    twig-jax demo [--bundle DIR] [--model DIR [--twig DIR]] [--questions FILE --images DIR
                          [--answers FILE]] [--R N] [--Kf N] [--max-new-tokens N] [--dtype float32|bfloat16]
                          [--out FILE]
 

@@ -261,7 +261,7 @@ def _demo(argv) -> int:
 
 def _bench(argv) -> int:
     if any(a == "--methods" or a.startswith("--methods=") for a in argv):
-        return _bench_twig(argv)  # TwigVLM methods on the same weights (infer/bench_twig.py)
+        return _bench_twig(argv)  # TwigVLM methods on the same weights (twig_jax/bench/methods.py)
     from twig_jax.bench.hf import main
 
     return main(argv) or 0

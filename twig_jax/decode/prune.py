@@ -18,7 +18,7 @@ modules' stacked weights and stacked caches are used (one compiled layer body in
 
 Pruning methods share one code path and differ only in where the scores come from:
   "twig"   last twig layer's attention (the paper's TTP),
-  "phead"  the TwigVLM++ P-head on the last twig layer (twig_jax/phead.py; the twig must have one),
+  "phead"  the TwigVLM++ P-head on the last twig layer (twig_jax/twig/phead.py; the twig must have one),
   "fastv"  attention of base layer K-1, the last trunk layer (FastV-style baseline, same R),
   "random" uniform random scores from a key (random keep-R baseline),
   "none"   no pruning: R = N and Kf = L (the unpruned model, computed through the same groups).
@@ -258,7 +258,7 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
     if needs_twig(plan.method) and twig is None:
         raise TwigConfigError(f"method {plan.method!r} needs a twig")
     if plan.method == "phead" and twig.p_head is None:
-        raise TwigConfigError("method 'phead' needs a twig with a P-head (train one with train/prune_rl.py)")
+        raise TwigConfigError("method 'phead' needs a twig with a P-head (train one with twig_jax/train/prune_rl.py)")
     img_pos = visual_positions(is_image, n)  # [B, N]
     phead_s = None
     if twig is not None:
