@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 
+from twig_jax.decode.variants import parse_variant
 from research.bootstrap import difference_interval, image_sums, image_weights, kept_interval
 from twig_jax.eval.evaluate import (
     DEFAULT_MODEL, DEFAULT_TWIG, DESCRIPTION, SHORT, EvalConfig, accuracy, attach_categories, build_generator,
@@ -38,18 +39,13 @@ from twig_jax.eval.evaluate import (
 )
 
 PRUNED_NINTHS = (1, 2, 3)  # R = k N / 9 kept: 88.9%, 77.8%, 66.7% pruned
-# table row -> (pruning method, keep-set rule): "top" R of the scores (the published methods), "sample"
-# (a draw from the P-head's scores), "cover" (score-weighted coverage, ttp.cover_visual)
-RUN_AS = {"twig": ("twig", "top"), "phead": ("phead", "top"), "phead_sampled": ("phead", "sample"),
-          "fastv": ("fastv", "top"), "random": ("random", "top"),
-          "twig_cover": ("twig", "cover"), "phead_cover": ("phead", "cover"), "fastv_cover": ("fastv", "cover"),
-          "random_cover": ("random", "cover")}
-METHODS = tuple(RUN_AS)
-LABELS = {"twig": "TwigVLM (TTP)", "phead": "TwigVLM++ P-head (top R)",
-          "phead_sampled": "TwigVLM++ P-head (sampled)", "fastv": "FastV", "random": "random",
-          "twig_cover": "TTP, coverage keep-set", "phead_cover": "P-head, coverage keep-set",
-          "fastv_cover": "FastV scores, coverage keep-set (control)",
-          "random_cover": "random weights, coverage keep-set (control)", "none": "unpruned"}
+# table rows (decode/variants.py names): top R of the scores (the published methods), a draw from the
+# P-head's scores ("-sample"), score-weighted coverage ("-cover"); the FastV and random coverage rows
+# are controls for the coverage rule itself
+METHODS = ("twig", "phead", "phead-sample", "fastv", "random", "twig-cover", "phead-cover", "fastv-cover",
+           "random-cover")
+RUN_AS = {name: (parse_variant(name).method, parse_variant(name).select) for name in METHODS}
+LABELS = {name: parse_variant(name).label for name in METHODS} | {"none": "unpruned"}
 
 
 def kept_for(n_visual: int, k: int) -> int:

@@ -7,8 +7,8 @@ long answers (>= 8 answer tokens: descriptions) and short ones.
         [--records 24] [--cells 3] [--out-json F]
 
 Rules: "twig" (TTP: the last twig layer's attention from the last prompt token), "phead" (when the
-twig has a P-head: its top R, and "phead_sampled", keep-sets drawn from its scores as in RL), the
-"_cover" keep-sets of both (select="cover": score-weighted coverage, ttp.cover_visual), base
+twig has a P-head: its top R, and "phead-sample", keep-sets drawn from its scores as in RL), the
+"-cover" keep-sets of both (select="cover": score-weighted coverage, ttp.cover_visual), base
 layer attention top-R from the last prompt row or from every answer row ("base L<l>
 last/answer"; where the model looks, as AttnKL would distil it), "random" (mean of 4
 draws), and "grid": a fixed, image-independent layout that keeps the patches nearest the centre of

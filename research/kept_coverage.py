@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     from twig_jax.pipeline import image_preprocessor_for, load_tokenizer
     from twig_jax.twig.io import load_twig_any
     from twig_jax.data.preprocess import build_prompt, tokenize_with_image
-    from twig_jax.decode.prune import baseline_keep_rule
+    from twig_jax.twig.config import baseline_keep_rule
     from twig_jax.decode.generator import TwigGenerator
     from twig_jax.eval.viz import kept_cells, patch_layout
 

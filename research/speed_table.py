@@ -17,25 +17,30 @@ per-layer decoder, no pruning); "ssd" drafts with the twig but keeps every visua
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
 from twig_jax.bench.timing import median_pass, run_pass, timed_passes  # noqa: F401 (re-exported for research scripts)
+from twig_jax.decode.variants import parse_variant
 
-VARIANTS = {  # name -> (method, ssd, keep-set rule; None: the twig config's)
-    "plain": ("none", False, None),
-    "fastv": ("fastv", False, "top"),
-    "ttp": ("twig", False, "top"),
-    "ssd": ("none", True, None),
-    "ttp+ssd": ("twig", True, "top"),
-    "ttp-cover": ("twig", False, "cover"),  # TTP's scores, coverage keep-set (ttp.cover_visual)
-    "ttp-cover+ssd": ("twig", True, "cover"),
-    "phead": ("phead", False, None),  # TwigVLM++ P-head pruning (only when the twig has a P-head)
-    "phead+ssd": ("phead", True, None),
-}
-PHEAD_VARIANTS = ("phead", "phead+ssd")
-LOSSLESS_PAIRS = (("ssd", "plain"), ("ttp+ssd", "ttp"), ("ttp-cover+ssd", "ttp-cover"), ("phead+ssd", "phead"))
+# decode/variants.py names; the bundled setting is the P-head with its coverage keep-set
+VARIANTS = ("plain", "fastv", "twig", "ssd", "twig+ssd", "twig-cover", "twig-cover+ssd", "phead-cover",
+            "phead-cover+ssd")
+
+
+def table_order(name: str) -> tuple:
+    """Rows in VARIANTS' order; a variant without drafting just before its +ssd twin."""
+    v = parse_variant(name)
+    base = dataclasses.replace(v, ssd=False).name
+    return (VARIANTS.index(base) if base in VARIANTS else len(VARIANTS), base, v.ssd)
+
+
+def lossless_reference(name: str) -> str | None:
+    """The variant an SSD variant must match token for token (itself without drafting)."""
+    v = parse_variant(name)
+    return dataclasses.replace(v, ssd=False).name if v.ssd else None
 
 
 def description_inputs(pipe, questions, images_dir: str, n: int):
@@ -82,16 +87,14 @@ def description_batch(pipe, data_dir: str | None, n: int):
 def measure_speed(model, tokenizer, twig, twig_cfg, prompts, pixels, *, batches=(1, 8), repeats: int = 3,
                   max_new_tokens: int = 128, variants=tuple(VARIANTS), log=print) -> list[dict]:
     """Rows of the speed table, one per (batch, variant); plain decoding is the reference."""
-    import dataclasses
-
     from twig_jax.decode.generator import make_generator
 
     eos_ids = (tokenizer.eos_token_id,)
     gens = {}
     for name in variants:
-        method, ssd, select = VARIANTS[name]
-        cfg = twig_cfg if select is None else dataclasses.replace(twig_cfg, select=select)
-        gens[name] = make_generator(model, twig, cfg, method=method, ssd=ssd)
+        v = parse_variant(name)
+        cfg = twig_cfg if v.method == "none" else dataclasses.replace(twig_cfg, select=v.select)
+        gens[name] = make_generator(model, twig, cfg, method=v.method, ssd=v.ssd)
     rows = []
     for batch in batches:
         if len(prompts) % batch:
@@ -112,8 +115,9 @@ def measure_speed(model, tokenizer, twig, twig_cfg, prompts, pixels, *, batches=
             rows.append(row)
         # Greedy SSD is lossless: it must reproduce its non-speculative counterpart token for token.
         outs = {name: passes[name][0]["outputs"] for name in gens}
-        for spec, ref in LOSSLESS_PAIRS:
-            if spec in outs and ref in outs:
+        for spec in outs:
+            ref = lossless_reference(spec)
+            if ref in outs:
                 same = outs[spec] == outs[ref]
                 next(r for r in rows if r["batch"] == batch and r["variant"] == spec)["same_tokens_as_" + ref] = same
                 if not same:
@@ -147,7 +151,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines.append(f"R = {meta['R']} of N = {meta['N']} visual tokens, K = {meta['K']}, Kf = {meta['Kf']}, "
                  f"draft_len = {meta['draft_len']}, theta = {meta['theta']}; {meta['n_inputs']} descriptions, "
                  f"max {meta['max_new_tokens']} new tokens; median of {meta['repeats']} passes; keep-sets: top R, "
-                 f"coverage for ttp-cover, {meta.get('phead_select', 'top')} for the P-head.")
+                 f"coverage for twig-cover, {meta.get('phead_select', 'top')} for the P-head.")
     return "\n".join(lines)
 
 
@@ -175,13 +179,13 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights are cast to this on load (default %(default)s, as the demo and the eval run the bundle)")
     args = p.parse_args(argv)
-    asked = [v for v in (args.variants or "").split(",") if v]
-    if [v for v in asked if v not in VARIANTS]:
-        p.error(f"--variants {[v for v in asked if v not in VARIANTS]}: choose from {list(VARIANTS)}")
-
-    import dataclasses
-
     from twig_jax.twig.config import TwigConfigError
+
+    asked = [v for v in (args.variants or "").split(",") if v]
+    try:
+        asked_variants = [parse_variant(v) for v in asked]
+    except TwigConfigError as e:
+        p.error(f"--variants: {e}")
 
     model, tokenizer, twig, twig_cfg, pipe = load_model_and_twig(args.model, args.twig, args.dtype)
     if args.R is not None:
@@ -198,11 +202,12 @@ def main(argv=None) -> int:
         p.error(str(e))
     prompts, pixels = description_batch(pipe, args.data, args.images)
     batches = tuple(int(b) for b in args.batches.split(","))
-    variants = tuple(v for v in VARIANTS if twig.p_head is not None or v not in PHEAD_VARIANTS)
+    variants = tuple(v for v in VARIANTS if twig.p_head is not None or parse_variant(v).method != "phead")
     if asked:
-        if twig.p_head is None and set(asked) & set(PHEAD_VARIANTS):
-            p.error(f"--variants {sorted(set(asked) & set(PHEAD_VARIANTS))}: the twig {args.twig} has no P-head")
-        variants = tuple(v for v in variants if v == "plain" or v in asked)
+        phead = sorted(v.name for v in asked_variants if v.method == "phead")
+        if twig.p_head is None and phead:
+            p.error(f"--variants {phead}: the twig {args.twig} has no P-head")
+        variants = ("plain",) + tuple(sorted(set(asked) - {"plain"}, key=table_order))
     rows = measure_speed(model, tokenizer, twig, twig_cfg, prompts, pixels, batches=batches, repeats=args.repeats,
                          max_new_tokens=args.max_new_tokens, variants=variants,
                          log=lambda s: print(s, file=sys.stderr))

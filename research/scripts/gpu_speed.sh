@@ -24,5 +24,5 @@ timeout 240 "$PY" -m research.ssd_profile --batches 1,8 --repeats 5 --out-json "
 # The method rows (FastV, TTP, SSD, TTP + SSD) and the bundled setting (P-head + SSD), the first 16
 # descriptions of seed 0's eval split (generated in a temp dir), batch 1 and 8, median of 3 passes.
 timeout 300 "$PY" -m research.speed_table --images 16 --batches 1,8 --repeats 3 \
-    --variants fastv,ttp,ssd,ttp+ssd,phead,phead+ssd \
+    --variants fastv,twig,ssd,twig+ssd,phead-cover,phead-cover+ssd \
     --out-json "$OUT/speed.json" --out-md "$OUT/speed.md" "$@"

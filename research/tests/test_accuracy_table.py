@@ -36,12 +36,12 @@ def test_table_runs_at_the_given_Kf_equal_eval(tmp_path):
     L = model.cfg.text.num_hidden_layers
     out, preds = str(tmp_path / "acc.json"), str(tmp_path / "preds")
     os.makedirs(preds)
-    assert main(FILES + ["--methods", "twig,twig_cover", "--ninths", "1", "--Kf", str(L), "--limit", str(LIMIT),
+    assert main(FILES + ["--methods", "twig,twig-cover", "--ninths", "1", "--Kf", str(L), "--limit", str(LIMIT),
                          "--out-json", out, "--preds-dir", preds]) == 0
     with open(out) as f:
         result = json.load(f)
     R = round(model.cfg.num_image_tokens / 9)
-    assert [(r["method"], r["R"], r["Kf"]) for r in result["runs"]] == [("twig", R, L), ("twig_cover", R, L)]
+    assert [(r["method"], r["R"], r["Kf"]) for r in result["runs"]] == [("twig", R, L), ("twig-cover", R, L)]
     assert result["Kf"] == L
     for run in result["runs"]:
         for cat, acc in run["accuracy"].items():
@@ -59,7 +59,7 @@ def test_table_runs_at_the_given_Kf_equal_eval(tmp_path):
     twig, _ = load_twig_any(os.path.join(BUNDLE_DIR, "twig"), model.cfg.text, dtype=jnp.float32)
     tok = load_tokenizer(os.path.join(BUNDLE_DIR, "base"))
     improc = image_preprocessor_for(model, os.path.join(BUNDLE_DIR, "base"))
-    for row, select in (("twig", "top"), ("twig_cover", "cover")):
+    for row, select in (("twig", "top"), ("twig-cover", "cover")):
         direct, m = run_eval(model, tok, questions,
                              EvalConfig(method="twig", R=R, Kf=L, select=select, ssd=False, batch_size=16),
                              images_dir=FILES[3], twig=twig, image_processor=improc,

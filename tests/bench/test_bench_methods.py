@@ -22,17 +22,17 @@ def test_bench_methods_rows():
     tc = TwigConfig(K=1, T=1, Kf=3, R=4, draft_len=3)
     twig = Twig(cfg.text, tc, rngs=nnx.Rngs(1))
     prompts, pixels = make_prompts(cfg, 2, 6, 0)  # two prompts: batch 3 cycles them
-    rows = bench_methods(model, twig, tc, prompts, pixels, methods=("ttp+ssd",), batch_sizes=(1, 3),
+    rows = bench_methods(model, twig, tc, prompts, pixels, methods=("twig+ssd",), batch_sizes=(1, 3),
                          answer_lengths=(9,), repeats=1, calibration_batch_sizes=(1,), log=None)
     names = [(r["batch"], r["method"]) for r in rows]
-    assert names == [(1, "none"), (1, "ttp+ssd"), (1, "cal:perfect"), (1, "cal:round"), (3, "none"), (3, "ttp+ssd")]
+    assert names == [(1, "plain"), (1, "twig+ssd"), (1, "cal:perfect"), (1, "cal:round"), (3, "plain"), (3, "twig+ssd")]
     for r in rows:
         assert r["generated_tokens"] == 9 * r["batch"] and r["answer_len"] == 9
         assert r["e2e_s"] > 0 and r["prefill_s"] > 0 and r["speed_vs_plain"] > 0 and r["kv_bytes_per_seq"] > 0
     by = {(r["batch"], r["method"]): r for r in rows}
-    assert by[(1, "none")]["speed_vs_plain"] == 1.0 and "acceptance_rate" not in by[(1, "none")]
-    assert by[(1, "ttp+ssd")]["kept_visual_tokens"] == 4 and by[(1, "none")]["kept_visual_tokens"] == 16
-    assert 0 <= by[(3, "ttp+ssd")]["acceptance_rate"] <= 1 and by[(3, "ttp+ssd")]["tokens_per_round"] >= 1
+    assert by[(1, "plain")]["speed_vs_plain"] == 1.0 and "acceptance_rate" not in by[(1, "plain")]
+    assert by[(1, "twig+ssd")]["kept_visual_tokens"] == 4 and by[(1, "plain")]["kept_visual_tokens"] == 16
+    assert 0 <= by[(3, "twig+ssd")]["acceptance_rate"] <= 1 and by[(3, "twig+ssd")]["tokens_per_round"] >= 1
     perfect = by[(1, "cal:perfect")]
     assert perfect["acceptance_rate"] == 1.0
     assert perfect["tokens_per_round"] == 4.0  # 8 decoded tokens in 2 full rounds of delta + 1
@@ -47,5 +47,5 @@ def test_bench_command_writes_json(tmp_path):
                  "--K", "1", "--T", "1", "--Kf", "3", "--R", "4", "--repeats", "1", "--no-calibration",
                  "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert res["complete"] and [r["method"] for r in res["rows"]] == ["none", "fastv"]
+    assert res["complete"] and [r["method"] for r in res["rows"]] == ["plain", "fastv"]
     assert np.isclose(res["rows"][0]["speed_vs_plain"], 1.0)

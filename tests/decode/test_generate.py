@@ -181,3 +181,22 @@ def test_bad_inputs_raise_named_errors(model, generator, case, match):
         prompts = [prompts[0] + [cfg.text.vocab_size + 3]]
     with pytest.raises(InputError, match=match):
         generator.generate(prompts, pixels, max_new_tokens=8)
+
+
+def test_variant_names_round_trip():
+    from twig_jax.decode.variants import Variant, parse_variant
+    from twig_jax.twig.config import METHODS, TwigConfigError
+
+    names = set()
+    for method in METHODS:
+        for ssd in (False, True):
+            for select in (("top",) if method == "none" else ("top", "cover", "sample")):
+                v = Variant(method, ssd, select)
+                assert parse_variant(v.name) == v
+                names.add(v.name)
+    assert len(names) == 2 + 4 * 3 * 2  # every variant has its own name
+    assert parse_variant("twig+ssd") == Variant("twig", True, "top")
+    assert parse_variant("phead-cover+ssd").label == "P-head, coverage keep-set + SSD"
+    for bad in ("ttp", "twig-top", "none+ssd", "plain-cover", "twig+SSD", "fastv-all"):
+        with pytest.raises(TwigConfigError):
+            parse_variant(bad)

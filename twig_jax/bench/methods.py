@@ -1,6 +1,6 @@
 """Benchmark TwigVLM decoding methods on the same weights: plain, FastV, TTP, SSD, TTP + SSD.
 
-    python -m twig_jax.bench.methods [--config llava-mini] [--methods none,fastv,ttp,ssd,ttp+ssd]
+    python -m twig_jax.bench.methods [--config llava-mini] [--methods plain,fastv,twig,ssd,twig+ssd]
         [--batch-sizes 1,8] [--answer-lengths 8,128] [--K 2 --T 2 --Kf 9 --R 64]
         [--repeats 3] [--calibration-batch-sizes 1] [--clock wall|cpu] [--out bench_results/bench_twig.json]
     (also `twig-jax bench-twig ...` and `twig-jax bench --methods ...`)
@@ -13,19 +13,20 @@ entry for real weights (a trained model and twig, real prompts and images):
                          answer_lengths=(8, 128), eos_ids=())
     print(table({"rows": rows, "twig": {"K": twig_cfg.K, "T": twig_cfg.T}}))
 
-Methods (all generators share one per-layer copy of the decoder weights):
-    none     plain `Generator` (no pruning, no drafting, per-layer decode): the reference
-    fastv    TwigGenerator(method="fastv", ssd=False): prune with base layer K-1's attention
-    ttp      TwigGenerator(method="twig",  ssd=False): prune with the twig's attention
-    ssd      TwigGenerator(method="none",  ssd=True):  self-speculative decoding, no pruning
-    ttp+ssd  TwigGenerator(method="twig",  ssd=True):  both (TwigVLM)
+Variants (decode/variants.py names; all generators share one per-layer copy of the decoder weights):
+    plain     plain `Generator` (no pruning, no drafting, per-layer decode): the reference
+    fastv     TwigGenerator(method="fastv", ssd=False): prune with base layer K-1's attention
+    twig      TwigGenerator(method="twig",  ssd=False): TTP, prune with the twig's attention
+    ssd       TwigGenerator(method="none",  ssd=True):  self-speculative decoding, no pruning
+    twig+ssd  TwigGenerator(method="twig",  ssd=True):  both (TwigVLM)
+    any other METHOD[-RULE][+ssd], e.g. fastv-cover, phead+ssd
 With eos_ids=() (the default, and the command line) every row generates exactly the answer length;
 with real EOS ids rows stop early and the figures count the tokens actually generated. Figures,
 medians over `repeats` timed runs after a warm-up run (compilation):
     e2e        wall time of `generate` (input checks, padding, prefill, decode, fetch)
     prefill    the method's own prefill alone (plain prefill / ttp_prefill with its caches)
     decode     e2e - prefill; decode tok/s = (generated - batch) / decode (the prefill emits one per row)
-    speed      generated / e2e, relative to method none at the same batch and length (docs/design.md, "Self-speculative decoding")
+    speed      generated / e2e, relative to plain at the same batch and length (docs/design.md, "Self-speculative decoding")
     acc, tok/round  SSD acceptance rate (accepted / drafted) and tokens emitted per draft/verify round
     round/step one draft+verify round (decode / rounds of the longest row) over one plain decode step
     KV/seq     KV-cache bytes per sequence at the padded shapes (all groups, K and V)
@@ -47,25 +48,21 @@ import os
 import platform
 import statistics
 import sys
+import dataclasses
 import time
 from typing import Callable, Sequence
 
 import numpy as np
 
-METHODS = {  # name -> (pruning method, ssd); None = plain Generator
-    "none": None,
-    "fastv": ("fastv", False),
-    "ttp": ("twig", False),
-    "ssd": ("none", True),
-    "ttp+ssd": ("twig", True),
-}
+DEFAULT_VARIANTS = ("plain", "fastv", "twig", "ssd", "twig+ssd")  # decode/variants.py names
 PAPER_ACCEPTANCE = 0.574
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="twig-jax bench-twig", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="llava-mini", help="preset name (configs/NAME.json)")
-    p.add_argument("--methods", default="none,fastv,ttp,ssd,ttp+ssd", help=f"comma-separated of {list(METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_VARIANTS),
+                   help="comma-separated variants, METHOD[-RULE][+ssd] (decode/variants.py), e.g. plain,twig+ssd")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--answer-lengths", default="8,128", help="generated tokens per row (short, long)")
     p.add_argument("--text-tokens", type=int, default=24, help="text tokens in the prompt besides the image")
@@ -103,9 +100,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if min(args.answer_lengths) < 2:
         p.error("--answer-lengths must be >= 2 (one prefill token plus at least one decode step)")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in args.methods if m not in METHODS]
-    if bad or not args.methods:
-        p.error(f"unknown --methods {bad}; have {list(METHODS)}")
+    from twig_jax.decode.variants import parse_variant
+    from twig_jax.twig.config import TwigConfigError
+
+    if not args.methods:
+        p.error("--methods is empty")
+    for m in args.methods:
+        try:
+            parse_variant(m)
+        except TwigConfigError as e:
+            p.error(f"--methods: {e}")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
     return args
@@ -225,29 +229,28 @@ def expected_tokens_per_round(a: float, delta: int) -> float:
 
 def make_generators(model, twig, twig_cfg, methods: Sequence[str], calibration: bool = True) -> dict:
     """{name: generator} for `methods` (+ "cal:perfect", "cal:round" with calibration), sharing one
-    per-layer copy of the base decoder weights. Method "none" is always built (the reference)."""
+    per-layer copy of the base decoder weights. Variant "plain" is always built (the reference)."""
     from twig_jax.decode.generator import Generator
     from twig_jax.twig.config import TwigConfigError
     from twig_jax.twig.module import init_twig_from_base
     from twig_jax.decode.generator import TwigGenerator
 
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"unknown methods {bad}; have {list(METHODS)}")
+    from twig_jax.decode.variants import parse_variant
+    from twig_jax.twig.config import needs_twig
+
+    variants = {m: parse_variant(m) for m in methods}  # TwigConfigError names a bad one
     plain = Generator(model)
     shared = dict(layer_weights=plain.layer_weights)
-    gens = {"none": plain}
-    for m in methods:
-        if m == "none":
+    gens = {"plain": plain}
+    for m, v in variants.items():
+        if m == "plain":
             continue
-        method, ssd = METHODS[m]
-        if twig is None and (ssd or method == "twig"):
-            raise TwigConfigError(f"method {m!r} needs a twig")
-        gens[m] = TwigGenerator(model, twig if (ssd or method == "twig") else None, twig_cfg, method=method,
-                                ssd=ssd, **shared)
+        if twig is None and (v.ssd or needs_twig(v.method)):
+            raise TwigConfigError(f"variant {m!r} needs a twig")
+        tc = twig_cfg if v.method == "none" else dataclasses.replace(twig_cfg, select=v.select)
+        gens[m] = TwigGenerator(model, twig if (v.ssd or needs_twig(v.method)) else None, tc, method=v.method,
+                                ssd=v.ssd, **shared)
     if calibration:
-        import dataclasses
-
         L, N, k = model.cfg.text.num_hidden_layers, model.cfg.num_image_tokens, twig_cfg.K
         ptc = dataclasses.replace(twig_cfg, T=L - k, Kf=L, R=N, R_bar=None, theta=0.0)
         gens["cal:perfect"] = TwigGenerator(model, init_twig_from_base(model, ptc), ptc, method="none", ssd=True,
@@ -259,7 +262,7 @@ def make_generators(model, twig, twig_cfg, methods: Sequence[str], calibration: 
 
 
 def bench_methods(model, twig, twig_cfg, prompts: Sequence[Sequence[int]], pixels, *,
-                  methods: Sequence[str] = ("none", "fastv", "ttp", "ssd", "ttp+ssd"),
+                  methods: Sequence[str] = DEFAULT_VARIANTS,
                   batch_sizes: Sequence[int] = (1, 8), answer_lengths: Sequence[int] = (8, 128),
                   repeats: int = 3, calibration: bool = True, calibration_batch_sizes: Sequence[int] | None = None,
                   eos_ids: Sequence[int] = (), sampling=None, clock: str = "wall",
@@ -273,7 +276,7 @@ def bench_methods(model, twig, twig_cfg, prompts: Sequence[Sequence[int]], pixel
     eos_ids=() makes every row generate exactly that many (comparable timings), real EOS ids let
     rows stop (then speed counts generated tokens). Each row holds the figures of time_method plus
     method, batch, answer_len, prompt_len, speed_vs_plain (end-to-end generated tokens/s over
-    method none's), decode_speed_vs_plain, round_vs_plain_step (SSD methods). calibration adds
+    plain's), decode_speed_vs_plain, round_vs_plain_step (SSD methods). calibration adds
     "cal:perfect" (and "cal:round" when a twig is given) rows; calibration_batch_sizes limits them
     to those batch sizes (default: all). clock: "wall" or "cpu" (see time_method). on_row(row) is
     called as each row completes.
@@ -282,8 +285,8 @@ def bench_methods(model, twig, twig_cfg, prompts: Sequence[Sequence[int]], pixel
         raise ValueError(f"clock {clock!r}: have {list(CLOCKS)}")
     log = log or (lambda msg: None)
     methods = list(methods)
-    if "none" not in methods:
-        methods = ["none"] + methods  # the reference for relative speed
+    if "plain" not in methods:
+        methods = ["plain"] + methods  # the reference for relative speed
     gens = make_generators(model, twig, twig_cfg, methods, calibration)
     n_have = len(prompts)
     if n_have == 0 or np.asarray(pixels).shape[0] != n_have:
@@ -304,7 +307,7 @@ def bench_methods(model, twig, twig_cfg, prompts: Sequence[Sequence[int]], pixel
                 log(f"batch {b}, length {new}: {name} ...")
                 r = time_method(g, bp, bx, new, repeats, eos_ids=eos_ids, sampling=sampling, clock=clock)
                 r.update(method=name, batch=b, answer_len=new, prompt_len=max(len(p) for p in bp))
-                if name == "none":
+                if name == "plain":
                     base = r
                 r["speed_vs_plain"] = r["e2e_tok_s"] / base["e2e_tok_s"]
                 r["decode_speed_vs_plain"] = r["decode_tok_s"] / base["decode_tok_s"]

@@ -9,13 +9,13 @@ import json
 import os
 import sys
 
-from twig_jax.twig.config import SELECT_RULES
+from twig_jax.twig.config import METHODS, SELECT_RULES
 
 
 def _add_twig_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("TwigVLM (hyper-parameters default to the twig checkpoint's TwigConfig)")
     g.add_argument("--twig", help="twig checkpoint: orbax dir (twig_io.save_twig) or MILVLG safetensors")
-    g.add_argument("--method", choices=["twig", "phead", "fastv", "random", "none"],
+    g.add_argument("--method", choices=list(METHODS),
                    help="visual token pruning (default: twig with --twig, else none)")
     g.add_argument("--ssd", action=argparse.BooleanOptionalAction, default=None,
                    help="self-speculative decoding (default: on with --twig; needs a twig)")
@@ -34,43 +34,26 @@ def _add_twig_args(p: argparse.ArgumentParser) -> None:
                         "twig's for twig / phead, top for fastv / random")
 
 
-def _twig_setup(p: argparse.ArgumentParser, args, model, *, need_prune: bool = False):
-    """(twig or None, TwigConfig or None) from --twig and the override flags; p.error on misuse."""
-    import dataclasses
-
+def _twig_setup(p: argparse.ArgumentParser, args, model):
+    """(twig or None, TwigConfig or None) from --twig and the override flags; p.error on misuse
+    (twig.config.resolve_twig_config decides what a run uses)."""
+    from twig_jax.twig.config import TwigConfigError, TwigOverrides, resolve_twig_config
     from twig_jax.twig.io import load_twig_any
-    from twig_jax.twig.config import TwigConfig
 
     L, N = model.cfg.text.num_hidden_layers, model.cfg.num_image_tokens
-    over = {k: getattr(args, k) for k in ("K", "T", "Kf", "R", "R_bar", "draft_len", "theta", "score_rows", "select")
-            if getattr(args, k, None) is not None}
+    over = TwigOverrides(**{k: getattr(args, k) for k in ("K", "T", "Kf", "R", "R_bar", "draft_len", "theta",
+                                                          "score_rows", "select") if getattr(args, k, None) is not None})
     twig = None
     if args.twig:
-        twig, base = load_twig_any(args.twig, model.cfg.text, dtype=model.text.embed[...].dtype)
-        if "T" in over and over["T"] != base.T:
-            p.error(f"--T {over['T']} does not match the twig checkpoint (T={base.T})")
-        if "R" in over or "R_bar" in over:
-            base = dataclasses.replace(base, R=None, R_bar=None)
-    else:
-        method = args.method or "none"
-        if method == "none" and not need_prune and not over:
-            return None, None
-        k = over.get("K", 2 if L > 2 else 1)
-        base = TwigConfig(K=k, T=1, Kf=over.get("Kf", max(k + 1, round(0.75 * L))), R=N, R_bar=None)
-        if method in ("fastv", "random") or need_prune:
-            if "R" not in over and "R_bar" not in over:
-                p.error(f"pruning without a twig checkpoint needs --R or --R-bar (N = {N} visual tokens)")
-            base = dataclasses.replace(base, R=None)
-    from twig_jax.decode.prune import baseline_keep_rule
-
-    twig_cfg = baseline_keep_rule(dataclasses.replace(base, **over), getattr(args, "method", None), over.get("select"))
-    from twig_jax.twig.config import TwigConfigError
-
+        twig, _ = load_twig_any(args.twig, model.cfg.text, dtype=model.text.embed[...].dtype)
+    method = args.method or (("phead" if twig.p_head is not None else "twig") if twig is not None else "none")
+    ssd = (twig is not None) if args.ssd is None else args.ssd
     try:
-        twig_cfg.validate(L, N)
+        twig_cfg = resolve_twig_config(L, N, method=method, ssd=ssd, twig_cfg=None if twig is None else twig.twig_cfg,
+                                       has_p_head=twig is not None and twig.p_head is not None, overrides=over)
     except TwigConfigError as e:
-        p.error(f"bad twig hyper-parameters for this model (L={L}, N={N}): {e}")
-    if twig is not None and twig_cfg != twig.twig_cfg:
+        p.error(f"{e} (this model: L={L} layers, N={N} visual tokens)")
+    if twig is not None and twig_cfg is not None and twig_cfg != twig.twig_cfg:
         twig.twig_cfg = twig_cfg
     return twig, twig_cfg
 
@@ -234,7 +217,7 @@ def _prune_viz(argv) -> int:
 
     model = load_model(args.model, dtype=getattr(jnp, args.dtype), vision_dir=args.vision_dir)
     args.method = args.method or ("twig" if args.twig else "fastv")
-    twig, twig_cfg = _twig_setup(p, args, model, need_prune=True)
+    twig, twig_cfg = _twig_setup(p, args, model)
     info = prune_picture(model, load_tokenizer(args.model), args.image, args.prompt, args.out, twig_cfg,
                          twig=twig, image_processor=image_preprocessor_for(model, args.model))
     print(json.dumps(info))

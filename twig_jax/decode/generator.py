@@ -21,7 +21,8 @@ from flax import nnx
 from twig_jax.decode.buckets import (BATCH_BUCKETS, NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, TEXT_BUCKETS, Batcher,
                                      InputError)
 from twig_jax.decode.plain import decode_loop, prefill
-from twig_jax.decode.prune import LayerWeights, kv_bytes, make_plan, needs_twig, pruned_generate, ttp_prefill
+from twig_jax.decode.prune import LayerWeights, kv_bytes, make_plan, pruned_generate, ttp_prefill
+from twig_jax.twig.config import needs_twig
 from twig_jax.decode.sampling import SamplingConfig
 from twig_jax.decode.sink import dispatch, streaming_to
 from twig_jax.decode.speculative import ssd_extra_slots, ssd_generate

@@ -53,11 +53,11 @@ def prefill(model: Llava, tokens: jax.Array, lengths: jax.Array, pixel_values: j
 
 
 def decode_step(model: Llava, cache: KVCache, tokens: jax.Array, layer_weights=None) -> tuple[KVCache, jax.Array]:
-    """Append tokens [B, T] at each row's length; return the cache and logits.  # [B, T, V]"""
+    """Append tokens [B, Q] at each row's length; return the cache and logits.  # [B, Q, V]"""
     tc = model.cfg.text
     t = tokens.shape[1]
     x = model.text.embed_tokens(tokens)
-    positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]  # [B, T]
+    positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]  # [B, Q]
     out = run_layers(tc, layer_weights or model.text.layers.weights(), x, positions, cache.k, cache.v, cache.lengths)
     return KVCache(out.k, out.v, cache.lengths + t), model.text.logits(out.hidden)
 

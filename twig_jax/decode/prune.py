@@ -44,24 +44,7 @@ from twig_jax.twig.keep import (cover_visual, gumbel_top_k, pruned_indices, scor
                                 select_visual, text_in_pruned, visual_positions)
 from twig_jax.twig.phead import p_head_weights, phead_scores
 from twig_jax.twig.module import Twig
-from twig_jax.twig.config import TwigConfig, TwigConfigError
-
-METHODS = ("twig", "phead", "fastv", "random", "none")
-TWIG_METHODS = ("twig", "phead")  # methods whose scores come from the twig
-
-
-def needs_twig(method: str) -> bool:
-    """Whether pruning with `method` reads the twig (else the twig is only needed for drafting)."""
-    return method in TWIG_METHODS
-
-
-def baseline_keep_rule(twig_cfg: TwigConfig, method: str | None, select: str | None = None) -> TwigConfig:
-    """twig_cfg as `method` runs it: a twig's keep-set rule (select) is for its own scores, so the
-    baselines FastV and random keep their published top R unless a rule is asked for (select)."""
-    if select is None and method in ("fastv", "random") and twig_cfg.select != "top":
-        return dataclasses.replace(twig_cfg, select="top")
-    return twig_cfg
-
+from twig_jax.twig.config import METHODS, TwigConfig, TwigConfigError, needs_twig
 
 # ----------------------------------------------------------------------------------------------
 # Static plan
@@ -332,13 +315,13 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
 
 def trunk_step(model: Llava, plan: PrunePlan, cache: KVCache, tokens: jax.Array,
                weights: LayerWeights | None = None) -> tuple[KVCache, jax.Array]:
-    """Append tokens [B, T] to the trunk; return it and the layer-K hidden states.  # [B, T, D]
+    """Append tokens [B, Q] to the trunk; return it and the layer-K hidden states.  # [B, Q, D]
 
     The trunk's slot equals the RoPE position, so positions = lengths + arange(T).
     """
     t = tokens.shape[1]
     x = model.text.embed_tokens(tokens)
-    positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]  # [B, T]
+    positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]  # [B, Q]
     out = run_layers(model.cfg.text, _base_weights(model, weights), x, positions, cache.k, cache.v, cache.lengths,
                      start=0, stop=plan.K)
     return KVCache(out.k, out.v, cache.lengths + t), out.hidden
@@ -346,7 +329,7 @@ def trunk_step(model: Llava, plan: PrunePlan, cache: KVCache, tokens: jax.Array,
 
 def twig_step(twig: Twig, cache: KVCache, h_k: jax.Array, positions: jax.Array,
               weights: LayerWeights | None = None) -> tuple[KVCache, jax.Array]:
-    """Append layer-K hidden states [B, T, D] to the twig; return it and draft logits.  # [B, T, V]"""
+    """Append layer-K hidden states [B, Q, D] to the twig; return it and draft logits.  # [B, Q, V]"""
     t = h_k.shape[1]
     out = run_layers(twig.text_cfg, _twig_weights(twig, weights), h_k, positions, cache.k, cache.v, cache.lengths)
     return KVCache(out.k, out.v, cache.lengths + t), twig.logits(out.hidden)
@@ -354,9 +337,9 @@ def twig_step(twig: Twig, cache: KVCache, h_k: jax.Array, positions: jax.Array,
 
 def target_step(model: Llava, plan: PrunePlan, mid: KVCache, tail: KVCache, h_k: jax.Array,
                 positions: jax.Array, weights: LayerWeights | None = None) -> tuple[KVCache, KVCache, jax.Array]:
-    """Run base layers K..L-1 on new layer-K hidden states [B, T, D] (all text entries).
+    """Run base layers K..L-1 on new layer-K hidden states [B, Q, D] (all text entries).
 
-    Returns the middle and tail caches and target logits [B, T, V]; causal by slot, so T>1 is
+    Returns the middle and tail caches and target logits [B, Q, V]; causal by slot, so Q > 1 is
     the verification pass of speculative decoding.
     """
     tc = model.cfg.text
@@ -378,7 +361,7 @@ def target_step(model: Llava, plan: PrunePlan, mid: KVCache, tail: KVCache, h_k:
 
 def pruned_decode_step(model: Llava, plan: PrunePlan, caches: TwigCaches, tokens: jax.Array,
                        weights: LayerWeights | None = None) -> tuple[TwigCaches, jax.Array]:
-    """Target-only step for tokens [B, T] through trunk, middle and tail.  # caches, [B, T, V]"""
+    """Target-only step for tokens [B, Q] through trunk, middle and tail.  # caches, [B, Q, V]"""
     positions = caches.trunk.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     trunk, h_k = trunk_step(model, plan, caches.trunk, tokens, weights)
     mid, tail, logits = target_step(model, plan, caches.mid, caches.tail, h_k, positions, weights)

@@ -63,7 +63,7 @@ def sampling_probs(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:  #
 
 
 def _leading_true(x: jax.Array) -> jax.Array:  # [B] int32
-    """Length of the all-True prefix of each row of x [B, T]."""
+    """Length of the all-True prefix of each row of x [B, Q]."""
     return jnp.sum(jnp.cumprod(x.astype(jnp.int32), axis=1), axis=1)
 
 

@@ -304,44 +304,15 @@ class EvalConfig:
 
 
 def resolve_twig_config(model, twig=None, cfg: EvalConfig = EvalConfig()):
-    """The TwigConfig a method runs with (None for plain decoding without SSD).
+    """The TwigConfig a method runs with (None for plain decoding without SSD); see
+    twig.config.resolve_twig_config."""
+    from twig_jax.twig.config import TwigOverrides
+    from twig_jax.twig.config import resolve_twig_config as resolve
 
-    With a twig, K / T / Kf / R default to its TwigConfig, so FastV / random baselines prune at
-    the same layers as TTP. The twig method and SSD need the twig's own K (it reads layer K).
-    """
-    from twig_jax.twig.config import TwigConfig, TwigConfigError
-
-    from twig_jax.decode.prune import METHODS, baseline_keep_rule, needs_twig
-
-    if cfg.method not in METHODS:
-        raise TwigConfigError(f"unknown method {cfg.method!r}; have {', '.join(METHODS)}")
-    if twig is None and cfg.ssd:
-        raise TwigConfigError("SSD needs a twig (the twig is the draft model)")
-    if twig is None and needs_twig(cfg.method):
-        raise TwigConfigError(f"method {cfg.method!r} needs a twig; without one use fastv, random or none")
-    if cfg.method == "phead" and twig.p_head is None:
-        raise TwigConfigError("method 'phead' needs a twig with a P-head (train one with python -m train.prune_rl)")
-    L, N = model.cfg.text.num_hidden_layers, model.cfg.num_image_tokens
-    if cfg.method == "none" and not cfg.ssd:
-        return None
-    if twig is not None:
-        base = twig.twig_cfg
-        if cfg.K is not None and cfg.K != base.K and (needs_twig(cfg.method) or cfg.ssd):
-            raise TwigConfigError(f"K={cfg.K} differs from the twig's K={base.K}: the twig reads base layer "
-                                  f"{base.K}; leave K unset for the twig method or SSD")
-    else:
-        k = cfg.K if cfg.K is not None else (2 if L > 2 else 1)
-        base = TwigConfig(K=k, T=1, Kf=max(k + 1, round(0.75 * L)), R=N)
-        if cfg.R is None and cfg.method != "none":
-            raise TwigConfigError(f"method {cfg.method!r} without a twig needs R (kept visual tokens, N = {N})")
-    over: dict[str, Any] = {k: v for k, v in (("K", cfg.K), ("Kf", cfg.Kf), ("score_rows", cfg.score_rows),
-                                              ("select", cfg.select))
-                            if v is not None}
-    if cfg.R is not None:
-        over.update(R=cfg.R, R_bar=None)
-    tc = baseline_keep_rule(dataclasses.replace(base, **over), cfg.method, cfg.select)
-    tc.validate(L, N)
-    return tc
+    over = TwigOverrides(K=cfg.K, Kf=cfg.Kf, R=cfg.R, score_rows=cfg.score_rows, select=cfg.select)
+    return resolve(model.cfg.text.num_hidden_layers, model.cfg.num_image_tokens, method=cfg.method, ssd=cfg.ssd,
+                   twig_cfg=None if twig is None else twig.twig_cfg,
+                   has_p_head=twig is not None and twig.p_head is not None, overrides=over)
 
 
 def build_generator(model, twig=None, cfg: EvalConfig = EvalConfig(), batch_buckets: Sequence[int] | None = None):
@@ -349,7 +320,7 @@ def build_generator(model, twig=None, cfg: EvalConfig = EvalConfig(), batch_buck
     from twig_jax.decode.generator import make_generator
 
     tc = resolve_twig_config(model, twig, cfg)
-    from twig_jax.decode.prune import needs_twig
+    from twig_jax.twig.config import needs_twig
 
     use_twig = twig if (needs_twig(cfg.method) or cfg.ssd) else None
     kw = {} if batch_buckets is None else {"batch_buckets": tuple(batch_buckets)}

@@ -114,7 +114,7 @@ def prune_picture(model, tokenizer, image: Any, question: str, out_path: str, tw
     returns {"out", "R", "panels": {method: {"kept_cells", "kept_cls"}}}."""
     from twig_jax.pipeline import image_preprocessor_for
     from twig_jax.data.preprocess import build_prompt, tokenize_with_image
-    from twig_jax.decode.prune import baseline_keep_rule
+    from twig_jax.twig.config import baseline_keep_rule
     from twig_jax.decode.generator import TwigGenerator
 
     cfg = model.cfg

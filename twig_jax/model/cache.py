@@ -54,7 +54,7 @@ class KVCache:
 
 def write_kv(cache_kv: jax.Array, layer: jax.Array, new: jax.Array, start: jax.Array,
              keys: bool = False) -> jax.Array:  # [L, B, Hkv, S, Dh] (keys: [L, B, Hkv, Dh, S])
-    """Write new [B, Hkv, T, Dh] into layer `layer` at per-row slot offsets start [B].
+    """Write new [B, Hkv, Q, Dh] into layer `layer` at per-row slot offsets start [B].
 
     One scatter on the whole cache, which XLA performs in place inside the layer loop. (A vmap of
     dynamic_update_slice over the batch axis made XLA re-lay-out and copy the entire cache for
@@ -62,8 +62,8 @@ def write_kv(cache_kv: jax.Array, layer: jax.Array, new: jax.Array, start: jax.A
     """
     b, _, t, _ = new.shape
     rows = jnp.arange(b)[:, None]  # [B, 1]
-    slots = start[:, None] + jnp.arange(t)[None]  # [B, T]
-    upd = new.transpose(0, 2, 1, 3).astype(cache_kv.dtype)  # [B, T, Hkv, Dh]
+    slots = start[:, None] + jnp.arange(t)[None]  # [B, Q]
+    upd = new.transpose(0, 2, 1, 3).astype(cache_kv.dtype)  # [B, Q, Hkv, Dh]
     if keys:
         return cache_kv.at[layer, rows, :, :, slots].set(upd)
     return cache_kv.at[layer, rows, :, slots].set(upd)
@@ -71,7 +71,7 @@ def write_kv(cache_kv: jax.Array, layer: jax.Array, new: jax.Array, start: jax.A
 
 def write_kv_fresh(cache_kv: jax.Array, layer: jax.Array, new: jax.Array,
                    keys: bool = False) -> jax.Array:  # [L, B, Hkv, S, Dh] (keys: [L, B, Hkv, Dh, S])
-    """Write new [B, Hkv, T, Dh] into slots [0, T) of every row (prefill): a plain slice update."""
+    """Write new [B, Hkv, Q, Dh] into slots [0, T) of every row (prefill): a plain slice update."""
     if keys:
         new = new.transpose(0, 1, 3, 2)
     return jax.lax.dynamic_update_slice(cache_kv, new[None].astype(cache_kv.dtype), (layer, 0, 0, 0, 0))
@@ -79,7 +79,7 @@ def write_kv_fresh(cache_kv: jax.Array, layer: jax.Array, new: jax.Array,
 
 def write_kv_layer(cache_l: jax.Array, new: jax.Array, start: jax.Array,
                    keys: bool = False) -> jax.Array:  # [B, Hkv, S, Dh] (keys: [B, Hkv, Dh, S])
-    """Write new [B, Hkv, T, Dh] into one layer's own cache buffer at per-row slot offsets start [B].
+    """Write new [B, Hkv, Q, Dh] into one layer's own cache buffer at per-row slot offsets start [B].
 
     The scatter indexes (row, head, slot) triples. Indexed by (row, slot) only, a batch-1 write
     became a dynamic-update-slice that XLA CPU fused twice (into the attention read and into the
@@ -89,8 +89,8 @@ def write_kv_layer(cache_l: jax.Array, new: jax.Array, start: jax.Array,
     b, h, t, _ = new.shape
     rows = jnp.arange(b)[:, None, None]  # [B, 1, 1]
     heads = jnp.arange(h)[None, :, None]  # [1, Hkv, 1]
-    slots = (start[:, None] + jnp.arange(t)[None])[:, None, :]  # [B, 1, T]
-    new = new.astype(cache_l.dtype)  # [B, Hkv, T, Dh]
+    slots = (start[:, None] + jnp.arange(t)[None])[:, None, :]  # [B, 1, Q]
+    new = new.astype(cache_l.dtype)  # [B, Hkv, Q, Dh]
     if keys:
         return cache_l.at[rows, heads, :, slots].set(new)
     return cache_l.at[rows, heads, slots].set(new)

@@ -35,15 +35,15 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos, sin for rotate-half RoPE, computed in float32 as HF does.  # [B, T, Dh] each"""
+    """cos, sin for rotate-half RoPE, computed in float32 as HF does.  # [B, Q, Dh] each"""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [Dh/2]
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, Dh]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, Q, Dh/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, Q, Dh]
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:  # [B, H, T, Dh]
-    """x: [B, H, T, Dh]; cos/sin: [B, T, Dh]."""
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:  # [B, H, Q, Dh]
+    """x: [B, H, Q, Dh]; cos/sin: [B, Q, Dh]."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[:, None] + rotated * sin[:, None]
@@ -53,20 +53,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
               keys_transposed: bool = False) -> tuple[jax.Array, jax.Array]:
     """Grouped-query attention.
 
-    q: [B, H, T, Dh]; k: [B, Hkv, S, Dh] (or [B, Hkv, Dh, S] with keys_transposed, the cache
-    layout); v: [B, Hkv, S, Dh]; mask: [B, T, S] bool (True = attend) or None.
-    Returns the output [B, T, H*Dh] and the probabilities [B, H, T, S] (float32; XLA drops them
+    q: [B, H, Q, Dh]; k: [B, Hkv, S, Dh] (or [B, Hkv, Dh, S] with keys_transposed, the cache
+    layout); v: [B, Hkv, S, Dh]; mask: [B, Q, S] bool (True = attend) or None.
+    Returns the output [B, Q, H*Dh] and the probabilities [B, H, Q, S] (float32; XLA drops them
     when unused).
     """
     b, h, t, dh = q.shape
     hkv = v.shape[1]
-    qg = q.reshape(b, hkv, h // hkv, t, dh)  # [B, Hkv, G, T, Dh]
+    qg = q.reshape(b, hkv, h // hkv, t, dh)  # [B, Hkv, G, Q, Dh]
     spec = "bkgtd,bkds->bkgts" if keys_transposed else "bkgtd,bksd->bkgts"
     scores = jnp.einsum(spec, qg, k, preferred_element_type=jnp.float32)
     scores = scores * (dh ** -0.5)
     if mask is not None:
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)  # [B, Hkv, G, T, S]
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v)  # [B, Hkv, G, T, Dh]
-    out = out.transpose(0, 3, 1, 2, 4)  # [B, T, Hkv, G, Dh]
+    probs = jax.nn.softmax(scores, axis=-1)  # [B, Hkv, G, Q, S]
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v)  # [B, Hkv, G, Q, Dh]
+    out = out.transpose(0, 3, 1, 2, 4)  # [B, Q, Hkv, G, Dh]
     return out.reshape(b, t, h * dh), probs.reshape(b, h, t, -1)

@@ -60,17 +60,17 @@ class DecoderLayers(nnx.Module):
 
 
 class LayerOut(NamedTuple):
-    hidden: jax.Array  # [B, T, D]
+    hidden: jax.Array  # [B, Q, D]
     k: jax.Array  # [L, B, Hkv, Dh, S] updated cache keys
     v: jax.Array  # [L, B, Hkv, S, Dh]
-    # Attention probabilities of the last layer run, if asked for: [B, H, T, S_att], or [B, H, S_att]
+    # Attention probabilities of the last layer run, if asked for: [B, H, Q, S_att], or [B, H, S_att]
     # when run_layers got probs_query (one query row per batch row, or a weighted sum of rows).
     attn_probs: jax.Array | None
 
 
 def reduce_query_rows(probs: jax.Array, query: jax.Array) -> jax.Array:  # [B, H, S] float32
-    """Probabilities [B, H, T, S] down to [B, H, S]: query [B] int picks row query[b] of batch row b;
-    query [B, T] float sums the query rows with those weights."""
+    """Probabilities [B, H, Q, S] down to [B, H, S]: query [B] int picks row query[b] of batch row b;
+    query [B, Q] float sums the query rows with those weights."""
     if jnp.issubdtype(query.dtype, jnp.integer):
         return jnp.take_along_axis(probs, query[:, None, None, None], axis=2)[:, :, 0].astype(jnp.float32)
     return jnp.einsum("bhts,bt->bhs", probs.astype(jnp.float32), query.astype(jnp.float32))
@@ -78,7 +78,7 @@ def reduce_query_rows(probs: jax.Array, query: jax.Array) -> jax.Array:  # [B, H
 
 def decoder_layer(cfg: TextConfig, w: dict, x, cos, sin, kv_read, mask, want_probs, keys_transposed=False,
            probs_query=None):
-    """One decoder layer on x [B, T, D]. `kv_read(k_new, v_new)` stores the new keys/values and
+    """One decoder layer on x [B, Q, D]. `kv_read(k_new, v_new)` stores the new keys/values and
     returns the keys/values to attend over ([B, Hkv, S, Dh]; keys [B, Hkv, Dh, S] when
     keys_transposed, as the cache holds them). probs_query: see run_layers."""
     b, t, _ = x.shape
@@ -87,8 +87,8 @@ def decoder_layer(cfg: TextConfig, w: dict, x, cos, sin, kv_read, mask, want_pro
     q, k, v = h @ w["wq"], h @ w["wk"], h @ w["wv"]
     if "bq" in w:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
-    q = q.reshape(b, t, cfg.num_attention_heads, dh).transpose(0, 2, 1, 3)  # [B, H, T, Dh]
-    k = k.reshape(b, t, cfg.num_key_value_heads, dh).transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
+    q = q.reshape(b, t, cfg.num_attention_heads, dh).transpose(0, 2, 1, 3)  # [B, H, Q, Dh]
+    k = k.reshape(b, t, cfg.num_key_value_heads, dh).transpose(0, 2, 1, 3)  # [B, Hkv, Q, Dh]
     v = v.reshape(b, t, cfg.num_key_value_heads, dh).transpose(0, 2, 1, 3)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_all, v_all = kv_read(k, v)
@@ -124,19 +124,19 @@ def unstack_layers(weights: dict[str, jax.Array]) -> tuple[dict[str, jax.Array],
 def run_layers(
     cfg: TextConfig,
     weights: dict[str, jax.Array] | Sequence[dict[str, jax.Array]],
-    x: jax.Array,  # [B, T, D]
-    positions: jax.Array,  # [B, T] RoPE positions
+    x: jax.Array,  # [B, Q, D]
+    positions: jax.Array,  # [B, Q] RoPE positions
     cache_k: jax.Array | tuple,  # [L, B, Hkv, Dh, S], or per layer (KVCache.zeros(per_layer=True))
     cache_v: jax.Array | tuple,  # [L, B, Hkv, S, Dh]
-    write_start: jax.Array,  # [B] slot where the T new entries go, per row
+    write_start: jax.Array,  # [B] slot where the Q new entries go, per row
     *,
     start: int = 0,
     stop: int | None = None,
     cache_offset: int = 0,
-    mask: jax.Array | None = None,  # [B, T, S] override (tree attention); default causal by slot
+    mask: jax.Array | None = None,  # [B, Q, S] override (tree attention); default causal by slot
     fresh: bool = False,
     return_last_probs: bool = False,
-    probs_query: jax.Array | None = None,  # [B] int or [B, T] float: see below
+    probs_query: jax.Array | None = None,  # [B] int or [B, Q] float: see below
 ) -> LayerOut:
     """Run layers [start, stop) over x, writing K/V into cache layers start-cache_offset...
 
@@ -144,10 +144,10 @@ def run_layers(
     (a sequence of L dicts, from unstack_layers: an unrolled loop that reads each layer's own
     buffers, the faster choice for decoding).
     fresh=True means every row starts at slot 0 with nothing cached (prefill): attention then runs
-    over the T new entries only, not the whole cache capacity.
+    over the Q new entries only, not the whole cache capacity.
     return_last_probs: also return the last layer's attention probabilities, [B, H, T, S_att];
     with probs_query only the rows asked for, [B, H, S_att] (query [B] int: that query row of
-    each batch row; [B, T] float: the rows summed with those weights), so a prompt-long prefill
+    each batch row; [B, Q] float: the rows summed with those weights), so a prompt-long prefill
     does not hand a [B, H, S, S] array to its caller.
     """
     per_layer = not isinstance(weights, dict)
@@ -158,11 +158,11 @@ def run_layers(
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
     if mask is None:
         if fresh:
-            mask = jnp.tril(jnp.ones((t, t), bool))[None]  # [1, T, T]
+            mask = jnp.tril(jnp.ones((t, t), bool))[None]  # [1, Q, Q]
         else:
             slot = jnp.arange(s_cap)[None, None, :]  # [1, 1, S]
-            q_slot = write_start[:, None, None] + jnp.arange(t)[None, :, None]  # [B, T, 1]
-            mask = slot <= q_slot  # [B, T, S]
+            q_slot = write_start[:, None, None] + jnp.arange(t)[None, :, None]  # [B, Q, 1]
+            mask = slot <= q_slot  # [B, Q, S]
         mask = jnp.broadcast_to(mask, (b,) + mask.shape[1:])
 
     def body(i, carry, want_probs=False):
@@ -225,13 +225,13 @@ class LlamaModel(nnx.Module):
         self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), dtype))
         self.lm_head = None if cfg.tie_word_embeddings else normal_init(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
 
-    def embed_tokens(self, tokens: jax.Array) -> jax.Array:  # [B, T, D]
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:  # [B, Q, D]
         return jnp.take(self.embed[...], tokens, axis=0)
 
     def head_weight(self) -> jax.Array:  # [D, V]
         return self.embed[...].T if self.lm_head is None else self.lm_head[...]
 
-    def logits(self, x: jax.Array) -> jax.Array:  # [B, T, V] float32
+    def logits(self, x: jax.Array) -> jax.Array:  # [B, Q, V] float32
         x = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
         return jnp.einsum("btd,dv->btv", x, self.head_weight(), preferred_element_type=jnp.float32)
 

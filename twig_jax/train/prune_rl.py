@@ -120,16 +120,16 @@ class FrozenModels:
         twig_s = attention_over_visual(self.tc, self.twig_w, h_t, pos, self.T - 1,
                                        attention_rows(batch["label_mask"], "last"), img_pos)
         cover = lambda sc: cover_visual(sc, gather_rows(h_k, img_pos), R)
-        out = {"twig": rw(top(twig_s)), "twig_cover": rw(cover(twig_s)),
+        out = {"twig": rw(top(twig_s)), "twig-cover": rw(cover(twig_s)),
                "random": sum(rw(top(jax.random.uniform(k, (b, self.N)))) for k in jax.random.split(key, 4)) / 4,
                "unpruned": self.reward(h_k, batch, is_image, jnp.broadcast_to(jnp.arange(self.N)[None], (b, self.N)),
                                        kf=self.base.cfg.text.num_hidden_layers)}
         if params is not None:
             ls = self.log_scores(params, h_t, pos, query, img_pos)
             out["phead"] = rw(top(ls))
-            out["phead_cover"] = rw(cover(jnp.exp(ls)))
+            out["phead-cover"] = rw(cover(jnp.exp(ls)))
             # the policy RL trains: Gumbel-top-R draws from s (select="sample")
-            out["phead_sampled"] = sum(rw(gumbel_top_k(k, ls, R, 1)[:, 0])
+            out["phead-sample"] = sum(rw(gumbel_top_k(k, ls, R, 1)[:, 0])
                                        for k in jax.random.split(jax.random.fold_in(key, 1), 4)) / 4
         return out
 
@@ -390,8 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 accumulate(acc, eval_fn(params, feed, jax.random.key(1000 + i), R=r), b)
             out[r] = {f"{k}/{c}": float(np.mean(v[c])) if v[c] else float("nan") for k, v in acc.items() for c in v}
             line = "  ".join(f"{cat}: " + " ".join(f"{m} {out[r][f'{m}/{cat}']:.3f}"
-                                                   for m in ("unpruned", "phead", "phead_sampled", "phead_cover", "twig",
-                                                             "twig_cover", "random") if f"{m}/{cat}" in out[r])
+                                                   for m in ("unpruned", "phead", "phead-sample", "phead-cover", "twig",
+                                                             "twig-cover", "random") if f"{m}/{cat}" in out[r])
                              for cat in ("long", "short"))
             print(f"  eval step {step} R={r} (mean answer log-prob)  {line}", flush=True)
         with open(os.path.join(args.out, "rl_eval.jsonl"), "a") as f:

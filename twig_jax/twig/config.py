@@ -66,3 +66,94 @@ class TwigConfig:
             raise TwigConfigError(f"select={self.select!r} must be one of {SELECT_RULES}")
         self.kept_count(num_layers, num_visual)
         return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Pruning methods and the one place a run's TwigConfig is resolved
+
+METHODS = ("twig", "phead", "fastv", "random", "none")  # pruning methods; "twig" is TTP (the twig's attention)
+TWIG_METHODS = ("twig", "phead")  # methods whose scores come from the twig
+PRUNING_FIELDS = ("Kf", "R", "R_bar", "score_rows", "select")  # settings that only matter when pruning
+
+
+def needs_twig(method: str) -> bool:
+    """Whether pruning with `method` reads the twig (else the twig is only needed for drafting)."""
+    return method in TWIG_METHODS
+
+
+def baseline_keep_rule(twig_cfg: TwigConfig, method: str | None, select: str | None = None) -> TwigConfig:
+    """twig_cfg as `method` runs it: a twig's keep-set rule (select) is for its own scores, so the
+    baselines FastV and random keep their published top R unless a rule is asked for (select)."""
+    if select is None and method in ("fastv", "random") and twig_cfg.select != "top":
+        return dataclasses.replace(twig_cfg, select="top")
+    return twig_cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class TwigOverrides:
+    """Settings a user gave (None: not given), applied over a twig's own TwigConfig."""
+
+    K: int | None = None
+    T: int | None = None
+    Kf: int | None = None
+    R: int | None = None
+    R_bar: float | None = None
+    draft_len: int | None = None
+    theta: float | None = None
+    score_rows: str | None = None
+    select: str | None = None
+
+    def given(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+
+def default_trunk_depth(num_layers: int) -> int:
+    """K without a twig: the paper's K = 2 where the model has room for it."""
+    return 2 if num_layers > 2 else 1
+
+
+def resolve_twig_config(num_layers: int, num_visual: int, *, method: str, ssd: bool, twig_cfg: TwigConfig | None,
+                        has_p_head: bool = False, overrides: TwigOverrides = TwigOverrides()) -> TwigConfig | None:
+    """The TwigConfig a run uses, or None for plain decoding (method "none" without SSD).
+
+    twig_cfg: the twig checkpoint's own config (None without a twig). With a twig, every setting
+    defaults to the twig's, so FastV / random prune at the same layers as TTP; a twig's T cannot
+    change, nor its K when the twig is read (TTP, P-head or SSD). Without a twig, K defaults to 2,
+    Kf to 3/4 of the depth (the paper's 24 of 32), and FastV / random need R or R_bar. A setting
+    that would be ignored (pruning settings with method "none", select="sample" with any scores
+    but the P-head's) is refused. Raises TwigConfigError.
+    """
+    if method not in METHODS:
+        raise TwigConfigError(f"unknown pruning method {method!r}; have {', '.join(METHODS)}")
+    given = overrides.given()
+    if twig_cfg is None and ssd:
+        raise TwigConfigError("SSD needs a twig (self-speculative decoding: the twig is the draft model)")
+    if twig_cfg is None and needs_twig(method):
+        raise TwigConfigError(f"method {method!r} needs a twig; without one use fastv, random or none")
+    if method == "phead" and not has_p_head:
+        raise TwigConfigError("method 'phead' needs a twig with a P-head (train one with twig-jax train-phead)")
+    ignored = sorted(k for k in given if k in PRUNING_FIELDS) if method == "none" else []
+    if ignored:
+        raise TwigConfigError(f"{', '.join(ignored)} given but method 'none' prunes nothing; choose a pruning "
+                              f"method ({', '.join(m for m in METHODS if m != 'none')})")
+    if given.get("select") == "sample" and method != "phead":
+        raise TwigConfigError(f"select='sample' draws from the P-head's scores; method {method!r} would run top R")
+    if method == "none" and not ssd:
+        return None
+    if twig_cfg is not None:
+        base = twig_cfg
+        if "T" in given and given["T"] != base.T:
+            raise TwigConfigError(f"T={given['T']} does not match the twig checkpoint (T={base.T})")
+        if "K" in given and given["K"] != base.K and (needs_twig(method) or ssd):
+            raise TwigConfigError(f"K={given['K']} differs from the twig's K={base.K}: the twig reads base layer "
+                                  f"{base.K}; leave K unset for the twig's methods and SSD")
+    else:
+        k = given.get("K", default_trunk_depth(num_layers))
+        base = TwigConfig(K=k, T=1, Kf=max(k + 1, round(0.75 * num_layers)), R=num_visual)
+        if method != "none" and "R" not in given and "R_bar" not in given:
+            raise TwigConfigError(f"method {method!r} without a twig needs R or R_bar (of N = {num_visual} "
+                                  f"visual tokens)")
+    if "R" in given or "R_bar" in given:
+        base = dataclasses.replace(base, R=None, R_bar=None)
+    tc = baseline_keep_rule(dataclasses.replace(base, **given), method, given.get("select"))
+    return tc.validate(num_layers, num_visual)

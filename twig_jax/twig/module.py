@@ -30,7 +30,7 @@ class Twig(nnx.Module):
         self.head = normal_init(rngs, (text_cfg.hidden_size, text_cfg.vocab_size), dtype)
         self.p_head = PHead(text_cfg, rngs=rngs, dtype=dtype) if twig_cfg.p_head else None
 
-    def logits(self, x: jax.Array) -> jax.Array:  # [B, T, V] float32
+    def logits(self, x: jax.Array) -> jax.Array:  # [B, Q, V] float32
         x = rms_norm(x, self.norm[...], self.text_cfg.rms_norm_eps)
         return jnp.einsum("btd,dv->btv", x, self.head[...], preferred_element_type=jnp.float32)
 

@@ -1,0 +1,59 @@
+"""One vocabulary for what a benchmark or table row runs: a pruning method, its keep-set rule, and
+whether the twig drafts (SSD).
+
+A variant's name is built by one rule and parsed back by it: `METHOD[-RULE][+ssd]`, where METHOD is
+a pruning method (twig.config.METHODS; "twig" is TTP) and RULE a keep-set rule other than top R
+("cover", "sample"); "plain" is no pruning and no drafting, "ssd" drafting alone. Examples: "twig",
+"twig+ssd", "phead-cover+ssd", "fastv-cover".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from twig_jax.twig.config import METHODS, SELECT_RULES, TwigConfigError
+
+METHOD_LABELS = {"none": "plain", "twig": "TTP", "phead": "P-head", "fastv": "FastV", "random": "random"}
+RULE_LABELS = {"cover": "coverage keep-set", "sample": "sampled keep-set"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    method: str  # pruning method (twig.config.METHODS)
+    ssd: bool = False  # the twig drafts, the pruned model verifies
+    select: str = "top"  # keep-set rule over the method's scores
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise TwigConfigError(f"unknown pruning method {self.method!r}; have {', '.join(METHODS)}")
+        if self.select not in SELECT_RULES or (self.method == "none" and self.select != "top"):
+            raise TwigConfigError(f"keep-set rule {self.select!r} does not go with method {self.method!r}")
+
+    @property
+    def name(self) -> str:
+        if self.method == "none":
+            return "ssd" if self.ssd else "plain"
+        rule = "" if self.select == "top" else f"-{self.select}"
+        return f"{self.method}{rule}{'+ssd' if self.ssd else ''}"
+
+    @property
+    def label(self) -> str:
+        if self.method == "none":
+            return "SSD" if self.ssd else "plain"
+        rule = f", {RULE_LABELS[self.select]}" if self.select != "top" else ""
+        return f"{METHOD_LABELS[self.method]}{rule}{' + SSD' if self.ssd else ''}"
+
+
+def parse_variant(name: str) -> Variant:
+    """The Variant a name stands for (the inverse of Variant.name); TwigConfigError names a bad one."""
+    if name in ("plain", "ssd"):
+        return Variant("none", ssd=name == "ssd")
+    head, ssd = (name[:-4], True) if name.endswith("+ssd") else (name, False)
+    method, _, rule = head.partition("-")
+    try:
+        v = Variant(method, ssd, rule or "top")
+    except TwigConfigError as e:
+        raise TwigConfigError(f"variant {name!r}: {e}; a variant is METHOD[-RULE][+ssd], 'plain' or 'ssd'") from None
+    if v.name != name:  # e.g. "twig-top": top R is the unmarked rule
+        raise TwigConfigError(f"variant {name!r} is spelled {v.name!r}")
+    return v
