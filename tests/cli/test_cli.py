@@ -121,7 +121,7 @@ def test_only_streaming_traces_host_callbacks(saved):
         tokens, lengths, active, pv, out_len = gen.prepare(pipe.encode([QUESTIONS[0]]),
                                                             pipe.image_processor([saved["images"][0]]), MAX_NEW)
         args = (gen.state, gen.twig_state, gen.weights, tokens, lengths, pv, active, jax.random.key(0),
-                jnp.int32(MAX_NEW))
+                jnp.int32(MAX_NEW), jnp.int32(0))
         kw = dict(out_len=out_len, sampling=SamplingConfig(), eos_ids=(2,), pad_id=3)
         plain = str(gen._gen.trace(*args, **kw, on_step=None).jaxpr)
         assert "while" in plain and "callback" not in plain

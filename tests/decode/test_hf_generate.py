@@ -59,3 +59,27 @@ def test_greedy_with_eos_matches_hf_generate(hf_llava_gqa):
     theirs = _hf_greedy(torch_model, prompts, pixels, 32, eos=eos)
     assert min(len(t) for t in ours.tokens) < 32
     assert ours.tokens == theirs
+
+
+def test_min_new_tokens_matches_hf_generate(hf_llava_gqa):
+    d, torch_model, cfg = hf_llava_gqa
+    prompts, pixels = _prompts(cfg, seed=1)
+    gen = Generator(load_model(d))
+    free = gen.generate(prompts, pixels, max_new_tokens=16, eos_ids=())
+    eos = free.tokens[1][1]  # row 1 would stop after 2 tokens
+    ours = gen.generate(prompts, pixels, max_new_tokens=16, eos_ids=(eos,), min_new_tokens=6)
+    s = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), s), dtype=torch.long)
+    mask = torch.zeros((len(prompts), s), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, s - len(p):] = torch.tensor(p)
+        mask[i, s - len(p):] = 1
+    with torch.no_grad():
+        out = torch_model.generate(input_ids=ids, attention_mask=mask, pixel_values=torch.from_numpy(pixels),
+                                   max_new_tokens=16, min_new_tokens=6, do_sample=False, eos_token_id=eos,
+                                   pad_token_id=0)
+    theirs = [r[:r.index(eos) + 1] if eos in r else r for r in out[:, s:].tolist()]
+    assert ours.tokens == theirs
+    assert all(len(t) >= 6 for t in ours.tokens)
+    with pytest.raises(Exception, match="min_new_tokens"):
+        gen.generate(prompts, pixels, max_new_tokens=4, min_new_tokens=5)

@@ -102,4 +102,36 @@ def test_ssd_perfect_twig_accepts_everything():
     assert st["acceptance_rate"] == 1.0
     assert st["per_row"]["rounds"] == [rounds] * len(prompts)
     assert st["mean_tokens_per_round"] == delta + 1
+    # the prefill is a target pass too: max_new tokens over 1 + rounds passes
+    assert st["tokens_per_target_pass"] == max_new / (1 + rounds)
     assert st["mean_accepted_per_round"] == delta
+
+
+@pytest.mark.parametrize("twig_name", ["random", "copy"])
+def test_min_new_tokens_blocks_eos_and_ssd_stays_lossless(pruned, twig_name):
+    """With min_new_tokens, no row ends before it (the free run does, for EOS picked as a token that
+    row 1 emits early), and greedy SSD still equals greedy pruned decoding token for token."""
+    prompts, pixels, twigs, ssd, plain = pruned
+    ssd.set_twig(twigs[twig_name])
+    plain.set_twig(twigs[twig_name])
+    free = plain.generate(prompts, pixels, max_new_tokens=21, eos_ids=[])
+    eos = free.tokens[1][2]  # row 1's third token: with it as EOS that row stops at 3 tokens
+    early = plain.generate(prompts, pixels, max_new_tokens=21, eos_ids=[eos])
+    assert min(early.num_generated) <= 3
+    want = plain.generate(prompts, pixels, max_new_tokens=21, eos_ids=[eos], min_new_tokens=9)
+    got = ssd.generate(prompts, pixels, max_new_tokens=21, eos_ids=[eos], min_new_tokens=9)
+    assert got.tokens == want.tokens
+    for toks in want.tokens:
+        assert len(toks) >= 9 and eos not in toks[:8]
+    # the rows are the free run's until the first blocked EOS
+    assert want.tokens[1][:2] == free.tokens[1][:2] and want.tokens[1][2] != eos
+
+
+def test_ssd_stats_definitions():
+    from twig_jax.decode.generator import ssd_stats
+
+    # row 0: the prefill's token, then 2 rounds emitting 4 accepted drafts + 2 target tokens = 7 tokens
+    # in 3 target passes; row 1: EOS from the prefill, no round (1 token, 1 pass)
+    st = ssd_stats(np.array([7, 1]), np.array([2, 0]), np.array([8, 0]), np.array([4, 0]))
+    assert st["acceptance_rate"] == 0.5 and st["mean_accepted_per_round"] == 2.0
+    assert st["mean_tokens_per_round"] == 3.0 and st["tokens_per_target_pass"] == 8 / 4

@@ -39,6 +39,11 @@ class GenerationOutput:
     num_generated: np.ndarray  # [B]
 
 
+def check_min_new_tokens(min_new_tokens: int, max_new_tokens: int) -> None:
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise InputError(f"min_new_tokens={min_new_tokens} must be in [0, max_new_tokens={max_new_tokens}]")
+
+
 def base_layer_copies(model: Llava, layer_weights, layer_copies: bool):
     """The per-layer decoder weights a generator decodes from (None: the stacked arrays).
 
@@ -80,14 +85,11 @@ class Generator(Batcher):
     def _prefill_impl(self, state, layer_weights, tokens, lengths, pixel_values, *, capacity):
         return prefill(nnx.merge(self.graphdef, state), tokens, lengths, pixel_values, capacity, layer_weights)
 
-    def _decode_impl(self, state, layer_weights, cache, logits, active, key, max_new_tokens, *, out_len, sampling,
-                     eos_ids, pad_id):
+    def _decode_impl(self, state, layer_weights, cache, logits, active, key, max_new_tokens, min_new_tokens, *,
+                     out_len, sampling, eos_ids, pad_id):
         return decode_loop(nnx.merge(self.graphdef, state), cache, logits, active, key, max_new_tokens,
                            out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
-                           layer_weights=layer_weights)
-
-
-
+                           layer_weights=layer_weights, min_new_tokens=min_new_tokens)
 
     # --- entry points ---------------------------------------------------------------------------
     def run_prefill(self, tokens, lengths, pixel_values, capacity: int) -> tuple[KVCache, jax.Array]:
@@ -95,16 +97,20 @@ class Generator(Batcher):
         return self._prefill(self.state, self.layer_weights, tokens, lengths, pixel_values, capacity=capacity)
 
     def run_decode(self, cache: KVCache, logits, active, key, max_new_tokens, *, out_len: int,
-                   sampling: SamplingConfig = SamplingConfig(), eos_ids: tuple[int, ...] = (), pad_id: int = 0):
+                   sampling: SamplingConfig = SamplingConfig(), eos_ids: tuple[int, ...] = (), pad_id: int = 0,
+                   min_new_tokens: int = 0):
         """The compiled decode loop (donates `cache`); returns tokens [B, out_len], counts [B], cache."""
         return self._decode(self.state, self.layer_weights, cache, logits, active, key, max_new_tokens,
-                            out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
+                            jnp.int32(min_new_tokens), out_len=out_len, sampling=sampling, eos_ids=eos_ids,
+                            pad_id=pad_id)
 
     def generate(self, prompts: Sequence[Sequence[int]], pixel_values=None, *, max_new_tokens: int = 128,
                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-                 eos_ids: Sequence[int] | None = None) -> GenerationOutput:
-        """prompts: token id lists (image placeholders already expanded); pixel_values [B, C, H, W]."""
+                 eos_ids: Sequence[int] | None = None, min_new_tokens: int = 0) -> GenerationOutput:
+        """prompts: token id lists (image placeholders already expanded); pixel_values [B, C, H, W].
+        min_new_tokens: no EOS before that many tokens (Hugging Face's min_new_tokens)."""
         self.check_inputs(prompts, pixel_values, max_new_tokens)
+        check_min_new_tokens(min_new_tokens, max_new_tokens)
         tokens, lengths, active, pv, out_len, capacity = self.pad_inputs(prompts, pixel_values, max_new_tokens)
         if eos_ids is None:
             eos_ids = () if self.cfg.text.eos_token_id is None else (self.cfg.text.eos_token_id,)
@@ -112,7 +118,8 @@ class Generator(Batcher):
         cache, logits = self.run_prefill(tokens, lengths, pv, capacity)
         out, count, _ = self.run_decode(cache, logits, active, jax.random.key(seed), jnp.int32(max_new_tokens),
                                         out_len=out_len, sampling=sampling,
-                                        eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id))
+                                        eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
+                                        min_new_tokens=min_new_tokens)
         out, count = np.asarray(out), np.asarray(count)
         n = len(prompts)
         return GenerationOutput([out[i, :count[i]].tolist() for i in range(n)], count[:n])
@@ -127,19 +134,26 @@ class TwigGenerationOutput:
 
 
 def ssd_stats(count: np.ndarray, rounds: np.ndarray, drafted: np.ndarray, accepted: np.ndarray) -> dict:
-    """Aggregate per-row SSD counters into the usual figures.
+    """Aggregate per-row SSD counters into the usual figures (docs/decoding.md, "Statistics").
 
-    acceptance_rate = accepted / drafted; mean_accepted_per_round = accepted drafts per round;
-    mean_tokens_per_round = tokens emitted by rounds (all but the prefill's) per round.
+    acceptance_rate = accepted drafts / drafted tokens (this project's rate: every draft the twig
+    proposed counts, including those past an EOS or the budget);
+    mean_accepted_per_round = accepted drafts per draft / verify round;
+    mean_tokens_per_round = tokens emitted by rounds (all but the prefill's first) per round;
+    tokens_per_target_pass = generated tokens / passes of the target model, the prefill counted
+    as a pass that emits the first token: the mean accepted length (tau) that EAGLE-2 and
+    TwigVLM++ report, comparable across implementations whatever their round structure.
     """
     r, d, a = int(rounds.sum()), int(drafted.sum()), int(accepted.sum())
     emitted = int(np.maximum(count - 1, 0).sum())
+    passes = int((rounds + (count > 0)).sum())
     nan = float("nan")
     return {
         "rounds": r, "drafted": d, "accepted": a,
         "acceptance_rate": a / d if d else nan,
         "mean_accepted_per_round": a / r if r else nan,
         "mean_tokens_per_round": emitted / r if r else nan,
+        "tokens_per_target_pass": int(count.sum()) / passes if passes else nan,
         "per_row": {"rounds": rounds.tolist(), "drafted": drafted.tolist(), "accepted": accepted.tolist()},
     }
 
@@ -197,13 +211,13 @@ class TwigGenerator(Batcher):
     def _twig(self, twig_state):
         return None if twig_state is None else nnx.merge(self.twig_graphdef, twig_state)
 
-    def _gen_impl(self, state, twig_state, weights, tokens, lengths, pixel_values, active, key, max_new_tokens, *,
-                  out_len, sampling, eos_ids, pad_id, on_step):
+    def _gen_impl(self, state, twig_state, weights, tokens, lengths, pixel_values, active, key, max_new_tokens,
+                  min_new_tokens, *, out_len, sampling, eos_ids, pad_id, on_step):
         # on_step (static): the streaming hook the decode loop calls once per round or token through
         # an ordered io_callback (decode/sink.py); None traces no callback.
         model, twig = nnx.merge(self.graphdef, state), self._twig(twig_state)
         kw = dict(out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, weights=weights,
-                  on_step=on_step)
+                  on_step=on_step, min_new_tokens=min_new_tokens)
         if self.ssd:
             out, pre = ssd_generate(model, twig, self.plan, tokens, lengths, pixel_values, active, key,
                                     max_new_tokens, **kw)
@@ -247,8 +261,10 @@ class TwigGenerator(Batcher):
     def generate(self, prompts: Sequence[Sequence[int]], pixel_values=None, *, max_new_tokens: int = 128,
                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
                  eos_ids: Sequence[int] | None = None,
-                 on_chunk: Callable[[list[int], int], None] | None = None) -> TwigGenerationOutput:
+                 on_chunk: Callable[[list[int], int], None] | None = None,
+                 min_new_tokens: int = 0) -> TwigGenerationOutput:
         """prompts: token id lists with the N image placeholders expanded; pixel_values [B, C, H, W].
+        min_new_tokens: no EOS before that many tokens (Hugging Face's min_new_tokens).
 
         on_chunk (streaming, one prompt): called as on_chunk(tokens, n_accepted) with the first token
         and then with every round's tokens (SSD: the first n_accepted are drafts the target accepted)
@@ -257,13 +273,15 @@ class TwigGenerator(Batcher):
         if on_chunk is not None and len(prompts) != 1:
             raise InputError(f"streaming answers one prompt at a time; got {len(prompts)}")
         tokens, lengths, active, pv, out_len = self.prepare(prompts, pixel_values, max_new_tokens)
+        check_min_new_tokens(min_new_tokens, max_new_tokens)
         if eos_ids is None:
             eos_ids = () if self.cfg.text.eos_token_id is None else (self.cfg.text.eos_token_id,)
         pad_id = self.cfg.text.pad_token_id if self.cfg.text.pad_token_id is not None else 0
         self._last_shapes = (tokens.shape[1], out_len)
         with streaming_to(on_chunk):
             res = self._gen(self.state, self.twig_state, self.weights, tokens, lengths, pv, active,
-                            jax.random.key(seed), jnp.int32(max_new_tokens), out_len=out_len, sampling=sampling,
+                            jax.random.key(seed), jnp.int32(max_new_tokens), jnp.int32(min_new_tokens),
+                            out_len=out_len, sampling=sampling,
                             eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
                             on_step=None if on_chunk is None else dispatch)
             out, count, rounds, drafted, accepted, keep = (np.asarray(x) for x in res)

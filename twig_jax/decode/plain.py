@@ -75,8 +75,21 @@ class TokenLoopState:
     key: jax.Array  # PRNG key
 
 
+def suppress_eos(logits: jax.Array, eos: jax.Array, generated: jax.Array, min_new_tokens) -> jax.Array:
+    """EOS logits set to -inf where fewer than min_new_tokens tokens precede the one being chosen (as
+    Hugging Face's min_new_tokens does).  # same shape as logits
+
+    logits: [..., V]; eos: [E] ids (-1 matches none); generated: [...] tokens generated before
+    this position.
+    """
+    is_eos = jnp.isin(jnp.arange(logits.shape[-1]), eos)  # [V]
+    block = (generated < min_new_tokens)[..., None] & is_eos
+    return jnp.where(block, -jnp.inf, logits)
+
+
 def token_loop(step, cache, logits: jax.Array, active: jax.Array, key: jax.Array, max_new_tokens: jax.Array, *,
-               out_len: int, sampling: SamplingConfig, eos_ids: tuple[int, ...], pad_id: int, on_token=None):
+               out_len: int, sampling: SamplingConfig, eos_ids: tuple[int, ...], pad_id: int, on_token=None,
+               min_new_tokens: jax.Array | int = 0):
     """One-token-per-step generation in one while_loop, for any cache and step function.
 
     step(cache, tokens [B, 1]) -> (cache, logits [B, 1, V]). logits: [B, V] next-token logits after
@@ -84,12 +97,14 @@ def token_loop(step, cache, logits: jax.Array, active: jax.Array, key: jax.Array
     row stops), the generated count per row [B] and the final cache (holding every generated token
     but the last), so a donated cache buffer is reused. on_token (streaming; static, None traces
     no callback): a host function called through an ordered io_callback as
-    on_token(tokens [B, 1], n [B] (1 where the row emitted a token), zeros [B]).
+    on_token(tokens [B, 1], n [B] (1 where the row emitted a token), zeros [B]). min_new_tokens
+    (traced): EOS cannot be chosen before that many tokens (suppress_eos).
     """
     b = logits.shape[0]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
-    def pick(logits, key, done):
+    def pick(logits, key, done, generated):
+        logits = suppress_eos(logits, eos, generated, min_new_tokens)
         tok = jnp.where(done, pad_id, sample_logits(logits, key, sampling))
         return tok, done | jnp.isin(tok, eos)
 
@@ -99,7 +114,7 @@ def token_loop(step, cache, logits: jax.Array, active: jax.Array, key: jax.Array
 
     key, sub = jax.random.split(key)
     done0 = ~active
-    tok, done = pick(logits, sub, done0)
+    tok, done = pick(logits, sub, done0, jnp.zeros((b,), jnp.int32))
     out = jnp.full((b, out_len), pad_id, jnp.int32).at[:, 0].set(tok)
     count = (~done0).astype(jnp.int32)
     emit(tok, count)
@@ -110,7 +125,7 @@ def token_loop(step, cache, logits: jax.Array, active: jax.Array, key: jax.Array
     def body(st: TokenLoopState) -> TokenLoopState:
         cache, logits = step(st.cache, st.last_token[:, None])
         key, sub = jax.random.split(st.key)
-        new, new_done = pick(logits[:, 0], sub, st.done)
+        new, new_done = pick(logits[:, 0], sub, st.done, st.count)
         live = (~st.done).astype(jnp.int32)
         emit(new, live)
         out = jax.lax.dynamic_update_slice(st.out, new[:, None], (0, st.step))
@@ -122,13 +137,15 @@ def token_loop(step, cache, logits: jax.Array, active: jax.Array, key: jax.Array
 
 def decode_loop(model: Llava, cache: KVCache, logits: jax.Array, active: jax.Array, key: jax.Array,
                 max_new_tokens: jax.Array, *, out_len: int, sampling: SamplingConfig,
-                eos_ids: tuple[int, ...], pad_id: int, layer_weights=None) -> tuple[jax.Array, jax.Array, KVCache]:
+                eos_ids: tuple[int, ...], pad_id: int, layer_weights=None,
+                min_new_tokens: jax.Array | int = 0) -> tuple[jax.Array, jax.Array, KVCache]:
     """Plain decoding of up to max_new_tokens (<= out_len) per row: token_loop over decode_step.
 
     Returns tokens [B, out_len], counts [B] and the cache (see token_loop).
     """
     return token_loop(lambda c, t: decode_step(model, c, t, layer_weights), cache, logits, active, key,
-                      max_new_tokens, out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
+                      max_new_tokens, out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
+                      min_new_tokens=min_new_tokens)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -370,7 +370,7 @@ def pruned_decode_step(model: Llava, plan: PrunePlan, caches: TwigCaches, tokens
 
 def pruned_decode_loop(model: Llava, plan: PrunePlan, caches: TwigCaches, logits: jax.Array, active: jax.Array,
                        key: jax.Array, max_new_tokens: jax.Array, *, out_len: int, sampling: SamplingConfig,
-                       eos_ids: tuple[int, ...], pad_id: int, on_token=None,
+                       eos_ids: tuple[int, ...], pad_id: int, on_token=None, min_new_tokens: jax.Array | int = 0,
                        weights: LayerWeights | None = None) -> tuple[jax.Array, jax.Array, TwigCaches]:
     """Plain one-token-per-step decode of the pruned target in one while_loop (the SSD oracle).
 
@@ -381,19 +381,19 @@ def pruned_decode_loop(model: Llava, plan: PrunePlan, caches: TwigCaches, logits
     """
     return token_loop(lambda c, t: pruned_decode_step(model, plan, c, t, weights), caches, logits, active, key,
                       max_new_tokens, out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
-                      on_token=on_token)
+                      on_token=on_token, min_new_tokens=min_new_tokens)
 
 
 def pruned_generate(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Array, lengths: jax.Array,
                     pixel_values: jax.Array, active: jax.Array, key: jax.Array, max_new_tokens: jax.Array, *,
                     out_len: int, sampling: SamplingConfig = SamplingConfig(), eos_ids: tuple[int, ...] = (),
                     pad_id: int = 0, weights: LayerWeights | None = None,
-                    on_step=None) -> tuple[jax.Array, jax.Array, TTPPrefill]:
+                    on_step=None, min_new_tokens: jax.Array | int = 0) -> tuple[jax.Array, jax.Array, TTPPrefill]:
     """TTP prefill + plain pruned decode: tokens [B, out_len], counts [B], and the prefill result."""
     key_prune, key_dec = jax.random.split(key)
     pre = ttp_prefill(model, twig if needs_twig(plan.method) else None, plan, tokens, lengths, pixel_values,
                       extra=out_len + 1, key=key_prune, weights=weights)  # key: random / select="sample"
     out, count, _ = pruned_decode_loop(model, plan, pre.caches, pre.logits, active, key_dec, max_new_tokens,
                                        out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
-                                       weights=weights, on_token=on_step)
+                                       weights=weights, on_token=on_step, min_new_tokens=min_new_tokens)
     return out, count, pre

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from twig_jax.model.cache import KVCache
 from twig_jax.model.llava import Llava
+from twig_jax.decode.plain import suppress_eos
 from twig_jax.decode.sampling import SamplingConfig, filtered_logits, sample_logits
 from twig_jax.decode.prune import (
     LayerWeights, PrunePlan, TTPPrefill, TwigCaches, target_step, trunk_step, ttp_prefill, twig_step,
@@ -118,11 +119,12 @@ class DraftStep:
 
 
 def draft_chain(model: Llava, twig: Twig, plan: PrunePlan, trunk: KVCache, twig_cache: KVCache, last_token: jax.Array,
-                live: jax.Array, key: jax.Array, sampling: SamplingConfig,
-                weights: LayerWeights | None = None) -> ChainDraft:
+                live: jax.Array, key: jax.Array, sampling: SamplingConfig, weights: LayerWeights | None = None,
+                eos_block=lambda logits, j: logits) -> ChainDraft:
     """Steps j = 0..max m through trunk + twig: row b proposes d_1..d_m, m <= delta, stopping after
     the first draft whose top probability is below theta. Step m still runs (h_m and the twig
-    entry of d_m are needed); the loop exits once every live row has run its step m."""
+    entry of d_m are needed); the loop exits once every live row has run its step m. eos_block(logits
+    [B, V], j) applies min_new_tokens to the draft of step j (decode.plain.suppress_eos)."""
     b, delta, v = last_token.shape[0], plan.draft_len, model.cfg.text.vocab_size
     cur = trunk.lengths
     greedy = sampling.greedy
@@ -139,6 +141,7 @@ def draft_chain(model: Llava, twig: Twig, plan: PrunePlan, trunk: KVCache, twig_
         d0, j = st.draft, st.j
         trunk, h = trunk_step(model, plan, d0.trunk, st.token[:, None], weights)  # h: [B, 1, D]
         tw, lq = twig_step(twig, d0.twig, h, (cur + j)[:, None], weights)
+        lq = eos_block(lq[:, 0], j)[:, None]
         q = sampling_probs(lq[:, 0], sampling)  # [B, V]
         probs = d0.probs
         if greedy:
@@ -211,7 +214,8 @@ class SSDState:
 
 def ssd_loop(model: Llava, twig: Twig, plan: PrunePlan, caches: TwigCaches, logits: jax.Array, active: jax.Array,
              key: jax.Array, max_new_tokens: jax.Array, *, out_len: int, sampling: SamplingConfig,
-             eos_ids: tuple[int, ...], pad_id: int, on_round=None, weights: LayerWeights | None = None) -> SSDOutput:
+             eos_ids: tuple[int, ...], pad_id: int, on_round=None, weights: LayerWeights | None = None,
+             min_new_tokens: jax.Array | int = 0) -> SSDOutput:
     """Generate up to max_new_tokens (<= out_len) per row by draft / verify / accept / commit rounds.
 
     caches: from ttp_prefill with the twig (its capacities need ssd_extra_slots headroom);
@@ -221,6 +225,9 @@ def ssd_loop(model: Llava, twig: Twig, plan: PrunePlan, caches: TwigCaches, logi
     token and then every round's emitted tokens (the first min(n_accepted, n_emit) are accepted
     drafts). Static: None (the default) traces no callback at all. weights: per-layer base / twig
     weights matching the caches' layout (prune.LayerWeights; None: the stacked arrays).
+    min_new_tokens (traced): EOS is blocked, in the drafts and in the target's distributions alike,
+    at every position with fewer generated tokens before it (so greedy SSD still equals greedy
+    decoding with the same rule, and sampling stays lossless).
     """
     if caches.twig is None:
         raise TwigConfigError("SSD needs the twig cache: run ttp_prefill with a twig")
@@ -231,7 +238,8 @@ def ssd_loop(model: Llava, twig: Twig, plan: PrunePlan, caches: TwigCaches, logi
 
     key, sub = jax.random.split(key)
     done = ~active
-    t0 = jnp.where(done, pad_id, sample_logits(logits, sub, sampling))
+    t0 = jnp.where(done, pad_id, sample_logits(suppress_eos(logits, eos, jnp.zeros((b,), jnp.int32), min_new_tokens),
+                                               sub, sampling))
     count = (~done).astype(jnp.int32)
     done = done | jnp.isin(t0, eos) | (count >= max_new_tokens)
     out = jnp.full((b, out_len + delta + 1), pad_id, jnp.int32).at[:, 0].set(t0)
@@ -243,10 +251,12 @@ def ssd_loop(model: Llava, twig: Twig, plan: PrunePlan, caches: TwigCaches, logi
         key, k_draft, k_acc = jax.random.split(st.key, 3)
         live = ~st.done
         draft = draft_chain(model, twig, plan, st.caches.trunk, st.caches.twig, st.last_token, live, k_draft,
-                            sampling, weights)
+                            sampling, weights,
+                            eos_block=lambda lq, j: suppress_eos(lq, eos, st.count + j, min_new_tokens))
         positions = st.caches.trunk.lengths[:, None] + slots[None]  # [B, delta+1]
         mid, tail, target_logits = target_step(model, plan, st.caches.mid, st.caches.tail, draft.hidden, positions,
                                                weights)  # verification: [B, delta+1, V]
+        target_logits = suppress_eos(target_logits, eos, st.count[:, None] + slots[None], min_new_tokens)
         if sampling.greedy:
             a, final = accept_greedy(draft.tokens, target_logits, draft.n_draft)
         else:
@@ -272,11 +282,12 @@ def ssd_generate(model: Llava, twig: Twig, plan: PrunePlan, tokens: jax.Array, l
                  pixel_values: jax.Array, active: jax.Array, key: jax.Array, max_new_tokens: jax.Array, *,
                  out_len: int, sampling: SamplingConfig = SamplingConfig(), eos_ids: tuple[int, ...] = (),
                  pad_id: int = 0, weights: LayerWeights | None = None,
-                 on_step=None) -> tuple[SSDOutput, TTPPrefill]:
+                 on_step=None, min_new_tokens: jax.Array | int = 0) -> tuple[SSDOutput, TTPPrefill]:
     """TTP prefill (with the twig cache) + SSD rounds; the prefill result carries scores / keep."""
     key_prune, key_dec = jax.random.split(key)
     pre = ttp_prefill(model, twig, plan, tokens, lengths, pixel_values, extra=ssd_extra_slots(plan, out_len),
                       key=key_prune, weights=weights)
     out = ssd_loop(model, twig, plan, pre.caches, pre.logits, active, key_dec, max_new_tokens, out_len=out_len,
-                   sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, weights=weights, on_round=on_step)
+                   sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, weights=weights, on_round=on_step,
+                   min_new_tokens=min_new_tokens)
     return out, pre

@@ -40,13 +40,13 @@ def _as_twig_generator(gen) -> TwigGenerator:
 
 def stream_generate(generator, prompt: Sequence[int], pixel_values, on_chunk: Callable[[list[int], int], None] | None,
                     *, max_new_tokens: int = 128, sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-                    eos_ids: Sequence[int] | None = None) -> TwigGenerationOutput:
+                    eos_ids: Sequence[int] | None = None, min_new_tokens: int = 0) -> TwigGenerationOutput:
     """Generate one answer, calling on_chunk(tokens, n_accepted) for the first token and then for
     every round (SSD: the first n_accepted of `tokens` are drafts the target accepted, the last
     is the target's own) or token (no SSD: n_accepted = 0). pixel_values: [1, C, H, W]."""
     gen = _as_twig_generator(generator)
     return gen.generate([list(prompt)], pixel_values, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                        eos_ids=eos_ids, on_chunk=on_chunk)
+                        eos_ids=eos_ids, on_chunk=on_chunk, min_new_tokens=min_new_tokens)
 
 
 # ----------------------------------------------------------------------------------------------
