@@ -178,7 +178,7 @@ def test_loss_matches_the_inference_layer_runner(tiny):
 
     def runner_probs(layer):  # [B, H, S, S]
         cache = KVCache.zeros(layer + 1, b, tc.num_key_value_heads, s, tc.head_dim, x.dtype)
-        return np.asarray(run_layers(tc, tiny.text.layers.weights(), x, pos, cache.k, cache.v,
+        return np.asarray(run_layers(tc, tiny.text.layers.stacked(), x, pos, cache.k, cache.v,
                                      jnp.zeros((b,), jnp.int32), stop=layer + 1, fresh=True,
                                      return_last_probs=True).attn_probs)
 

@@ -281,7 +281,7 @@ def test_probs_query_rows(setup):
     x = jax.random.normal(jax.random.key(0), (b, s, tc.hidden_size))
     pos = jnp.broadcast_to(jnp.arange(s)[None], (b, s))
     cache = KVCache.zeros(tc.num_hidden_layers, b, tc.num_key_value_heads, s, tc.head_dim, jnp.float32)
-    w = model.text.layers.weights()
+    w = model.text.layers.stacked()
 
     def probs(query):
         return np.asarray(run_layers(tc, w, x, pos, cache.k, cache.v, jnp.zeros((b,), jnp.int32), stop=2, fresh=True,

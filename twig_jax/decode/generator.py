@@ -229,13 +229,13 @@ class TwigGenerator(Batcher):
 
     def _score_impl(self, state, twig_state, weights, tokens, lengths, pixel_values, key):
         model, twig = nnx.merge(self.graphdef, state), self._twig(twig_state)
-        pre = ttp_prefill(model, twig if needs_twig(self.plan.method) else None, self.plan, tokens, lengths,
+        pre = ttp_prefill(model, twig if self.plan.scorer.reads_twig else None, self.plan, tokens, lengths,
                           pixel_values, extra=1, key=key, weights=weights)
         return pre.scores, pre.keep
 
     def _prefill_only_impl(self, state, twig_state, weights, tokens, lengths, pixel_values, key, *, extra):
         model, twig = nnx.merge(self.graphdef, state), self._twig(twig_state)
-        use = twig if (self.ssd or needs_twig(self.plan.method)) else None
+        use = twig if (self.ssd or self.plan.scorer.reads_twig) else None
         pre = ttp_prefill(model, use, self.plan, tokens, lengths, pixel_values, extra=extra, key=key,
                           weights=weights)
         return pre.caches, pre.logits

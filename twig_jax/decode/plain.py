@@ -44,9 +44,10 @@ def prefill(model: Llava, tokens: jax.Array, lengths: jax.Array, pixel_values: j
     feats = None if pixel_values is None else model.image_features(pixel_values)
     x = model.embed(tokens, feats)  # [B, S, D]
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
+    layers = model.text.layers.stacked() if layer_weights is None else layer_weights
     cache = KVCache.zeros(tc.num_hidden_layers, b, tc.num_key_value_heads, capacity, tc.head_dim, x.dtype,
-                          per_layer=layer_weights is not None)
-    out = run_layers(tc, layer_weights or model.text.layers.weights(), x, positions, cache.k, cache.v,
+                          per_layer=layers.per_layer_caches)
+    out = run_layers(tc, layers, x, positions, cache.k, cache.v,
                      jnp.zeros((b,), jnp.int32), fresh=True)
     last = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
     return KVCache(out.k, out.v, lengths.astype(jnp.int32)), model.text.logits(last)[:, 0]
@@ -58,7 +59,8 @@ def decode_step(model: Llava, cache: KVCache, tokens: jax.Array, layer_weights=N
     t = tokens.shape[1]
     x = model.text.embed_tokens(tokens)
     positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]  # [B, Q]
-    out = run_layers(tc, layer_weights or model.text.layers.weights(), x, positions, cache.k, cache.v, cache.lengths)
+    layers = model.text.layers.stacked() if layer_weights is None else layer_weights
+    out = run_layers(tc, layers, x, positions, cache.k, cache.v, cache.lengths)
     return KVCache(out.k, out.v, cache.lengths + t), model.text.logits(out.hidden)
 
 

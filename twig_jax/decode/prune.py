@@ -37,14 +37,14 @@ from twig_jax.model.cache import KVCache
 from twig_jax.model.config import LlavaConfig
 from twig_jax.decode.plain import token_loop
 from twig_jax.model.layers import gather_rows
-from twig_jax.model.llama import run_layers, unstack_layers
+from twig_jax.model.llama import LayerCopies, StackedLayers, run_layers, unstack_layers
 from twig_jax.model.llava import Llava
 from twig_jax.decode.sampling import SamplingConfig
-from twig_jax.twig.keep import (cover_visual, gumbel_top_k, pruned_indices, score_query, scores_from_probs,
-                                select_visual, text_in_pruned, visual_positions)
+from twig_jax.decode.scorers import SCORERS, Scorer, ScoreInputs
+from twig_jax.twig.keep import KEEP_RULES, pruned_indices, score_query, text_in_pruned, visual_positions
 from twig_jax.twig.phead import p_head_weights, phead_scores
 from twig_jax.twig.module import Twig
-from twig_jax.twig.config import METHODS, TwigConfig, TwigConfigError, needs_twig
+from twig_jax.twig.config import METHODS, TwigConfig, TwigConfigError
 
 # ----------------------------------------------------------------------------------------------
 # Static plan
@@ -68,12 +68,17 @@ class PrunePlan:
     theta: float = 0.6  # SSD early-stop threshold on the draft's top probability
 
     @property
+    def scorer(self) -> Scorer:
+        """Where this plan's scores over the visual tokens come from."""
+        return SCORERS[self.method]
+
+    @property
     def keep_rule(self) -> str:
         """The keep-set rule this plan runs: "sample" only for the P-head (a draw from its scores),
         "cover" for any scored method, otherwise (and for method none) "top"."""
-        if self.select == "sample" and self.method == "phead":
+        if self.select == "sample" and self.scorer.p_head:
             return "sample"
-        if self.select == "cover" and self.method != "none":
+        if self.select == "cover" and self.scorer.scored:
             return "cover"
         return "top"
 
@@ -110,12 +115,12 @@ def make_plan(cfg: LlavaConfig, twig_cfg: TwigConfig, method: str = "twig") -> P
 class LayerWeights(NamedTuple):
     """Per-layer decoder weights for the TwigVLM paths (a pytree: pass it into jit as an argument).
 
-    base: L dicts (llama.unstack_layers of the base decoder) or None (use the stacked arrays);
-    twig: T dicts for the twig's layers or None.
+    base: the base decoder's llama.LayerCopies (unstack_layers) or None (the stacked arrays);
+    twig: the twig layers' LayerCopies or None.
     """
 
-    base: tuple[dict[str, jax.Array], ...] | None = None
-    twig: tuple[dict[str, jax.Array], ...] | None = None
+    base: LayerCopies | None = None
+    twig: LayerCopies | None = None
 
     @staticmethod
     def of(model: Llava | None, twig: Twig | None = None) -> "LayerWeights":
@@ -124,12 +129,12 @@ class LayerWeights(NamedTuple):
                             None if twig is None else unstack_layers(twig.layers.weights()))
 
 
-def _base_weights(model: Llava, weights: LayerWeights | None):
-    return model.text.layers.weights() if weights is None or weights.base is None else weights.base
+def _base_weights(model: Llava, weights: LayerWeights | None) -> StackedLayers | LayerCopies:
+    return model.text.layers.stacked() if weights is None or weights.base is None else weights.base
 
 
-def _twig_weights(twig: Twig, weights: LayerWeights | None):
-    return twig.layers.weights() if weights is None or weights.twig is None else weights.twig
+def _twig_weights(twig: Twig, weights: LayerWeights | None) -> StackedLayers | LayerCopies:
+    return twig.layers.stacked() if weights is None or weights.twig is None else weights.twig
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +224,7 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
     n, r = plan.N, plan.R
     lengths = lengths.astype(jnp.int32)
     base_w = _base_weights(model, weights)
-    base_pl = not isinstance(base_w, dict)  # per-layer weights -> per-layer caches
+    base_pl = base_w.per_layer_caches
     x = model.embed(tokens, model.image_features(pixel_values))  # [B, S, D]
     dtype = x.dtype
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
@@ -227,63 +232,43 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
     caps = group_capacities(plan, s, extra)
     is_image = tokens == model.cfg.image_token_index  # [B, S]
     query = score_query(lengths, is_image, plan.score_rows)  # the attention rows the scores read
+    scorer = plan.scorer
 
     # Trunk: base layers 0..K-1 on the full prompt.
     trunk = _new_cache(tc, plan.K, b, caps["trunk"], dtype, base_pl)
     out = run_layers(tc, base_w, x, positions, trunk.k, trunk.v, zeros, start=0, stop=plan.K, fresh=True,
-                     return_last_probs=plan.method == "fastv", probs_query=query)
+                     return_last_probs=scorer.trunk_attention, probs_query=query)
     trunk = KVCache(out.k, out.v, lengths)
     h_k = out.hidden  # [B, S, D] hidden state entering base layer K
-    probs = out.attn_probs  # [B, H, S] (the score rows) for fastv
 
     # Twig: T layers on the trunk output (full prompt), for scores and the draft cache.
     twig_cache, draft_logits = None, None
-    if needs_twig(plan.method) and twig is None:
+    if scorer.reads_twig and twig is None:
         raise TwigConfigError(f"method {plan.method!r} needs a twig")
-    if plan.method == "phead" and twig.p_head is None:
-        raise TwigConfigError("method 'phead' needs a twig with a P-head (train one with twig_jax/train/prune_rl.py)")
+    if scorer.p_head and twig.p_head is None:
+        raise TwigConfigError("method 'phead' needs a twig with a P-head (train one with twig-jax train-phead)")
     img_pos = visual_positions(is_image, n)  # [B, N]
-    phead_s = None
+    phead_s, twig_probs = None, None
     if twig is not None:
         twig_w = _twig_weights(twig, weights)
-        twig_cache = _new_cache(tc, plan.T, b, caps["twig"], dtype, not isinstance(twig_w, dict))
+        twig_cache = _new_cache(tc, plan.T, b, caps["twig"], dtype, twig_w.per_layer_caches)
         h_t = h_k
-        if plan.method == "phead":  # stop before the last twig layer: the P-head reads its input
+        if scorer.p_head:  # stop before the last twig layer: the P-head reads its input
             tout = run_layers(tc, twig_w, h_k, positions, twig_cache.k, twig_cache.v, zeros, stop=plan.T - 1,
                               fresh=True)
             twig_cache, h_t = KVCache(tout.k, tout.v, lengths), tout.hidden
-            last_w = (twig_w[plan.T - 1] if not isinstance(twig_w, dict)
-                      else {k_: v_[plan.T - 1] for k_, v_ in twig_w.items()})
-            phead_s = phead_scores(tc, last_w, p_head_weights(twig.p_head), h_t, positions, lengths - 1, img_pos)
+            phead_s = phead_scores(tc, twig_w.layer(plan.T - 1), p_head_weights(twig.p_head), h_t, positions, lengths - 1, img_pos)
         tout = run_layers(tc, twig_w, h_t, positions, twig_cache.k, twig_cache.v, zeros,
-                          start=plan.T - 1 if plan.method == "phead" else 0, stop=plan.T,
-                          fresh=True, return_last_probs=plan.method == "twig", probs_query=query)
+                          start=plan.T - 1 if scorer.p_head else 0, stop=plan.T,
+                          fresh=True, return_last_probs=scorer.twig_attention, probs_query=query)
         twig_cache = KVCache(tout.k, tout.v, lengths)
         last_t = gather_rows(tout.hidden, (lengths - 1)[:, None])  # [B, 1, D]
         draft_logits = twig.logits(last_t)[:, 0]
-        if plan.method == "twig":
-            probs = tout.attn_probs
+        twig_probs = tout.attn_probs
 
     # Scores and the kept set.
-    if plan.method in ("twig", "fastv"):
-        scores = scores_from_probs(probs, img_pos)
-    elif plan.method == "phead":
-        scores = phead_s
-    elif plan.method == "random":
-        if key is None:
-            raise TwigConfigError("method 'random' needs a PRNG key")
-        scores = jax.random.uniform(key, (b, n), jnp.float32)
-    else:
-        scores = jnp.zeros((b, n), jnp.float32)
-    if plan.keep_rule == "sample":
-        if key is None:
-            raise TwigConfigError("select='sample' needs a PRNG key")
-        # One Plackett-Luce draw of R tokens from the scores (a distribution over the visual tokens).
-        keep = jnp.sort(gumbel_top_k(key, jnp.log(jnp.maximum(scores, 1e-30)), r, 1)[:, 0], axis=1)
-    elif plan.keep_rule == "cover":
-        keep = cover_visual(scores, gather_rows(h_k, img_pos), r)  # [B, R]
-    else:
-        keep = select_visual(scores, r)  # [B, R]
+    scores = scorer.scores(ScoreInputs(img_pos, out.attn_probs, twig_probs, phead_s, key))  # [B, N]
+    keep = KEEP_RULES[plan.keep_rule].keep(scores, gather_rows(h_k, img_pos), r, key)  # [B, R] ascending
 
     # Middle: base layers K..Kf-1 on text + kept visual tokens, original positions.
     m = plan.mid_len(s)
@@ -391,7 +376,7 @@ def pruned_generate(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: ja
                     on_step=None, min_new_tokens: jax.Array | int = 0) -> tuple[jax.Array, jax.Array, TTPPrefill]:
     """TTP prefill + plain pruned decode: tokens [B, out_len], counts [B], and the prefill result."""
     key_prune, key_dec = jax.random.split(key)
-    pre = ttp_prefill(model, twig if needs_twig(plan.method) else None, plan, tokens, lengths, pixel_values,
+    pre = ttp_prefill(model, twig if plan.scorer.reads_twig else None, plan, tokens, lengths, pixel_values,
                       extra=out_len + 1, key=key_prune, weights=weights)  # key: random / select="sample"
     out, count, _ = pruned_decode_loop(model, plan, pre.caches, pre.logits, active, key_dec, max_new_tokens,
                                        out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,

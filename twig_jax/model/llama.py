@@ -9,18 +9,16 @@ network into trunk / pruned middle / text-only tail needs.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple
+
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from twig_jax.model.layers import rope_cos_sin
-
-from typing import NamedTuple
-
 
 from twig_jax.model.cache import write_kv, write_kv_fresh, write_kv_layer
 from twig_jax.model.config import TextConfig
-from twig_jax.model.layers import ACTIVATIONS, apply_rope, attention, rms_norm
+from twig_jax.model.layers import ACTIVATIONS, apply_rope, attention, rms_norm, rope_cos_sin
 
 
 def normal_init(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -53,6 +51,9 @@ class DecoderLayers(nnx.Module):
             self.b_gate = nnx.Param(jnp.zeros((n, i), dtype))
             self.b_up = nnx.Param(jnp.zeros((n, i), dtype))
             self.b_down = nnx.Param(jnp.zeros((n, d), dtype))
+
+    def stacked(self) -> StackedLayers:
+        return StackedLayers(self.weights())
 
     def weights(self) -> dict[str, jax.Array]:
         """The stacked weight arrays by name."""
@@ -110,23 +111,87 @@ def decoder_layer(cfg: TextConfig, w: dict, x, cos, sin, kv_read, mask, want_pro
     return x + h, (probs if probs_query is None else reduce_query_rows(probs, probs_query))
 
 
-def unstack_layers(weights: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], ...]:
-    """Per-layer copies of stacked weights ({name: [L, ...]} -> L dicts of separate arrays).
+@flax.struct.dataclass
+class StackedLayers:
+    """Decoder weights as one stacked {name: [L, ...]} dict, with stacked KV caches ([L, B, ...]):
+    one compiled layer body in a fori_loop. The default layout (training, accelerators)."""
 
-    Called outside jit, so each layer's weights become buffers of their own. XLA on CPU copies a
-    slice of a stacked array (dynamic or static) before every matmul, which roughly tripled the
-    weight traffic of a memory-bound decode step; separate buffers are read in place.
+    weights: dict[str, jax.Array]
+    per_layer_caches = False  # KVCache.zeros(per_layer=...) for caches this stack writes
+
+    def __len__(self) -> int:
+        return self.weights["wq"].shape[0]
+
+    def layer(self, i) -> dict[str, jax.Array]:
+        return {name: a[i] for name, a in self.weights.items()}
+
+    def write(self, ck, cv, layer, k_new, v_new, write_start, fresh: bool):
+        """Store layer `layer`'s new keys / values; returns the caches and what attention reads."""
+        if fresh:
+            return write_kv_fresh(ck, layer, k_new, keys=True), write_kv_fresh(cv, layer, v_new), k_new, v_new
+        ck, cv = write_kv(ck, layer, k_new, write_start, keys=True), write_kv(cv, layer, v_new, write_start)
+        return ck, cv, ck[layer], cv[layer]
+
+    def loop(self, body, start: int, stop: int, carry, want_last_probs: bool):
+        last = stop - 1 if want_last_probs else stop
+        if last > start:
+            carry = jax.lax.fori_loop(start, last, lambda i, c: body(i, c), carry)
+        if want_last_probs:
+            carry = body(jnp.asarray(stop - 1), carry, want_probs=True)
+        return carry
+
+
+@flax.struct.dataclass
+class LayerCopies:
+    """The XLA-CPU adapter: each layer's weights in buffers of their own, run unrolled, with one KV
+    cache array per layer written in place.
+
+    XLA on CPU copies a slice of a stacked array (dynamic or static) before every matmul, which
+    roughly tripled the weight traffic of a memory-bound decode step; separate buffers are read in
+    place. Opt in with unstack_layers (the generators' layer_copies); it holds a second copy of
+    the decoder weights while the stacked model is kept.
     """
+
+    layers: tuple[dict[str, jax.Array], ...]
+    per_layer_caches = True
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def layer(self, i: int) -> dict[str, jax.Array]:
+        return self.layers[i]
+
+    def write(self, ck, cv, layer: int, k_new, v_new, write_start, fresh: bool):
+        """Store layer `layer`'s new keys / values; returns the caches and what attention reads."""
+        if fresh:
+            k_l = write_kv_fresh(ck[layer][None], 0, k_new, keys=True)[0]
+            v_l = write_kv_fresh(cv[layer][None], 0, v_new)[0]
+            read = (k_new, v_new)
+        else:
+            k_l = write_kv_layer(ck[layer], k_new, write_start, keys=True)
+            v_l = write_kv_layer(cv[layer], v_new, write_start)
+            read = (k_l, v_l)
+        return ck[:layer] + (k_l,) + ck[layer + 1:], cv[:layer] + (v_l,) + cv[layer + 1:], *read
+
+    def loop(self, body, start: int, stop: int, carry, want_last_probs: bool):
+        for i in range(start, stop):
+            carry = body(i, carry, want_probs=want_last_probs and i == stop - 1)
+        return carry
+
+
+def unstack_layers(weights: dict[str, jax.Array]) -> LayerCopies:
+    """Per-layer copies of stacked weights ({name: [L, ...]} -> L dicts of separate arrays); call
+    outside jit, so each layer's weights become buffers of their own (see LayerCopies)."""
     n = next(iter(weights.values())).shape[0]
-    return tuple({name: jnp.array(a[i]) for name, a in weights.items()} for i in range(n))
+    return LayerCopies(tuple({name: jnp.array(a[i]) for name, a in weights.items()} for i in range(n)))
 
 
 def run_layers(
     cfg: TextConfig,
-    weights: dict[str, jax.Array] | Sequence[dict[str, jax.Array]],
+    layers: StackedLayers | LayerCopies,
     x: jax.Array,  # [B, Q, D]
     positions: jax.Array,  # [B, Q] RoPE positions
-    cache_k: jax.Array | tuple,  # [L, B, Hkv, Dh, S], or per layer (KVCache.zeros(per_layer=True))
+    cache_k: jax.Array | tuple,  # [L, B, Hkv, Dh, S], or per layer for LayerCopies
     cache_v: jax.Array | tuple,  # [L, B, Hkv, S, Dh]
     write_start: jax.Array,  # [B] slot where the Q new entries go, per row
     *,
@@ -140,21 +205,19 @@ def run_layers(
 ) -> LayerOut:
     """Run layers [start, stop) over x, writing K/V into cache layers start-cache_offset...
 
-    weights: stacked ({name: [L, ...]}, run in a fori_loop: one compiled layer body) or per-layer
-    (a sequence of L dicts, from unstack_layers: an unrolled loop that reads each layer's own
-    buffers, the faster choice for decoding).
+    layers: StackedLayers (one compiled layer body in a fori_loop) or LayerCopies (unrolled over
+    per-layer buffers and caches); the stack owns the weight reads, the cache writes and the loop.
     fresh=True means every row starts at slot 0 with nothing cached (prefill): attention then runs
     over the Q new entries only, not the whole cache capacity.
-    return_last_probs: also return the last layer's attention probabilities, [B, H, T, S_att];
+    return_last_probs: also return the last layer's attention probabilities, [B, H, Q, S_att];
     with probs_query only the rows asked for, [B, H, S_att] (query [B] int: that query row of
     each batch row; [B, Q] float: the rows summed with those weights), so a prompt-long prefill
     does not hand a [B, H, S, S] array to its caller.
     """
-    per_layer = not isinstance(weights, dict)
     if stop is None:
-        stop = len(weights) if per_layer else weights["wq"].shape[0]
+        stop = len(layers)
     b, t, _ = x.shape
-    s_cap = (cache_v[0] if isinstance(cache_v, tuple) else cache_v[0]).shape[2]
+    s_cap = cache_v[0].shape[2]
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
     if mask is None:
         if fresh:
@@ -167,52 +230,20 @@ def run_layers(
 
     def body(i, carry, want_probs=False):
         x, ck, cv, _ = carry
-        w = weights[i] if per_layer else {name: a[i] for name, a in weights.items()}
-        layer = i - cache_offset
         kv = {}
 
         def kv_read(k_new, v_new):
-            if isinstance(ck, tuple):  # per-layer cache (static layer index): update in place
-                if fresh:
-                    k_l = write_kv_fresh(ck[layer][None], 0, k_new, keys=True)[0]
-                    v_l = write_kv_fresh(cv[layer][None], 0, v_new)[0]
-                else:
-                    k_l = write_kv_layer(ck[layer], k_new, write_start, keys=True)
-                    v_l = write_kv_layer(cv[layer], v_new, write_start)
-                kv["k"] = ck[:layer] + (k_l,) + ck[layer + 1:]
-                kv["v"] = cv[:layer] + (v_l,) + cv[layer + 1:]
-                return (k_new, v_new) if fresh else (k_l, v_l)
-            if fresh:
-                kv["k"] = write_kv_fresh(ck, layer, k_new, keys=True)
-                kv["v"] = write_kv_fresh(cv, layer, v_new)
-                return k_new, v_new
-            kv["k"] = write_kv(ck, layer, k_new, write_start, keys=True)
-            kv["v"] = write_kv(cv, layer, v_new, write_start)
-            return kv["k"][layer], kv["v"][layer]
+            kv["k"], kv["v"], k_read, v_read = layers.write(ck, cv, i - cache_offset, k_new, v_new, write_start,
+                                                            fresh)
+            return k_read, v_read
 
-        x, probs = decoder_layer(cfg, w, x, cos, sin, kv_read, mask, want_probs, keys_transposed=not fresh,
-                          probs_query=probs_query)
+        x, probs = decoder_layer(cfg, layers.layer(i), x, cos, sin, kv_read, mask, want_probs,
+                                 keys_transposed=not fresh, probs_query=probs_query)
         return x, kv["k"], kv["v"], probs
 
-    n = stop - start
-    if n <= 0:
+    if stop - start <= 0:
         return LayerOut(x, cache_k, cache_v, None)
-    probs = None
-    if isinstance(cache_k, tuple) and not per_layer:
-        raise ValueError("a per-layer KV cache needs per-layer weights (llama.unstack_layers)")
-    if per_layer:
-        carry = (x, cache_k, cache_v, None)
-        for i in range(start, stop):
-            carry = body(i, carry, want_probs=return_last_probs and i == stop - 1)
-        return LayerOut(*carry)
-    last = stop - 1 if return_last_probs else stop
-    if last > start:
-        zero_probs = None
-        x, cache_k, cache_v, _ = jax.lax.fori_loop(
-            start, last, lambda i, c: body(i, c)[:3] + (zero_probs,), (x, cache_k, cache_v, zero_probs))
-    if return_last_probs:
-        x, cache_k, cache_v, probs = body(jnp.asarray(stop - 1), (x, cache_k, cache_v, None), want_probs=True)
-    return LayerOut(x, cache_k, cache_v, probs)
+    return LayerOut(*layers.loop(body, start, stop, (x, cache_k, cache_v, None), return_last_probs))
 
 
 class LlamaModel(nnx.Module):

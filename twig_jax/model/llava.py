@@ -54,12 +54,13 @@ class Llava(nnx.Module):
     def embed(self, tokens: jax.Array, image_features: jax.Array | None) -> jax.Array:  # [B, S, D]
         """Token embeddings with the image placeholders replaced, in order, by image_features.
 
-        A fixed-shape gather plus select: placeholder j of row b takes image_features[b, j].
+        A fixed-shape gather plus select: placeholder j of row b takes image_features[b, j]. The
+        placeholder id is never looked up: it may lie outside the vocabulary (liuhaotian's -200).
         """
-        x = self.text.embed_tokens(tokens)
+        is_image = tokens == self.cfg.image_token_index  # [B, S]
+        x = self.text.embed_tokens(jnp.where(is_image, 0, tokens))
         if image_features is None:
             return x
-        is_image = tokens == self.cfg.image_token_index  # [B, S]
         idx = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_features.shape[1] - 1)
         feats = jnp.take_along_axis(image_features, idx[..., None], axis=1)  # [B, S, D]
         return jnp.where(is_image[..., None], feats.astype(x.dtype), x)
@@ -72,6 +73,6 @@ class Llava(nnx.Module):
         tc = self.cfg.text
         positions = jnp.broadcast_to(jnp.arange(s)[None], (b, s))
         cache = KVCache.zeros(tc.num_hidden_layers, b, tc.num_key_value_heads, s, tc.head_dim, x.dtype)
-        out = run_layers(tc, self.text.layers.weights(), x, positions, cache.k, cache.v, jnp.zeros((b,), jnp.int32),
+        out = run_layers(tc, self.text.layers.stacked(), x, positions, cache.k, cache.v, jnp.zeros((b,), jnp.int32),
                          fresh=True)
         return self.text.logits(out.hidden)

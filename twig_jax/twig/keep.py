@@ -6,8 +6,11 @@ the static gathers that lay the kept tokens out (docs/design.md, "Keep rules").
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+
 from twig_jax.twig.config import TwigConfigError
 
 
@@ -181,3 +184,37 @@ def text_in_pruned(is_image: jax.Array, idx: jax.Array, size: int) -> jax.Array:
     """Where the text tokens sit in the pruned sequence idx (from pruned_indices), ascending: the
     rows FinalWipe keeps past layer Kf. size = S - N."""
     return jax.vmap(lambda m: jnp.nonzero(m, size=size, fill_value=0)[0])(~jnp.take_along_axis(is_image, idx, axis=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Keep rules as objects: one method, the kept indices
+
+
+@dataclasses.dataclass(frozen=True)
+class TopR:
+    """The R highest scores (the published methods)."""
+
+    def keep(self, scores: jax.Array, feats: jax.Array, r: int, key: jax.Array | None) -> jax.Array:  # [B, R]
+        return select_visual(scores, r)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cover:
+    """Score-weighted coverage of the visual tokens (cover_visual)."""
+
+    def keep(self, scores: jax.Array, feats: jax.Array, r: int, key: jax.Array | None) -> jax.Array:  # [B, R]
+        return cover_visual(scores, feats, r)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleFromScores:
+    """One Plackett-Luce draw of R tokens from the scores, a distribution over the visual tokens
+    (the P-head's policy)."""
+
+    def keep(self, scores: jax.Array, feats: jax.Array, r: int, key: jax.Array | None) -> jax.Array:  # [B, R]
+        if key is None:
+            raise TwigConfigError("select='sample' needs a PRNG key")
+        return jnp.sort(gumbel_top_k(key, jnp.log(jnp.maximum(scores, 1e-30)), r, 1)[:, 0], axis=1)
+
+
+KEEP_RULES = {"top": TopR(), "cover": Cover(), "sample": SampleFromScores()}
