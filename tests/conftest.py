@@ -6,6 +6,9 @@ Fixtures (session-scoped, built once per test session):
       and our LlavaConfig read back from the dir with `load_hf_config`.
   tiny_llava -> factory(**make_tiny_hf_llava kwargs) -> TinyLlava, cached per kwargs.
   llava_inputs -> make_llava_inputs (function fixture).
+  tiny_liuhaotian -> TinyLiuhaotian(dir, vision_dir, hf): the MHA model's weights in the liuhaotian
+      layout as published (no image_token_index, a LLaMA tokenizer without <image>, the CLIP tower
+      in its own checkpoint), with the llava-hf oracle it came from.
 Helpers (also importable: `from conftest import make_llava_inputs, hf_logits, jax_logits`):
   make_llava_inputs(cfg, batch=2, ...) -> (input_ids int64 [B, S], pixel_values float32 [B, C, H, W]),
       each row with exactly cfg.num_image_tokens image placeholders (one image per row).
@@ -200,3 +203,119 @@ def hf_llava_gqa(tiny_llava) -> TinyLlava:
 @pytest.fixture(scope="session")
 def llava_inputs():
     return make_llava_inputs
+
+
+# ----------------------------------------------------------------------------------------------
+# The original liuhaotian layout, shaped like liuhaotian/llava-v1.5-7b as published
+
+
+TINY_LLAMA_WORDS = ("what", "is", "in", "the", "image", "USER", "ASSISTANT", "this", "color", "shape", "chat")
+
+
+class TinyLiuhaotian(NamedTuple):
+    dir: str  # LlavaLlamaForCausalLM checkpoint: .bin shards + index, config.json and a LLaMA tokenizer
+    vision_dir: str  # the CLIP tower: a CLIPVisionModel checkpoint with its preprocessor_config.json
+    hf: TinyLlava  # the llava-hf oracle with the same weights; its vocabulary has one more row, for <image>
+
+
+def tiny_llama_tokenizer(vocab_size: int):
+    """A LLaMA BPE tokenizer (Metaspace, BOS on every call) of exactly `vocab_size` pieces and no
+    `<image>` token, as the published liuhaotian tokenizer has none."""
+    from transformers import LlamaTokenizer
+
+    pieces = ["<unk>", "<s>", "</s>"] + list("▁abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,?!:;'\"()-\n<>/")
+    merges = []
+    for word in TINY_LLAMA_WORDS:
+        cur = "▁"
+        for c in word:
+            if cur + c not in pieces:
+                merges.append((cur, c))
+                pieces.append(cur + c)
+            cur += c
+    letters = "etaoinshrdlcumwfgypbvk"
+    for a in letters:  # fill up to vocab_size with letter pairs
+        for b in letters:
+            if len(pieces) >= vocab_size:
+                break
+            if a + b not in pieces:
+                merges.append((a, b))
+                pieces.append(a + b)
+    assert len(pieces) == vocab_size and "<image>" not in pieces
+    return LlamaTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=merges, legacy=False,
+                          add_bos_token=True, add_eos_token=False)
+
+
+def make_tiny_liuhaotian(tmpdir, hf: TinyLlava) -> TinyLiuhaotian:
+    """Write `hf`'s weights as liuhaotian/llava-v1.5 publishes them: config.json without
+    image_token_index, a tokenizer without `<image>` whose size is the config's vocab_size (the
+    llava-hf row for <image> dropped), weights in sharded pytorch_model-*.bin files, and the CLIP
+    tower named by mm_vision_tower in its own checkpoint."""
+    import json
+
+    import torch
+    from transformers import CLIPVisionModel
+
+    tmpdir = str(tmpdir)
+    model_dir, vision_dir = os.path.join(tmpdir, "llava-v1.5"), os.path.join(tmpdir, "clip")
+    os.makedirs(model_dir)
+    vocab = hf.cfg.text.vocab_size - 1  # the llava-hf checkpoint's last row is the <image> token it added
+    assert hf.cfg.image_token_index == vocab
+    sd = {k: v.detach().clone() for k, v in hf.model.state_dict().items()}
+    main = {}
+    for key, value in sd.items():
+        if key.startswith("model.language_model."):
+            main["model." + key[len("model.language_model."):]] = value
+        elif key.startswith("model.multi_modal_projector.linear_"):
+            layer = {"1": "0", "2": "2"}[key[len("model.multi_modal_projector.linear_")]]
+            main[f"model.mm_projector.{layer}." + key.rsplit(".", 1)[1]] = value
+        elif key == "lm_head.weight":
+            main[key] = value
+    main["model.embed_tokens.weight"] = main["model.embed_tokens.weight"][:vocab].clone()
+    main["lm_head.weight"] = main["lm_head.weight"][:vocab].clone()
+    names = ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
+    keys = sorted(main)
+    weight_map = {}
+    for i, name in enumerate(names):
+        part = {k: main[k] for k in keys[i::2]}
+        torch.save(part, os.path.join(model_dir, name))
+        weight_map.update({k: name for k in part})
+    with open(os.path.join(model_dir, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
+
+    tc, vc = hf.model.config.text_config, hf.model.config.vision_config
+    config = {  # the keys of liuhaotian/llava-v1.5-7b's config.json, at the tiny model's sizes
+        "_name_or_path": "./checkpoints/vicuna-7b-v1-5", "architectures": ["LlavaLlamaForCausalLM"],
+        "bos_token_id": 1, "eos_token_id": 2, "freeze_mm_mlp_adapter": False, "hidden_act": "silu",
+        "hidden_size": tc.hidden_size, "image_aspect_ratio": "pad", "initializer_range": 0.02,
+        "intermediate_size": tc.intermediate_size, "max_position_embeddings": tc.max_position_embeddings,
+        "mm_hidden_size": vc.hidden_size, "mm_projector_lr": None, "mm_projector_type": "mlp2x_gelu",
+        "mm_use_im_patch_token": False, "mm_use_im_start_end": False, "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": -2, "mm_vision_tower": "tiny/clip-vit-tiny-patch7-28", "model_type": "llava",
+        "num_attention_heads": tc.num_attention_heads, "num_hidden_layers": tc.num_hidden_layers,
+        "num_key_value_heads": tc.num_key_value_heads, "pad_token_id": 0, "pretraining_tp": 1,
+        "rms_norm_eps": tc.rms_norm_eps, "rope_scaling": None, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.31.0",
+        "tune_mm_mlp_adapter": False, "tune_mm_vision_resampler": False, "unfreeze_mm_vision_tower": False,
+        "use_cache": True, "use_mm_proj": True, "vocab_size": vocab,
+    }
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(model_dir, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "max_length": 4096}, f)
+    tiny_llama_tokenizer(vocab).save_pretrained(model_dir)
+
+    clip = CLIPVisionModel(vc)
+    clip.load_state_dict(hf.model.model.vision_tower.state_dict())
+    clip.save_pretrained(vision_dir)
+    with open(os.path.join(vision_dir, "preprocessor_config.json"), "w") as f:
+        json.dump({"crop_size": IMAGE_SIZE, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+                   "feature_extractor_type": "CLIPFeatureExtractor",
+                   "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                   "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": IMAGE_SIZE}, f)
+    return TinyLiuhaotian(model_dir, vision_dir, hf)
+
+
+@pytest.fixture(scope="session")
+def tiny_liuhaotian(tmp_path_factory, hf_llava_mha) -> TinyLiuhaotian:
+    """The MHA tiny model in the liuhaotian layout as published (see make_tiny_liuhaotian)."""
+    return make_tiny_liuhaotian(tmp_path_factory.mktemp("liuhaotian"), hf_llava_mha)

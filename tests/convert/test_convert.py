@@ -387,3 +387,398 @@ def test_not_a_checkpoint(tmp_path):
         load_model(str(tmp_path))
     with pytest.raises(ConversionError, match="no such"):
         load_model(str(tmp_path / "nope"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The liuhaotian layout as published: no image_token_index, no <image> in the tokenizer
+
+
+def _hf_ids(prompt, placeholder: int, hf_image_id: int) -> np.ndarray:
+    """A prompt of ours as the llava-hf oracle's input ids: its <image> row stands for our placeholder."""
+    return np.array([[hf_image_id if t == placeholder else t for t in prompt]], np.int64)
+
+
+def _hf_greedy(model, ids: np.ndarray, pixel_values, vocab: int, steps: int, eos: int) -> list[int]:
+    """Greedy tokens of the HF oracle over the first `vocab` logits (the liuhaotian vocabulary)."""
+    out = []
+    for _ in range(steps):
+        tok = int(np.argmax(hf_logits(model, ids, pixel_values)[0, -1, :vocab]))
+        out.append(tok)
+        if tok == eos:
+            break
+        ids = np.concatenate([ids, [[tok]]], axis=1)
+    return out
+
+
+def test_liuhaotian_as_published_converts_and_matches_hf(tmp_path, tiny_liuhaotian):
+    from twig_jax.pipeline import Pipeline, load_bundle
+
+    lh = tiny_liuhaotian
+    dst = str(tmp_path / "converted")
+    assert convert_main([lh.dir, dst, "--vision-dir", lh.vision_dir]) == 0
+    bundle = load_bundle(dst, dtype="float32")
+    cfg = bundle.model.cfg
+    vocab = cfg.text.vocab_size
+    assert vocab == len(bundle.tokenizer) == lh.hf.cfg.text.vocab_size - 1
+    placeholder = cfg.image_token_index
+    assert not 0 <= placeholder < vocab  # never embedded, so it takes no row of the vocabulary
+
+    pipe = Pipeline(bundle.model, bundle.tokenizer, bundle.image_processor)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (20, 36, 3), dtype=np.uint8), rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)]
+    questions = ["what is in the image?", "what color is this shape?"]
+    prompts = pipe.encode(questions)
+    pixels = pipe.image_processor(images)
+    hf_image_id = lh.hf.cfg.image_token_index
+    for prompt, pix in zip(prompts, pixels):
+        assert prompt.count(placeholder) == cfg.num_image_tokens
+        assert all(0 <= t < vocab for t in prompt if t != placeholder)
+        want = hf_logits(lh.hf.model, _hf_ids(prompt, placeholder, hf_image_id), pix[None])[..., :vocab]
+        got = jax_logits(bundle.model, np.array([prompt]), pix[None])
+        assert np.abs(want).max() > 1.0
+        assert rel_err(got, want) <= 1e-4
+
+    answers, _ = pipe.answer(images, questions, max_new_tokens=8)
+    eos = bundle.tokenizer.eos_token_id
+    for answer, prompt, pix in zip(answers, prompts, pixels):
+        want = _hf_greedy(lh.hf.model, _hf_ids(prompt, placeholder, hf_image_id), pix[None], vocab, 8, eos)
+        assert answer.tokens == want
+
+
+def test_placeholder_outside_vocabulary_passes_input_checks(tiny_liuhaotian):
+    from twig_jax.decode.buckets import Batcher, InputError
+
+    cfg = load_hf_llava(tiny_liuhaotian.dir, vision_dir=tiny_liuhaotian.vision_dir).cfg
+    n, v = cfg.num_image_tokens, cfg.vision
+    pix = np.zeros((1, v.num_channels, v.image_size, v.image_size), np.float32)
+    batcher = Batcher(cfg)
+    batcher.check_inputs([[1, 5] + [cfg.image_token_index] * n + [7]], pix, 4)
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        batcher.check_inputs([[1, cfg.text.vocab_size] + [cfg.image_token_index] * n], pix, 4)
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        batcher.check_inputs([[1, -1] + [cfg.image_token_index] * n], pix, 4)
+    with pytest.raises(InputError, match="image placeholder"):  # a placeholder without an image
+        batcher.check_inputs([[1, 5, cfg.image_token_index]], None, 4)
+
+
+def test_embed_never_looks_up_the_placeholder(monkeypatch, tiny_liuhaotian, hf_llava_mha):
+    from twig_jax.model.llama import LlamaModel
+
+    looked_up = []
+    original = LlamaModel.embed_tokens
+
+    def recording(self, tokens):
+        looked_up.append(np.asarray(tokens))
+        return original(self, tokens)
+
+    monkeypatch.setattr(LlamaModel, "embed_tokens", recording)
+    for m in (load_hf_llava(tiny_liuhaotian.dir, vision_dir=tiny_liuhaotian.vision_dir), load_hf_llava(hf_llava_mha.dir)):
+        ids, pix = make_llava_inputs(m.cfg)
+        looked_up.clear()
+        x = m.embed(jnp.asarray(ids, jnp.int32), m.image_features(jnp.asarray(pix)))
+        assert np.isfinite(np.asarray(x)).all()
+        assert looked_up and not any((t == m.cfg.image_token_index).any() for t in looked_up)
+        assert all(((t >= 0) & (t < m.cfg.text.vocab_size)).all() for t in looked_up)
+
+
+# ----------------------------------------------------------------------------------------------
+# Architectures other than LLaVA-1.5 are named and refused
+
+
+def _with_config(tmp_path, tl, edit) -> str:
+    """A copy of tl's checkpoint whose config.json is edit(config)."""
+    d = str(tmp_path / "model")
+    shutil.copytree(tl.dir, d)
+    cfg = edit(hf_config(tl.dir))
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return d
+
+
+def _qwen2_vl(c):
+    c = dict(c, architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl", image_token_id=151655)
+    c["text_config"] = dict(c["text_config"], model_type="qwen2_vl_text")
+    return c
+
+
+def _qwen2_vl_flat(c):  # the older Qwen2-VL config.json: text keys at the top level
+    return dict(c["text_config"], architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl",
+                vision_config=c["vision_config"], image_token_id=151655)
+
+
+def _llava_next(c):
+    return dict(c, architectures=["LlavaNextForConditionalGeneration"], model_type="llava_next",
+                image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]])
+
+
+def _pinpoints_only(c):
+    return dict(c, image_grid_pinpoints=[[28, 56], [56, 28]])
+
+
+def _siglip_tower(c):
+    return dict(c, vision_config=dict(c["vision_config"], model_type="siglip_vision_model"))
+
+
+def _mistral_text(c):
+    return dict(c, text_config=dict(c["text_config"], model_type="mistral", sliding_window=4096))
+
+
+UNSUPPORTED = {
+    "qwen2_vl": (_qwen2_vl, "Qwen2VLForConditionalGeneration"),
+    "qwen2_vl_flat": (_qwen2_vl_flat, "Qwen2VLForConditionalGeneration"),
+    "llava_next": (_llava_next, "LlavaNextForConditionalGeneration"),
+    "image_grid_pinpoints": (_pinpoints_only, "image_grid_pinpoints"),
+    "siglip_tower": (_siglip_tower, "siglip_vision_model"),
+    "mistral_text": (_mistral_text, "mistral"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSUPPORTED))
+def test_other_architectures_are_refused(tmp_path, capsys, hf_llava_mha, case):
+    edit, name = UNSUPPORTED[case]
+    d = _with_config(tmp_path, hf_llava_mha, edit)
+    with pytest.raises(ConversionError, match=name):
+        load_hf_llava(d)
+    capsys.readouterr()
+    dst = str(tmp_path / "out")
+    assert convert_main([d, dst]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and name in err and "config.json" in err
+    assert not os.path.exists(dst)
+
+
+LIUHAOTIAN_UNSUPPORTED = {
+    "llava_v1.6_anyres": ({"image_aspect_ratio": "anyres", "image_grid_pinpoints": [[28, 56], [56, 28]],
+                           "mm_patch_merge_type": "spatial_unpad"}, "anyres"),
+    "llava_mistral": ({"architectures": ["LlavaMistralForCausalLM"]}, "LlavaMistralForCausalLM"),
+    "im_start_end": ({"mm_use_im_start_end": True}, "mm_use_im_start_end"),
+    "select_feature": ({"mm_vision_select_feature": "cls"}, "mm_vision_select_feature"),
+}
+
+
+@pytest.mark.parametrize("case", list(LIUHAOTIAN_UNSUPPORTED))
+def test_other_liuhaotian_variants_are_refused(tmp_path, capsys, tiny_liuhaotian, case):
+    edit, name = LIUHAOTIAN_UNSUPPORTED[case]
+    d = str(tmp_path / "model")
+    shutil.copytree(tiny_liuhaotian.dir, d)
+    cfg = dict(hf_config(d), **edit)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    assert convert_main([d, str(tmp_path / "out"), "--vision-dir", tiny_liuhaotian.vision_dir]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and name in err
+
+
+# ----------------------------------------------------------------------------------------------
+# The destination: refused when it holds anything, replaced whole with --force, never the source
+
+
+def _other_model_dir(d) -> dict[str, bytes]:
+    """A directory holding another model's files; returns them by name."""
+    os.makedirs(d, exist_ok=True)
+    files = {"config.json": b'{"model_type": "other"}', "tokenizer.json": b'{"other": 1}',
+             "generation_config.json": b'{"other": 2}', "model.safetensors": b"other weights"}
+    for name, data in files.items():
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(data)
+    return files
+
+
+def _contents(d) -> dict[str, bytes]:
+    out = {}
+    for root, _, names in os.walk(d):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, d)] = f.read()
+    return out
+
+
+def test_convert_refuses_a_non_empty_destination(tmp_path, capsys, hf_llava_mha):
+    dst = str(tmp_path / "other")
+    files = _other_model_dir(dst)
+    with pytest.raises(ConversionError, match=r"not empty.*--force"):
+        convert(hf_llava_mha.dir, dst)
+    assert convert_main([hf_llava_mha.dir, dst]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and dst in err
+    assert _contents(dst) == files
+    assert sorted(os.listdir(tmp_path)) == ["other"]
+
+
+def test_convert_force_replaces_the_destination_whole(tmp_path, hf_llava_mha, ref_mha):
+    dst = str(tmp_path / "other")
+    _other_model_dir(dst)
+    os.makedirs(os.path.join(dst, "params", "stale"))
+    assert convert_main([hf_llava_mha.dir, dst, "--force"]) == 0
+    fresh = str(tmp_path / "fresh")
+    convert(hf_llava_mha.dir, fresh)
+    assert sorted(os.listdir(dst)) == sorted(os.listdir(fresh))  # nothing of the other model is left
+    assert not os.path.exists(os.path.join(dst, "params", "stale"))
+    assert hf_config(dst) == hf_config(fresh)
+    assert_same_params(load_model(dst), ref_mha)
+    assert sorted(os.listdir(tmp_path)) == ["fresh", "other"]  # no temporary sibling left behind
+
+
+def test_convert_into_an_empty_directory(tmp_path, hf_llava_mha):
+    dst = tmp_path / "empty"
+    dst.mkdir()
+    convert(hf_llava_mha.dir, str(dst))
+    assert is_converted(str(dst))
+
+
+def test_failed_forced_convert_leaves_the_destination_as_it_was(tmp_path, monkeypatch, hf_llava_mha):
+    import twig_jax.convert.llava as conv
+
+    dst = str(tmp_path / "other")
+    files = _other_model_dir(dst)
+    broken = _with_config(tmp_path, hf_llava_mha, lambda c: dict(c, vision_feature_layer="last"))
+    with pytest.raises(ConversionError, match="vision_feature_layer"):
+        convert(broken, dst, overwrite=True)
+    assert _contents(dst) == files
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(conv, "save_config", fail)  # the write fails half way
+    with pytest.raises(ConversionError, match="No space left"):
+        convert(hf_llava_mha.dir, dst, overwrite=True)
+    assert _contents(dst) == files
+    assert sorted(os.listdir(tmp_path)) == ["model", "other"]
+
+
+def test_convert_never_writes_into_the_source(tmp_path, hf_llava_mha):
+    src = str(tmp_path / "parent" / "hf")
+    shutil.copytree(hf_llava_mha.dir, src)
+    before = _contents(src)
+    link = str(tmp_path / "link")
+    os.symlink(src, link)
+    for dst in (src, link, str(tmp_path / "parent"), os.path.join(src, "converted")):
+        with pytest.raises(ConversionError, match="source"):
+            convert(src, dst, overwrite=True)
+        assert convert_main([src, dst, "--force"]) == 2
+    assert _contents(src) == before
+    with pytest.raises(ConversionError, match="source"):  # the CLIP checkpoint is a source too
+        convert(src, str(tmp_path / "out"), vision_dir=str(tmp_path / "out" / "clip"), overwrite=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress and one-line errors
+
+
+def test_convert_shows_progress(tmp_path, capsys, hf_llava_gqa):
+    assert convert_main([hf_llava_gqa.dir, str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    # Every tensor but the deepest vision block's and the post-LayerNorm's (vision_feature_layer -2 of 3).
+    n = sum(1 for k in read_tensors(hf_llava_gqa.dir) if "encoder.layers.2." not in k and "post_layernorm" not in k)
+    assert f"{n}/{n} tensors (100%)" in err
+    assert "tensors/s" in err and "left" in err
+
+
+def _bad_json(d):
+    with open(os.path.join(d, "config.json"), "w") as f:
+        f.write("{not json")
+
+
+def _no_hidden_size(d):
+    cfg = hf_config(d)
+    del cfg["text_config"]["hidden_size"]
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+def _zero_heads(d):
+    cfg = hf_config(d)
+    cfg["text_config"]["num_attention_heads"] = 0
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+def _string_size(d):
+    cfg = hf_config(d)
+    cfg["vision_config"]["image_size"] = "28"
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+def _replace_tensors(d, edit):
+    tensors = read_tensors(d)
+    edit(tensors)
+    os.remove(os.path.join(d, "model.safetensors"))
+    write_ckpt(d, tensors, None)
+
+
+def _many_missing(d):
+    _replace_tensors(d, lambda t: [t.pop(k) for k in list(t) if k.startswith("language_model.")])
+
+
+def _wrong_shape(d):
+    _replace_tensors(d, lambda t: t.update({"multi_modal_projector.linear_2.bias": np.zeros(63, np.float32)}))
+
+
+def _truncated_weights(d):
+    _truncate(os.path.join(d, "model.safetensors"))
+
+
+def _garbage_bin(d):
+    os.remove(os.path.join(d, "model.safetensors"))
+    with open(os.path.join(d, "pytorch_model.bin"), "wb") as f:
+        f.write(b"\x80\x02not a pickle\nat all\n")
+
+
+def _no_weights(d):
+    os.remove(os.path.join(d, "model.safetensors"))
+
+
+def _converted_already(d):
+    convert(d, d + "-converted")
+    shutil.rmtree(d)
+    os.rename(d + "-converted", d)
+
+
+def _missing_shard(d):
+    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": {"a": "model-00001-of-00002.safetensors"}}, f)
+
+
+BAD_SOURCES = {  # damage -> what the one line must name
+    "no_config": (lambda d: os.remove(os.path.join(d, "config.json")), "config.json"),
+    "bad_json": (_bad_json, "config.json: not valid JSON"),
+    "no_hidden_size": (_no_hidden_size, "hidden_size"),
+    "zero_heads": (_zero_heads, "num_attention_heads is 0"),
+    "string_size": (_string_size, "image_size is '28'"),
+    "many_missing": (_many_missing, "language_model.model.layers.0."),
+    "wrong_shape": (_wrong_shape, "multi_modal_projector.linear_2.bias: expected [64], found [63]"),
+    "truncated_weights": (_truncated_weights, "model.safetensors"),
+    "garbage_bin": (_garbage_bin, "pytorch_model.bin"),
+    "no_weights": (_no_weights, "no weight files"),
+    "missing_shard": (_missing_shard, "model-00001-of-00002.safetensors"),
+    "already_converted": (_converted_already, "already a converted twig_jax checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SOURCES))
+def test_convert_errors_are_one_line(tmp_path, capsys, hf_llava_mha, case):
+    damage, named = BAD_SOURCES[case]
+    src = str(tmp_path / "src")
+    shutil.copytree(hf_llava_mha.dir, src)
+    damage(src)
+    capsys.readouterr()
+    assert convert_main([src, str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("twig-jax convert: error: ") and named in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_convert_error_for_an_unwritable_destination(tmp_path, capsys, hf_llava_mha):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert convert_main([hf_llava_mha.dir, str(blocker / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(blocker) in lines[0]
+    assert convert_main([hf_llava_mha.dir, str(blocker), "--force"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "not a directory" in lines[0]

@@ -281,3 +281,115 @@ def test_image_errors(preproc, tmp_path):
         preproc(np.full((8, 8, 3), 2.0, dtype=np.float32))
     with pytest.raises(ValueError, match="no preprocessor_config.json"):
         ImagePreprocessor.from_pretrained(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------ image modes
+# What each mode should give, computed in numpy: 16-bit samples scaled (65535 -> 255), never clipped;
+# transparency composited over white; CMYK as (255 - C)(255 - K) / 255.
+
+
+def _gradient16(h: int = 24, w: int = 40) -> np.ndarray:
+    return np.linspace(0, 65535, h * w).round().astype(np.uint16).reshape(h, w)  # [H, W]
+
+
+def _gray_to_rgb(gray8: np.ndarray) -> np.ndarray:
+    return np.repeat(gray8[..., None], 3, axis=-1)
+
+
+def _over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    a = alpha.astype(np.float64)[..., None] / 255.0
+    return np.round(rgb.astype(np.float64) * a + 255.0 * (1.0 - a)).astype(np.uint8)
+
+
+def test_16bit_png_is_scaled_not_clipped(preproc, tmp_path):
+    g16 = _gradient16()
+    path = tmp_path / "gray16.png"
+    Image.fromarray(g16).save(path)
+    with Image.open(path) as im:
+        assert im.mode.startswith("I;16")  # what the file really is
+    want = _gray_to_rgb(np.round(g16 / 257.0).astype(np.uint8))
+    for given in (str(path), Image.open(path), Image.fromarray(g16), g16):
+        np.testing.assert_array_equal(np.asarray(load_image(given)), want)
+    np.testing.assert_array_equal(preproc(str(path)), preproc(want))
+    assert np.asarray(load_image(str(path))).mean() < 200  # not the white of a clipped conversion
+
+
+def test_mode_I_holds_16bit_samples():
+    g16 = _gradient16().astype(np.int32)
+    im = Image.fromarray(g16)
+    assert im.mode == "I"
+    want = _gray_to_rgb(np.round(g16 / 257.0).astype(np.uint8))
+    np.testing.assert_array_equal(np.asarray(load_image(im)), want)
+    with pytest.raises(ValueError, match=r"mode 'I'.*\[0, 65535\]"):
+        load_image(Image.fromarray(np.full((4, 4), 70000, np.int32)))
+    with pytest.raises(ValueError, match=r"mode 'I'.*\[0, 65535\]"):
+        load_image(Image.fromarray(np.full((4, 4), -3, np.int32)))
+
+
+def test_mode_F_is_a_float_image():
+    x = np.linspace(0.0, 1.0, 24 * 40, dtype=np.float32).reshape(24, 40)
+    im = Image.fromarray(x)
+    assert im.mode == "F"
+    want = _gray_to_rgb(np.round(x.astype(np.float64) * 255.0).astype(np.uint8))
+    np.testing.assert_array_equal(np.asarray(load_image(im)), want)
+    np.testing.assert_array_equal(np.asarray(load_image(im)), np.asarray(load_image(x)))
+    with pytest.raises(ValueError, match=r"values must be in \[0, 1\]"):
+        load_image(Image.fromarray(x * 255.0))
+
+
+def test_transparency_is_composited_over_white(tmp_path):
+    rng = np.random.default_rng(11)
+    gray = rng.integers(0, 256, (16, 20), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (16, 20), dtype=np.uint8)
+    alpha[0, :] = 0  # fully transparent: the stored colour must not show
+    la = Image.fromarray(np.stack([gray, alpha], axis=-1), mode="LA")
+    np.testing.assert_array_equal(np.asarray(load_image(la)), _over_white(_gray_to_rgb(gray), alpha))
+
+    rgb = rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)
+    rgba = np.concatenate([rgb, alpha[..., None]], axis=-1)
+    want = _over_white(rgb, alpha)
+    np.testing.assert_array_equal(np.asarray(load_image(Image.fromarray(rgba, mode="RGBA"))), want)
+    np.testing.assert_array_equal(np.asarray(load_image(rgba)), want)
+    path = tmp_path / "rgba.png"
+    Image.fromarray(rgba, mode="RGBA").save(path)
+    np.testing.assert_array_equal(np.asarray(load_image(path)), want)
+
+
+def test_palette_with_transparency(tmp_path):
+    palette = np.array([[0, 0, 0], [200, 30, 10], [10, 200, 30], [10, 30, 200]], np.uint8)
+    idx = np.random.default_rng(12).integers(0, 4, (10, 12)).astype(np.uint8)
+    im = Image.fromarray(idx, mode="P")
+    im.putpalette(palette.ravel().tolist())
+    im.info["transparency"] = 0  # index 0 (black) is transparent
+    want = np.where((idx == 0)[..., None], 255, palette[idx]).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(load_image(im)), want)
+    path = tmp_path / "palette.png"
+    im.save(path, transparency=0)
+    np.testing.assert_array_equal(np.asarray(load_image(path)), want)
+    opaque = Image.fromarray(idx, mode="P")
+    opaque.putpalette(palette.ravel().tolist())
+    np.testing.assert_array_equal(np.asarray(load_image(opaque)), palette[idx])
+
+
+def test_cmyk():
+    cmyk = np.random.default_rng(13).integers(0, 256, (16, 20, 4), dtype=np.uint8)
+    c, k = cmyk[..., :3].astype(np.int64), cmyk[..., 3:].astype(np.int64)
+    want = (((255 - c) * (255 - k) + 127) // 255).astype(np.uint8)  # (255 - C)(255 - K) / 255, rounded
+    np.testing.assert_array_equal(np.asarray(load_image(Image.fromarray(cmyk, mode="CMYK"))), want)
+
+
+def test_tokenize_with_a_tokenizer_that_has_no_image_token():
+    """liuhaotian's tokenizer has no <image>; its placeholder id (-200) is outside the vocabulary."""
+    from tests.conftest import tiny_llama_tokenizer
+
+    tok = tiny_llama_tokenizer(199)
+    assert tok.convert_tokens_to_ids("<image>") == tok.unk_token_id
+    prompt = build_prompt("what is in the image?")
+    ids = tokenize_with_image(tok, prompt, -200, 16)
+    assert ids.count(-200) == 16 and ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    start = ids.index(-200)
+    assert ids[start:start + 16] == [-200] * 16
+    assert tok.unk_token_id not in ids  # the marker never reached the tokenizer as text
+    text = [t for t in ids if t != -200]
+    assert all(0 <= t < len(tok) for t in text)
+    assert tok.decode(ids[start + 16:]).strip() == "what is in the image? ASSISTANT:"

@@ -63,3 +63,19 @@ def test_text_only_matches_hf(hf_llava_mha):
     model = load_hf_llava(tl.dir)
     ids = np.random.default_rng(3).integers(0, tl.cfg.image_token_index, size=(2, 11))
     assert rel_err(jax_logits(model, ids, None), hf_logits(tl.model, ids, None)) <= TOL
+
+
+def test_liuhaotian_layout_as_published_matches_hf(tiny_liuhaotian):
+    """No image_token_index in its config, no <image> in its tokenizer: the placeholder is -200, which
+    the model never embeds; the logits over its vocabulary are the llava-hf oracle's."""
+    lh = tiny_liuhaotian
+    model = load_hf_llava(lh.dir, vision_dir=lh.vision_dir)
+    cfg = model.cfg
+    assert cfg.image_token_index == -200 and cfg.text.vocab_size == lh.hf.cfg.text.vocab_size - 1
+    ids, pix = make_llava_inputs(cfg, batch=2)
+    hf_ids = np.where(ids == cfg.image_token_index, lh.hf.cfg.image_token_index, ids)
+    want = hf_logits(lh.hf.model, hf_ids, pix)[..., :cfg.text.vocab_size]
+    assert np.abs(want).max() > 1.0
+    assert rel_err(jax_logits(model, ids, pix), want) <= TOL
+    text = np.random.default_rng(4).integers(0, cfg.text.vocab_size, size=(2, 9))
+    assert rel_err(jax_logits(model, text, None), hf_logits(lh.hf.model, text, None)[..., :cfg.text.vocab_size]) <= TOL

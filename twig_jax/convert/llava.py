@@ -19,30 +19,31 @@ target dtype, which then goes to the device; the checkpoint is never held twice 
 
 Converted format (`convert`): DST/twig_jax.json (marker: format, version, dtype),
 DST/config.json (`save_config` format), DST/params (orbax checkpoint of `nnx.state(model)`), and
-the tokenizer / processor files copied from the source.
+the tokenizer / processor files copied from the source. It is written to a temporary sibling of
+DST and renamed into place, so DST never holds a mix of two checkpoints.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import json
 import os
-import shutil
-from typing import Any, Sequence
-import numpy as np
-from twig_jax.model.llava import Llava
-
-import argparse
-import contextlib
 import re
+import shutil
 import sys
-from typing import Iterable
+import tempfile
+from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from twig_jax.model.config import ConfigError, LlavaConfig, load_config, load_hf_config, save_config
+from twig_jax.model.llava import Llava
+from twig_jax.progress import Progress
 
 MARKER_FILE = "twig_jax.json"
 MARKER_FORMAT = "twig_jax.llava"
@@ -61,6 +62,14 @@ DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
 
 class ConversionError(ValueError):
     """A checkpoint that cannot be turned into a twig_jax model (message says what and where)."""
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one short line: readers (torch, safetensors, orbax) raise multi-line essays."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else ""
+    line = line if len(line) <= limit else line[:limit] + "..."
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 def _as_dtype(dtype) -> np.dtype:
@@ -122,7 +131,7 @@ class _TensorSource:
         except ConversionError:
             raise
         except Exception as e:  # noqa: BLE001 - any reader failure is a bad checkpoint file
-            raise ConversionError(f"cannot read weight file {path}: {type(e).__name__}: {e}") from e
+            raise ConversionError(f"cannot read weight file {path}: {_first_line(e)}") from e
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -146,7 +155,7 @@ class _TensorSource:
                         return _torch_to_numpy(f.get_tensor(key))
             return _torch_to_numpy(h[key])
         except Exception as e:  # noqa: BLE001
-            raise ConversionError(f"cannot read tensor {key!r} from {path}: {type(e).__name__}: {e}") from e
+            raise ConversionError(f"cannot read tensor {key!r} from {path}: {_first_line(e)}") from e
 
 
 def _weight_files(directory: str) -> list[str]:
@@ -338,20 +347,24 @@ def _has_weights(directory: str | None) -> bool:
     return directory is not None and bool(_weight_files(directory))
 
 
-def load_hf_llava(model_dir: str, vision_dir: str | None = None, dtype=jnp.float32) -> Llava:
+def load_hf_llava(model_dir: str, vision_dir: str | None = None, dtype=jnp.float32, *,
+                  progress: bool = False) -> Llava:
     """A `Llava` with the weights of the HF checkpoint in `model_dir` (llava-hf or liuhaotian).
 
     `vision_dir`: CLIP checkpoint for the liuhaotian layout (config, and weights if it has any;
     otherwise the tower embedded in the main checkpoint is used).
-    Raises ConversionError listing every missing, unexpected and wrongly shaped tensor.
+    Raises ConversionError (one line) naming a config that is not LLaVA-1.5, or listing every
+    missing, unexpected and wrongly shaped tensor. progress: a progress line of tensors read on
+    stderr (twig_jax.progress).
     """
     dtype = _as_dtype(dtype)
+    if is_converted(model_dir):
+        raise ConversionError(f"{model_dir} is already a converted twig_jax checkpoint: load it with load_model "
+                              f"(--model), there is nothing to convert")
     try:
         cfg = load_hf_config(model_dir, vision_dir)
-    except FileNotFoundError as e:
-        raise ConversionError(f"{model_dir}: no HF config ({e})") from e
-    except (ConfigError, ValueError, KeyError, TypeError) as e:
-        raise ConversionError(f"{model_dir}: unsupported config: {e}") from e
+    except ConfigError as e:
+        raise ConversionError(str(e)) from None
     n_vision = max(cfg.feature_layers)
     abstract = nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0), dtype=dtype))
 
@@ -424,33 +437,39 @@ def load_hf_llava(model_dir: str, vision_dir: str | None = None, dtype=jnp.float
         unexpected += sorted(table[k].key for k in set(table) - consumed)
         if missing or unexpected or bad_shape:
             where = model_dir + (f" (+ vision {vision_dir})" if vision_dir else "")
-            msg = [f"checkpoint {where} does not match the model config:"]
-            for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                ("wrongly shaped keys", bad_shape)):
-                if keys:
-                    msg.append(f"  {len(keys)} {title}:")
-                    msg += [f"    {k}" for k in keys]
+            parts = [_listing(title, keys) for title, keys in (
+                ("missing keys", missing), ("unexpected keys", unexpected), ("wrongly shaped keys", bad_shape))
+                if keys]
             if missing and liuhaotian and any(k.startswith(display["vision"]) for k in missing):
-                msg.append("  (the liuhaotian layout needs the CLIP tower: pass vision_dir)")
-            raise ConversionError("\n".join(msg))
+                parts.append("the liuhaotian layout needs the CLIP tower: pass vision_dir (--vision-dir)")
+            raise ConversionError(f"checkpoint {where} does not match the model config: " + "; ".join(parts))
 
         # Read and fill, one model parameter at a time.
-        for path, items in plan.items():
-            var = params[path]
-            shape = tuple(var.get_value().shape)
-            buf = np.empty(shape, dtype)
-            stacked = _stacked(path)
-            for i, item in enumerate(items):
-                entry = table[item.group, item.local]
-                x = _apply(item, entry.source.get(entry.key))
-                if stacked:
-                    buf[i] = x
-                else:
-                    buf[...] = x
-                del x
-            var.set_value(jax.device_put(buf))
-            del buf
+        n_tensors = sum(len(items) for items in plan.values())
+        with Progress(n_tensors, "tensors", label="convert", enabled=progress) as bar:
+            for path, items in plan.items():
+                var = params[path]
+                shape = tuple(var.get_value().shape)
+                buf = np.empty(shape, dtype)
+                stacked = _stacked(path)
+                for i, item in enumerate(items):
+                    entry = table[item.group, item.local]
+                    x = _apply(item, entry.source.get(entry.key))
+                    if stacked:
+                        buf[i] = x
+                    else:
+                        buf[...] = x
+                    del x
+                    bar.advance()
+                var.set_value(jax.device_put(buf))
+                del buf
     return abstract
+
+
+def _listing(title: str, keys: list[str], limit: int = 8) -> str:
+    """'N title (k1, k2, ..., and M more)': one line however many keys a wrong layout gives."""
+    shown = ", ".join(keys[:limit]) + (f", and {len(keys) - limit} more" if len(keys) > limit else "")
+    return f"{len(keys)} {title} ({shown})"
 
 
 def _stacked(path: tuple[str, ...]) -> bool:
@@ -489,38 +508,118 @@ def _copy_tokenizer_files(src: str, dst: str, fallback: str | None = None) -> li
     return copied
 
 
-def convert(src: str, dst: str, dtype="float32", vision_dir: str | None = None, *, overwrite: bool = False) -> str:
-    """Convert the HF checkpoint `src` into the twig_jax format in `dst`; returns dst."""
-    dt = _as_dtype(dtype)
-    dst = os.path.abspath(dst)
-    if os.path.isdir(dst) and os.path.isdir(src) and os.path.samefile(src, dst):
-        raise ConversionError(f"destination {dst} is the source checkpoint")
-    params_dir = os.path.join(dst, PARAMS_DIR)
-    exists = os.path.exists(params_dir) or os.path.exists(os.path.join(dst, MARKER_FILE))
-    if exists and not overwrite:
-        raise ConversionError(f"{dst} already holds a converted checkpoint (pass overwrite=True / --force)")
-    model = load_hf_llava(src, vision_dir, dt)  # before touching dst: a bad source leaves it as it was
-    if exists:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(dst, MARKER_FILE))
-        shutil.rmtree(params_dir, ignore_errors=True)
-    os.makedirs(dst, exist_ok=True)
+def _relation(dst: str, source: str) -> str | None:
+    """How the real path dst lies against the real path source: "is", "is inside", "contains" or None."""
+    if dst == source:
+        return "is"
+    if dst.startswith(source.rstrip(os.sep) + os.sep):
+        return "is inside"
+    if source.startswith(dst.rstrip(os.sep) + os.sep):
+        return "contains"
+    return None
 
+
+def _check_destination(dst: str, sources: dict[str, str | None], overwrite: bool) -> None:
+    """Refuse, before anything is read, a destination that is or holds a source, that is not a
+    directory, or (without overwrite) that holds anything at all."""
+    for what, source in sources.items():
+        if source is None:
+            continue
+        relation = _relation(dst, os.path.realpath(source))
+        if relation is not None:
+            raise ConversionError(f"destination {dst} {relation} the source {what} {source}: "
+                                  f"write the converted checkpoint elsewhere")
+    if os.path.lexists(dst) and not os.path.isdir(dst):
+        raise ConversionError(f"destination {dst} exists and is not a directory")
+    # The temporary sibling goes into dst's parent: check the nearest existing ancestor now rather
+    # than after reading the whole checkpoint.
+    ancestor = os.path.dirname(dst)
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ConversionError(f"cannot create destination {dst}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConversionError(f"cannot create destination {dst}: {ancestor} is not writable")
+    if not os.path.isdir(dst):
+        return
+    try:
+        names = sorted(os.listdir(dst))
+    except OSError as e:
+        raise ConversionError(f"destination {dst}: cannot list it ({e.strerror or e})") from None
+    if names and not overwrite:
+        if is_converted(dst):
+            held = "a converted twig_jax checkpoint"
+        else:
+            held = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        raise ConversionError(f"destination {dst} is not empty: it already holds {held}; pass --force "
+                              f"(overwrite=True) to replace the whole directory")
+
+
+def _replace_directory(new: str, dst: str) -> None:
+    """Put the directory `new` at `dst`, replacing what dst held as a whole: the old directory is
+    moved aside, and deleted only once `new` is in place (on failure it is moved back)."""
+    if not os.path.lexists(dst) or (os.path.isdir(dst) and not os.listdir(dst)):
+        os.rename(new, dst)  # rename replaces an empty directory
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.replaced-", dir=os.path.dirname(dst))
+    os.rename(dst, old)
+    try:
+        os.rename(new, dst)
+    except BaseException:
+        os.rename(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_converted(model: Llava, directory: str, src: str, vision_dir: str | None, dtype) -> None:
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(params_dir, nnx.state(model))
-        ckptr.wait_until_finished()
-    save_config(model.cfg, os.path.join(dst, "config.json"))
-    copied = _copy_tokenizer_files(src, dst, vision_dir)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(directory, PARAMS_DIR), nnx.state(model))
+            ckptr.wait_until_finished()
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many types
+        raise ConversionError(f"writing the parameters to {directory} failed: {_first_line(e)}") from e
+    save_config(model.cfg, os.path.join(directory, "config.json"))
+    copied = _copy_tokenizer_files(src, directory, vision_dir)
     marker = {
-        "format": MARKER_FORMAT, "version": MARKER_VERSION, "dtype": jnp.dtype(dt).name,
+        "format": MARKER_FORMAT, "version": MARKER_VERSION, "dtype": jnp.dtype(dtype).name,
         "source": os.path.abspath(src), "vision_dir": os.path.abspath(vision_dir) if vision_dir else None,
         "copied_files": copied,
     }
     # Written last: a directory without the marker is not a (complete) converted checkpoint.
-    with open(os.path.join(dst, MARKER_FILE), "w") as f:
+    with open(os.path.join(directory, MARKER_FILE), "w") as f:
         json.dump(marker, f, indent=2)
+
+
+def convert(src: str, dst: str, dtype="float32", vision_dir: str | None = None, *, overwrite: bool = False,
+            progress: bool = False) -> str:
+    """Convert the HF checkpoint `src` into the twig_jax format in `dst`; returns dst.
+
+    dst must be absent or empty unless overwrite, which replaces the whole directory; it may never
+    be, hold or lie inside src or vision_dir. The checkpoint is written to a temporary sibling of
+    dst and renamed into place, so dst holds either what it held before or the whole converted
+    checkpoint, never a mix. progress: a progress line of tensors read on stderr.
+    """
+    dt = _as_dtype(dtype)
+    dst = os.path.realpath(dst)  # a link to a directory: replace the directory it names
+    _check_destination(dst, {"checkpoint": src, "CLIP checkpoint (vision_dir)": vision_dir}, overwrite)
+    model = load_hf_llava(src, vision_dir, dt, progress=progress)  # a bad source leaves dst as it was
+    parent = os.path.dirname(dst)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.converting-", dir=parent)
+    except OSError as e:
+        raise ConversionError(f"cannot write into {parent} for {dst} ({e.strerror or e})") from None
+    try:
+        _write_converted(model, tmp, src, vision_dir, dt)
+        _replace_directory(tmp, dst)
+    except OSError as e:
+        raise ConversionError(f"cannot write the converted checkpoint {dst} ({e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed into place
     return dst
 
 
@@ -584,19 +683,22 @@ def load_model(path: str, dtype=None, vision_dir: str | None = None) -> Llava:
 
 
 def convert_main(argv: Sequence[str] | None = None) -> int:
-    """`twig-jax convert SRC DST [--dtype float32|bfloat16] [--vision-dir DIR] [--force]`."""
+    """`twig-jax convert SRC DST [--dtype float32|bfloat16] [--vision-dir DIR] [--force]`.
+
+    Exit status 2 with one line on stderr for any input it cannot convert."""
     p = argparse.ArgumentParser(prog="twig-jax convert",
                                 description="Convert a HF LLaVA-1.5 checkpoint to the twig_jax format.")
     p.add_argument("src", help="HF checkpoint dir (llava-hf or liuhaotian layout)")
-    p.add_argument("dst", help="output dir")
+    p.add_argument("dst", help="output dir: absent or empty, or replaced as a whole with --force")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--vision-dir", default=None, help="CLIP checkpoint dir (liuhaotian layout)")
-    p.add_argument("--force", action="store_true", help="replace an existing converted checkpoint in DST")
+    p.add_argument("--force", action="store_true", help="replace DST, whatever it holds, as a whole")
     args = p.parse_args(argv)
     try:
-        out = convert(args.src, args.dst, args.dtype, args.vision_dir, overwrite=args.force)
+        out = convert(args.src, args.dst, args.dtype, args.vision_dir, overwrite=args.force, progress=True)
     except (ConversionError, ConfigError) as e:
-        print(f"twig-jax convert: error: {e}", file=sys.stderr)
+        line = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+        print(f"twig-jax convert: error: {line}", file=sys.stderr)
         return 2
     print(f"converted {args.src} -> {out} ({args.dtype})")
     return 0

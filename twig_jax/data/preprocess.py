@@ -3,13 +3,15 @@
 Mirrors the reference LLaVA-1.5 code path used at inference time
 (``image_aspect_ratio == "pad"``, ``conv_mode == "vicuna_v1"``):
 
-* images: convert to RGB -> pad to square with the CLIP mean colour
+* images: convert to RGB (every mode keeping what it shows: 16-bit samples scaled,
+  transparency over white) -> pad to square with the CLIP mean colour
   (:func:`expand2square`) -> CLIP image processor (resize shortest edge ->
   centre crop -> rescale 1/255 -> normalise), giving float32 ``[B, 3, H, W]``.
 * text: :func:`build_prompt` -> :func:`tokenize_with_image`, which splices
   ``num_image_tokens`` copies of the image token id where ``<image>`` was
   (LLaVA's ``tokenizer_image_token``, but with the placeholder already expanded
-  to one position per visual token) -> :func:`pad_batch` into a fixed bucket.
+  to one position per visual token; the id need not be in the vocabulary, as
+  liuhaotian's -200 is not) -> :func:`pad_batch` into a fixed bucket.
 
 Nothing here downloads anything: image-processor settings come from a dict or a
 local directory holding ``preprocessor_config.json``.
@@ -93,9 +95,67 @@ def expand2square(img: Image.Image, background_color: Any) -> Image.Image:
     return result
 
 
+# Sample conversions to 8 bits, shared by arrays and PIL images so both give the same pixels.
+
+
+def _unit_float_to_8bit(x: np.ndarray, what: str) -> np.ndarray:
+    """Floating samples in [0, 1] -> uint8 (x 255, rounded); anything else is refused."""
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{what} contains NaN or inf")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"{what} values must be in [0, 1]; got range [{lo:g}, {hi:g}] (pass uint8 for 0..255 data)")
+    return np.round(x.astype(np.float64) * 255.0).astype(np.uint8)
+
+
+def _16bit_to_8bit(x: np.ndarray, what: str) -> np.ndarray:
+    """16-bit samples in [0, 65535] -> uint8, 65535 -> 255 (x / 257, rounded): scaled, never clipped."""
+    lo, hi = int(x.min()), int(x.max())
+    if lo < 0 or hi > 65535:
+        raise ValueError(f"{what} values must be 16-bit samples in [0, 65535]; got range [{lo}, {hi}]")
+    return np.round(x.astype(np.float64) / 257.0).astype(np.uint8)
+
+
+def _over_white(rgba: np.ndarray) -> np.ndarray:
+    """[H, W, 4] uint8 -> [H, W, 3] uint8 composited over white, as an image viewer shows it (and as
+    transformers' convert_to_rgb does): a transparent pixel's stored colour never shows."""
+    a = rgba[..., 3:].astype(np.float64) / 255.0
+    return np.round(rgba[..., :3].astype(np.float64) * a + 255.0 * (1.0 - a)).astype(np.uint8)
+
+
+def _pil_to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB showing what the image shows.
+
+    * 16-bit gray ("I;16*") and "I" (what 16-bit PNG / PGM / TIFF samples decode to): scaled from
+      [0, 65535] to [0, 255]; PIL's own conversion clips them, turning most of the image white.
+      "I" values outside [0, 65535] are refused.
+    * "F": samples in [0, 1], as for float arrays; others are refused.
+    * transparency ("RGBA", "LA", "PA", premultiplied modes, or a "transparency" entry such as a
+      palette's transparent index): composited over white.
+    * everything else ("1", "L", "P", "CMYK", "YCbCr", ...): PIL's conversion (CMYK:
+      (255 - C)(255 - K) / 255).
+    """
+    mode = img.mode
+    if mode == "I" or mode.startswith("I;16"):
+        gray = _16bit_to_8bit(np.asarray(img), f"image mode {mode!r}")
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode == "F":
+        gray = _unit_float_to_8bit(np.asarray(img), f"image mode {mode!r}")
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        return Image.fromarray(_over_white(np.asarray(img.convert("RGBA"))), mode="RGB")
+    if mode == "RGB":
+        return img
+    try:
+        return img.convert("RGB")
+    except ValueError as e:
+        raise ValueError(f"cannot convert image mode {mode!r} to RGB: {e}") from e
+
+
 def _array_to_pil(arr: np.ndarray) -> Image.Image:
-    """HWC (or HW grayscale) array -> RGB PIL image. uint8/integer values in
-    [0, 255], or floating values in [0, 1]."""
+    """HWC (or HW grayscale) array -> RGB PIL image. uint8 and other integer values in [0, 255];
+    uint16 values are 16-bit samples in [0, 65535]; floating values in [0, 1]. A fourth channel is
+    alpha (composited over white)."""
     if arr.ndim == 3:
         channels = arr.shape[-1]
         if channels not in (1, 3, 4):
@@ -115,6 +175,8 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
         data = arr
     elif arr.dtype == np.bool_:
         data = arr.astype(np.uint8) * 255
+    elif arr.dtype == np.uint16:
+        data = _16bit_to_8bit(arr, "uint16 image array")
     elif np.issubdtype(arr.dtype, np.integer):
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi > 255:
@@ -123,15 +185,7 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
             )
         data = arr.astype(np.uint8)
     elif np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)):
-            raise ValueError("floating image array contains NaN or inf")
-        lo, hi = float(arr.min()), float(arr.max())
-        if lo < 0.0 or hi > 1.0:
-            raise ValueError(
-                f"floating image array values must be in [0, 1]; got range [{lo:g}, {hi:g}] "
-                f"(pass uint8 for 0..255 data)"
-            )
-        data = np.round(arr * 255.0).astype(np.uint8)
+        data = _unit_float_to_8bit(arr, "floating image array")
     else:
         raise ValueError(f"unsupported image array dtype {arr.dtype}")
 
@@ -141,16 +195,18 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
     if data.ndim == 2:
         return Image.fromarray(data, mode="L").convert("RGB")
     if data.shape[-1] == 4:
-        return Image.fromarray(data, mode="RGBA").convert("RGB")
+        return Image.fromarray(_over_white(data), mode="RGB")
     return Image.fromarray(data, mode="RGB")
 
 
 def load_image(image: Any) -> Image.Image:
     """One image -> RGB ``PIL.Image``. Accepts a PIL image, a numpy HWC/HW array or a
     file path (str / ``os.PathLike``). Raises ``ValueError`` (naming the path) for a
-    missing or unreadable file, and for arrays of the wrong ndim / channel count."""
+    missing or unreadable file, and for arrays of the wrong ndim / channel count.
+    Every mode keeps what it shows (:func:`_pil_to_rgb`): 16-bit samples are scaled to
+    8 bits, transparency is composited over white."""
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return _pil_to_rgb(image)
     if isinstance(image, np.ndarray):
         return _array_to_pil(image)
     if isinstance(image, (str, os.PathLike)):
@@ -162,7 +218,8 @@ def load_image(image: Any) -> Image.Image:
         try:
             with Image.open(path) as im:
                 im.load()
-                return im.convert("RGB")
+                rgb = _pil_to_rgb(im)
+                return rgb.copy() if rgb is im else rgb  # outlives the closed file
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise ValueError(f"cannot read image file {path!r}: {e}") from e
     raise TypeError(
@@ -339,7 +396,9 @@ def tokenize_with_image(
     expected_images: int = 1,
 ) -> list[int]:
     """Tokenise ``prompt``, replacing each ``<image>`` by ``num_image_tokens`` copies of
-    ``image_token_index``.
+    ``image_token_index``. The tokenizer need not know ``<image>`` (liuhaotian's has no such
+    token and its placeholder id, -200, is outside the vocabulary): the marker is cut out of the
+    text before tokenisation.
 
     As LLaVA's ``tokenizer_image_token``: the prompt is split on ``<image>``, each
     chunk is tokenised with the HF tokenizer's defaults (special tokens on), and if

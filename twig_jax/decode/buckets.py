@@ -61,7 +61,9 @@ class Batcher:
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise InputError(f"prompt {i} is empty")
-            bad = [t for t in p if not 0 <= t < cfg.text.vocab_size]
+            # The image placeholder is replaced by image features, never embedded: it may lie
+            # outside the vocabulary (liuhaotian's -200); the count check below places it.
+            bad = [t for t in p if not 0 <= t < cfg.text.vocab_size and t != cfg.image_token_index]
             if bad:
                 raise InputError(f"prompt {i} has token ids outside the vocabulary [0, {cfg.text.vocab_size}): {bad[:5]}")
             if len(p) + max_new_tokens > self.max_cache_len:

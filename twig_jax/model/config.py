@@ -25,6 +25,15 @@ SUPPORTED_VISION_ACTS = ("quick_gelu", "gelu", "gelu_pytorch_tanh")
 SUPPORTED_TEXT_ACTS = ("silu",)
 SUPPORTED_PROJECTOR_ACTS = ("gelu", "gelu_pytorch_tanh", "relu", "silu", "quick_gelu")
 
+# The placeholder id of liuhaotian's LLaVA (IMAGE_TOKEN_INDEX): its config names none and its tokenizer
+# has no <image> token. The placeholder is never embedded, so it needs no row of the vocabulary.
+LIUHAOTIAN_IMAGE_TOKEN_INDEX = -200
+
+# What a config.json may say it is: LLaVA-1.5 in the llava-hf and the liuhaotian layouts.
+LLAVA_HF_ARCHITECTURE = "LlavaForConditionalGeneration"
+LIUHAOTIAN_ARCHITECTURE = "LlavaLlamaForCausalLM"
+SUPPORTED_TEXT_MODEL_TYPES = ("llama",)
+SUPPORTED_VISION_MODEL_TYPES = ("clip_vision_model", "clip")
 
 
 class ConfigError(ValueError):
@@ -138,9 +147,9 @@ class LlavaConfig:
                 f"vision_feature_select_strategy {self.vision_feature_select_strategy!r} must be 'default' or 'full'")
         if self.projector_hidden_act not in SUPPORTED_PROJECTOR_ACTS:
             raise ConfigError(f"projector_hidden_act {self.projector_hidden_act!r} unsupported")
-        if not 0 <= self.image_token_index < self.text.vocab_size:
-            raise ConfigError(
-                f"image_token_index {self.image_token_index} outside the vocabulary (size {self.text.vocab_size})")
+        # Any integer: the placeholder is replaced by image features, never looked up in the vocabulary.
+        if not isinstance(self.image_token_index, int) or isinstance(self.image_token_index, bool):
+            raise ConfigError(f"image_token_index {self.image_token_index!r} is not an integer")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -172,6 +181,34 @@ def _pick(d: dict[str, Any], cls, renames: dict[str, str] | None = None, **overr
     return cls(**kw)
 
 
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "head_dim", "max_position_embeddings", "image_size", "patch_size", "num_channels")
+_POSITIVE_CONSTANTS = ("rms_norm_eps", "rope_theta", "layer_norm_eps")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_numbers(d: dict[str, Any], where: str) -> None:
+    """Sizes must be positive integers and eps / theta positive numbers: anything else would fail
+    later, far from the key that caused it."""
+    for key in _SIZES:
+        v = d.get(key)
+        if v is not None and not (_is_int(v) and v > 0):
+            raise ConfigError(f"{where}{key} is {v!r}, not a positive integer")
+    for key in _POSITIVE_CONSTANTS:
+        v = d.get(key)
+        if v is not None and not ((_is_int(v) or isinstance(v, float)) and v > 0):
+            raise ConfigError(f"{where}{key} is {v!r}, not a positive number")
+
+
+def _object(d: Any, where: str) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} is {type(d).__name__}, not a JSON object")
+    return d
+
+
 def _rope_theta(d: dict[str, Any]) -> float:
     """rope_theta from either the old flat key or transformers 5's `rope_parameters`."""
     params = d.get("rope_parameters") or {}
@@ -183,7 +220,10 @@ def _rope_theta(d: dict[str, Any]) -> float:
     return float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
 
 
-def text_config_from_hf(d: dict[str, Any]) -> TextConfig:
+def text_config_from_hf(d: dict[str, Any], where: str = "text_config.") -> TextConfig:
+    _check_numbers(d, where)
+    if "hidden_size" not in d:
+        raise ConfigError(f"{where}hidden_size is missing")
     n_heads = d.get("num_attention_heads", 32)
     head_dim = d.get("head_dim") or d["hidden_size"] // n_heads
     eos = d.get("eos_token_id")
@@ -199,33 +239,88 @@ def text_config_from_hf(d: dict[str, Any]) -> TextConfig:
     )
 
 
-def vision_config_from_hf(d: dict[str, Any]) -> VisionConfig:
+def vision_config_from_hf(d: dict[str, Any], where: str = "vision_config.") -> VisionConfig:
     if "vision_config" in d:  # a full CLIPModel config.json
-        d = d["vision_config"]
+        d = _object(d["vision_config"], "vision_config")
+    _check_numbers(d, where)
     return _pick(d, VisionConfig)
+
+
+def _model_name(d: dict[str, Any]) -> str:
+    """How a config names its model, for messages: its architecture, else its model_type."""
+    archs = d.get("architectures") or []
+    archs = archs if isinstance(archs, list) else [archs]
+    model_type = f"model_type {d.get('model_type')!r}"
+    return f"architecture {', '.join(map(str, archs))} ({model_type})" if archs else model_type
+
+
+def check_llava15(d: dict[str, Any], vision: dict[str, Any] | None = None) -> None:
+    """Refuse, naming it, a config.json of any model other than LLaVA-1.5 (a CLIP tower, a LLaMA
+    language model, one image of N visual tokens): the weights of a LLaVA-NeXT, Qwen2-VL or
+    Mistral-based checkpoint may load with matching shapes and still compute something else."""
+    name = _model_name(d)
+    known = (LLAVA_HF_ARCHITECTURE, LIUHAOTIAN_ARCHITECTURE)
+    archs = d.get("architectures") or []
+    archs = archs if isinstance(archs, list) else [archs]
+    other = [a for a in archs if a not in known]
+    if other or d.get("model_type") not in (None, "llava"):
+        raise ConfigError(f"{name} is not LLaVA-1.5; twig-jax converts {known[0]} and {known[1]} only")
+    if d.get("image_grid_pinpoints") is not None or str(d.get("image_aspect_ratio", "")).startswith("anyres"):
+        raise ConfigError(f"{name} has image_grid_pinpoints / image_aspect_ratio "
+                          f"{d.get('image_aspect_ratio')!r}: LLaVA-NeXT any-resolution tiling, which twig-jax "
+                          f"does not run (LLaVA-1.5 only: one image, N visual tokens)")
+    if d.get("mm_patch_merge_type") not in (None, "flat"):
+        raise ConfigError(f"{name} has mm_patch_merge_type {d['mm_patch_merge_type']!r}: LLaVA-NeXT patch "
+                          f"merging, which twig-jax does not run (LLaVA-1.5 only: 'flat')")
+    if d.get("mm_use_im_start_end"):
+        raise ConfigError(f"{name} has mm_use_im_start_end: image start / end tokens in the prompt, which "
+                          f"LLaVA-1.5 does not use and twig-jax does not build")
+    text = d.get("text_config")
+    text_type = text.get("model_type") if isinstance(text, dict) else None
+    if text_type not in (None,) + SUPPORTED_TEXT_MODEL_TYPES:
+        raise ConfigError(f"{name} has a {text_type!r} language model; twig-jax runs LLaMA "
+                          f"(text_config.model_type 'llama') only")
+    for vd in (d.get("vision_config"), vision):
+        if isinstance(vd, dict):
+            vision_type = vd.get("model_type")
+            if vision_type not in (None,) + SUPPORTED_VISION_MODEL_TYPES:
+                raise ConfigError(f"{name} has a {vision_type!r} vision tower; twig-jax runs CLIP "
+                                  f"(vision model_type {SUPPORTED_VISION_MODEL_TYPES}) only")
+
+
+def _feature_layer(value: Any, key: str) -> int | tuple[int, ...]:
+    if _is_int(value):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(_is_int(v) for v in value):
+        return tuple(value)
+    raise ConfigError(f"{key} is {value!r}, not an integer or a list of integers")
 
 
 def config_from_hf_dict(d: dict[str, Any], vision: dict[str, Any] | None = None) -> LlavaConfig:
     """LlavaConfig from a parsed HF config.json of either layout.
 
     `vision` is the CLIP config for the liuhaotian layout (which only names its tower); when
-    absent, the tower is assumed to be CLIP ViT-L/14-336 if the name says so.
+    absent, the tower is assumed to be CLIP ViT-L/14-336 if the name says so. Raises ConfigError
+    (one line naming the key) for anything that is not LLaVA-1.5 or that twig-jax cannot represent.
     """
+    d = _object(d, "config.json")
+    if vision is not None:
+        vision = _object(vision, "the CLIP config.json")
+    check_llava15(d, vision)
     # liuhaotian checkpoints also say model_type "llava", so the mm_* keys decide first.
     is_liuhaotian = "text_config" not in d and ("mm_vision_tower" in d or "mm_projector_type" in d)
     if not is_liuhaotian and ("text_config" in d or d.get("model_type") == "llava"):
-        text_d = dict(d.get("text_config") or {})
+        text_d = dict(_object(d.get("text_config") or {}, "text_config"))
         text_d.setdefault("vocab_size", d.get("vocab_size", 32064))
         # transformers ties the LM head when either the top-level or the text config says so.
         text_d["tie_word_embeddings"] = bool(d.get("tie_word_embeddings")) or bool(text_d.get("tie_word_embeddings"))
-        layer = d.get("vision_feature_layer", -2)
         return LlavaConfig(
-            vision=vision_config_from_hf(d.get("vision_config") or {}),
+            vision=vision_config_from_hf(_object(d.get("vision_config") or {}, "vision_config")),
             text=text_config_from_hf(text_d),
             image_token_index=d.get("image_token_index", d.get("image_token_id", 32000)),
             projector_hidden_act=d.get("projector_hidden_act", "gelu"),
             projector_bias=d.get("multimodal_projector_bias", True),
-            vision_feature_layer=tuple(layer) if isinstance(layer, list) else layer,
+            vision_feature_layer=_feature_layer(d.get("vision_feature_layer", -2), "vision_feature_layer"),
             vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
         ).validate()
     if is_liuhaotian:
@@ -239,30 +334,54 @@ def config_from_hf_dict(d: dict[str, Any], vision: dict[str, Any] | None = None)
                     f"liuhaotian layout names vision tower {tower!r}: pass its CLIP config (vision_dir)")
             vision_cfg = VisionConfig(**CLIP_VIT_L_336)
         else:
-            vision_cfg = vision_config_from_hf(vision)
+            vision_cfg = vision_config_from_hf(vision, "the CLIP config's ")
         if d.get("mm_hidden_size") not in (None, vision_cfg.hidden_size):
             raise ConfigError(f"mm_hidden_size {d['mm_hidden_size']} != vision hidden_size {vision_cfg.hidden_size}")
         select = d.get("mm_vision_select_feature", "patch")
+        strategies = {"patch": "default", "cls_patch": "full"}
+        if select not in strategies:
+            raise ConfigError(f"mm_vision_select_feature {select!r} unsupported (have {sorted(strategies)})")
         return LlavaConfig(
             vision=vision_cfg,
-            text=text_config_from_hf(d),
-            # liuhaotian's LLaVA uses -200 in the prompt; converted checkpoints use a real id.
-            image_token_index=d.get("image_token_index", 32000),
+            text=text_config_from_hf(d, ""),
+            # liuhaotian's LLaVA marks the image in a prompt with -200 and names no id in its config.
+            image_token_index=d.get("image_token_index", LIUHAOTIAN_IMAGE_TOKEN_INDEX),
             projector_hidden_act="gelu",
-            vision_feature_layer=d.get("mm_vision_select_layer", -2),
-            vision_feature_select_strategy={"patch": "default", "cls_patch": "full"}[select],
+            vision_feature_layer=_feature_layer(d.get("mm_vision_select_layer", -2), "mm_vision_select_layer"),
+            vision_feature_select_strategy=strategies[select],
         ).validate()
-    raise ConfigError("config.json is neither llava-hf (text_config) nor liuhaotian (mm_vision_tower) layout")
+    raise ConfigError(f"{_model_name(d)}: config.json is neither llava-hf (text_config) nor liuhaotian "
+                      f"(mm_vision_tower) layout")
+
+
+def _read_config_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable ({e})") from None
 
 
 def load_hf_config(model_dir: str, vision_dir: str | None = None) -> LlavaConfig:
-    with open(os.path.join(model_dir, "config.json")) as f:
-        d = json.load(f)
+    """LlavaConfig from model_dir/config.json (and vision_dir/config.json, the liuhaotian layout's
+    CLIP tower). Raises ConfigError naming the file and the problem."""
+    path = os.path.join(model_dir, "config.json")
+    d = _read_config_json(path)
     vision = None
     if vision_dir is not None:
-        with open(os.path.join(vision_dir, "config.json")) as f:
-            vision = json.load(f)
-    return config_from_hf_dict(d, vision)
+        vision_path = os.path.join(vision_dir, "config.json")
+        vision = _read_config_json(vision_path)
+        path = f"{path} (+ {vision_path})"
+    try:
+        return config_from_hf_dict(d, vision)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except (ValueError, TypeError, KeyError) as e:  # a value of the wrong kind that no check above names
+        raise ConfigError(f"{path}: unsupported config ({type(e).__name__}: {e})") from None
 
 
 # ----------------------------------------------------------------------------------------------
