@@ -21,11 +21,11 @@ from flax import nnx
 from twig_jax.decode.buckets import (BATCH_BUCKETS, NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, TEXT_BUCKETS, Batcher,
                                      InputError)
 from twig_jax.decode.plain import decode_loop, prefill
-from twig_jax.decode.prune import LayerWeights, kv_bytes, make_plan, pruned_generate, ttp_prefill
+from twig_jax.decode.prune import LayerWeights, OneTokenDecoding, kv_bytes, make_plan, ttp_prefill
 from twig_jax.twig.config import needs_twig
 from twig_jax.decode.sampling import SamplingConfig
 from twig_jax.decode.sink import dispatch, streaming_to
-from twig_jax.decode.speculative import ssd_extra_slots, ssd_generate
+from twig_jax.decode.speculative import ChainDrafter
 from twig_jax.model.cache import KVCache
 from twig_jax.model.llama import unstack_layers
 from twig_jax.model.llava import Llava
@@ -180,6 +180,8 @@ class TwigGenerator(Batcher):
         self.layer_weights = base_layer_copies(base_model, layer_weights, layer_copies)
         self.plan = make_plan(base_model.cfg, twig_cfg, method)
         self.method, self.ssd = method, ssd
+        # The decode after the pruned prefill: a drafter (chain SSD) or one token per step.
+        self.decoding = ChainDrafter() if ssd else OneTokenDecoding()
         if twig is None and (ssd or needs_twig(method)):
             raise TwigConfigError(f"method={method!r}, ssd={ssd} needs a twig")
         self.twig_graphdef, self.twig_state = nnx.split(twig) if twig is not None else (None, None)
@@ -218,14 +220,9 @@ class TwigGenerator(Batcher):
         model, twig = nnx.merge(self.graphdef, state), self._twig(twig_state)
         kw = dict(out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, weights=weights,
                   on_step=on_step, min_new_tokens=min_new_tokens)
-        if self.ssd:
-            out, pre = ssd_generate(model, twig, self.plan, tokens, lengths, pixel_values, active, key,
-                                    max_new_tokens, **kw)
-            return out.tokens, out.count, out.rounds, out.drafted, out.accepted, pre.keep
-        out, count, pre = pruned_generate(model, twig, self.plan, tokens, lengths, pixel_values, active, key,
+        out, pre = self.decoding.generate(model, twig, self.plan, tokens, lengths, pixel_values, active, key,
                                           max_new_tokens, **kw)
-        z = jnp.zeros_like(count)
-        return out, count, z, z, z, pre.keep
+        return out.tokens, out.count, out.rounds, out.drafted, out.accepted, pre.keep
 
     def _score_impl(self, state, twig_state, weights, tokens, lengths, pixel_values, key):
         model, twig = nnx.merge(self.graphdef, state), self._twig(twig_state)
@@ -235,7 +232,7 @@ class TwigGenerator(Batcher):
 
     def _prefill_only_impl(self, state, twig_state, weights, tokens, lengths, pixel_values, key, *, extra):
         model, twig = nnx.merge(self.graphdef, state), self._twig(twig_state)
-        use = twig if (self.ssd or self.plan.scorer.reads_twig) else None
+        use = twig if (self.decoding.uses_twig or self.plan.scorer.reads_twig) else None
         pre = ttp_prefill(model, use, self.plan, tokens, lengths, pixel_values, extra=extra, key=key,
                           weights=weights)
         return pre.caches, pre.logits
@@ -302,7 +299,7 @@ class TwigGenerator(Batcher):
         """The compiled TTP prefill alone, with the caches generate() would decode from (benchmarks
         time it on its own); returns (TwigCaches, target next-token logits [B, V])."""
         tokens, lengths, _, pv, out_len = self.prepare(prompts, pixel_values, max_new_tokens)
-        extra = ssd_extra_slots(self.plan, out_len) if self.ssd else out_len + 1
+        extra = self.decoding.extra_slots(self.plan, out_len)
         return self._prefill_only(self.state, self.twig_state, self.weights, tokens, lengths, pv,
                                   jax.random.key(seed), extra=extra)
 
@@ -316,8 +313,8 @@ class TwigGenerator(Batcher):
             s, out_len = self._last_shapes or (self.plan.N + 64, 128)
             prompt_len = s if prompt_len is None else prompt_len
             max_new_tokens = out_len if max_new_tokens is None else max_new_tokens
-        extra = ssd_extra_slots(self.plan, max_new_tokens) if self.ssd else max_new_tokens + 1
-        return kv_bytes(self.cfg, self.plan, prompt_len, extra, self.itemsize, with_twig=self.ssd)
+        extra = self.decoding.extra_slots(self.plan, max_new_tokens)
+        return kv_bytes(self.cfg, self.plan, prompt_len, extra, self.itemsize, with_twig=self.decoding.uses_twig)
 
 
 def make_generator(model: Llava, twig=None, twig_cfg=None, method: str | None = None, ssd: bool | None = None,

@@ -382,3 +382,30 @@ def pruned_generate(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: ja
                                        out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
                                        weights=weights, on_token=on_step, min_new_tokens=min_new_tokens)
     return out, count, pre
+
+
+@dataclasses.dataclass(frozen=True)
+class OneTokenDecoding:
+    """No drafter: the pruned target decodes one token per step."""
+
+    uses_twig = False
+
+    def extra_slots(self, plan: PrunePlan, out_len: int) -> int:
+        return out_len + 1
+
+    def generate(self, model: Llava, twig: Twig | None, plan: PrunePlan, tokens, lengths, pixel_values, active,
+                 key, max_new_tokens, **kw) -> tuple[NamedTuple, TTPPrefill]:
+        out, count, pre = pruned_generate(model, twig, plan, tokens, lengths, pixel_values, active, key,
+                                          max_new_tokens, **kw)
+        zeros = jnp.zeros_like(count)
+        return PrunedOutput(out, count, zeros, zeros, zeros), pre
+
+
+class PrunedOutput(NamedTuple):
+    """The decode's result in SSDOutput's shape (no rounds, drafts or acceptances)."""
+
+    tokens: jax.Array  # [B, out_len]
+    count: jax.Array  # [B]
+    rounds: jax.Array  # [B] zeros
+    drafted: jax.Array  # [B] zeros
+    accepted: jax.Array  # [B] zeros

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import dataclasses
 import flax.struct
 import jax
 import jax.experimental
@@ -291,3 +292,18 @@ def ssd_generate(model: Llava, twig: Twig, plan: PrunePlan, tokens: jax.Array, l
                    sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, weights=weights, on_round=on_step,
                    min_new_tokens=min_new_tokens)
     return out, pre
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainDrafter:
+    """Self-speculative decoding with a chain of drafts: the twig proposes up to draft_len tokens a
+    round (plan.draft_len, plan.theta) and the pruned target verifies them in one pass."""
+
+    uses_twig = True  # the decode needs the twig (its cache and head)
+
+    def extra_slots(self, plan: PrunePlan, out_len: int) -> int:
+        return ssd_extra_slots(plan, out_len)
+
+    def generate(self, model: Llava, twig: Twig, plan: PrunePlan, tokens, lengths, pixel_values, active, key,
+                 max_new_tokens, **kw) -> tuple[SSDOutput, TTPPrefill]:
+        return ssd_generate(model, twig, plan, tokens, lengths, pixel_values, active, key, max_new_tokens, **kw)
