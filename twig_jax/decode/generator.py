@@ -26,6 +26,7 @@ from twig_jax.twig.config import needs_twig
 from twig_jax.decode.sampling import SamplingConfig
 from twig_jax.decode.sink import dispatch, streaming_to
 from twig_jax.decode.speculative import ChainDrafter
+from twig_jax.decode.tree import TreeDrafter
 from twig_jax.model.cache import KVCache
 from twig_jax.model.llama import unstack_layers
 from twig_jax.model.llava import Llava
@@ -181,7 +182,12 @@ class TwigGenerator(Batcher):
         self.plan = make_plan(base_model.cfg, twig_cfg, method)
         self.method, self.ssd = method, ssd
         # The decode after the pruned prefill: a drafter (chain SSD) or one token per step.
-        self.decoding = ChainDrafter() if ssd else OneTokenDecoding()
+        if not ssd:
+            self.decoding = OneTokenDecoding()
+        elif twig_cfg.spec == "tree":
+            self.decoding = TreeDrafter(twig_cfg.tree_shape)
+        else:
+            self.decoding = ChainDrafter()
         if twig is None and (ssd or needs_twig(method)):
             raise TwigConfigError(f"method={method!r}, ssd={ssd} needs a twig")
         self.twig_graphdef, self.twig_state = nnx.split(twig) if twig is not None else (None, None)

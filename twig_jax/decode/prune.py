@@ -129,11 +129,11 @@ class LayerWeights(NamedTuple):
                             None if twig is None else unstack_layers(twig.layers.weights()))
 
 
-def _base_weights(model: Llava, weights: LayerWeights | None) -> StackedLayers | LayerCopies:
+def base_layers(model: Llava, weights: LayerWeights | None) -> StackedLayers | LayerCopies:
     return model.text.layers.stacked() if weights is None or weights.base is None else weights.base
 
 
-def _twig_weights(twig: Twig, weights: LayerWeights | None) -> StackedLayers | LayerCopies:
+def twig_layers(twig: Twig, weights: LayerWeights | None) -> StackedLayers | LayerCopies:
     return twig.layers.stacked() if weights is None or weights.twig is None else weights.twig
 
 
@@ -223,7 +223,7 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
     b, s = tokens.shape
     n, r = plan.N, plan.R
     lengths = lengths.astype(jnp.int32)
-    base_w = _base_weights(model, weights)
+    base_w = base_layers(model, weights)
     base_pl = base_w.per_layer_caches
     x = model.embed(tokens, model.image_features(pixel_values))  # [B, S, D]
     dtype = x.dtype
@@ -250,7 +250,7 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
     img_pos = visual_positions(is_image, n)  # [B, N]
     phead_s, twig_probs = None, None
     if twig is not None:
-        twig_w = _twig_weights(twig, weights)
+        twig_w = twig_layers(twig, weights)
         twig_cache = _new_cache(tc, plan.T, b, caps["twig"], dtype, twig_w.per_layer_caches)
         h_t = h_k
         if scorer.p_head:  # stop before the last twig layer: the P-head reads its input
@@ -307,7 +307,7 @@ def trunk_step(model: Llava, plan: PrunePlan, cache: KVCache, tokens: jax.Array,
     t = tokens.shape[1]
     x = model.text.embed_tokens(tokens)
     positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]  # [B, Q]
-    out = run_layers(model.cfg.text, _base_weights(model, weights), x, positions, cache.k, cache.v, cache.lengths,
+    out = run_layers(model.cfg.text, base_layers(model, weights), x, positions, cache.k, cache.v, cache.lengths,
                      start=0, stop=plan.K)
     return KVCache(out.k, out.v, cache.lengths + t), out.hidden
 
@@ -316,7 +316,7 @@ def twig_step(twig: Twig, cache: KVCache, h_k: jax.Array, positions: jax.Array,
               weights: LayerWeights | None = None) -> tuple[KVCache, jax.Array]:
     """Append layer-K hidden states [B, Q, D] to the twig; return it and draft logits.  # [B, Q, V]"""
     t = h_k.shape[1]
-    out = run_layers(twig.text_cfg, _twig_weights(twig, weights), h_k, positions, cache.k, cache.v, cache.lengths)
+    out = run_layers(twig.text_cfg, twig_layers(twig, weights), h_k, positions, cache.k, cache.v, cache.lengths)
     return KVCache(out.k, out.v, cache.lengths + t), twig.logits(out.hidden)
 
 
@@ -329,7 +329,7 @@ def target_step(model: Llava, plan: PrunePlan, mid: KVCache, tail: KVCache, h_k:
     """
     tc = model.cfg.text
     t = h_k.shape[1]
-    w = _base_weights(model, weights)
+    w = base_layers(model, weights)
     out = run_layers(tc, w, h_k, positions, mid.k, mid.v, mid.lengths, start=plan.K, stop=plan.Kf,
                      cache_offset=plan.K)
     mid = KVCache(out.k, out.v, mid.lengths + t)

@@ -9,11 +9,45 @@ import dataclasses
 import math
 
 
-SELECT_RULES = ("top", "cover", "sample")  # keep-set rules of TwigConfig.select (importable without jax)
+SELECT_RULES = ("top", "cover", "sample")
+SPECS = ("chain", "tree")  # speculative draft shapes  # keep-set rules of TwigConfig.select (importable without jax)
 
 
 class TwigConfigError(ValueError):
     """Invalid twig / pruning hyper-parameters."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeShape:
+    """The static shape of a draft tree (docs/design.md, "Tree drafting")."""
+
+    width: int  # E: children per expanded node, and the frontier size
+    depth: int  # D: levels below the root
+    nodes: int  # N: nodes kept for verification
+
+    def __post_init__(self):
+        if self.width < 1 or self.depth < 1:
+            raise TwigConfigError(f"tree width {self.width} and depth {self.depth} must be >= 1")
+        if self.nodes < self.depth:
+            raise TwigConfigError(f"tree nodes {self.nodes} < depth {self.depth}: a full-depth path needs "
+                                  f"{self.depth} nodes")
+        if self.nodes > self.pool:
+            raise TwigConfigError(f"tree nodes {self.nodes} > the {self.pool} candidates a width-{self.width}, "
+                                  f"depth-{self.depth} tree drafts (E + (D-1) E^2)")
+
+    @property
+    def pool(self) -> int:
+        return self.width + (self.depth - 1) * self.width ** 2
+
+    @property
+    def draft_scratch(self) -> int:
+        """Scratch slots drafting writes past the committed tokens: the root, then each expanded frontier."""
+        return 1 + (self.depth - 1) * self.width
+
+    def extra_slots(self, out_len: int) -> int:
+        """Cache slots each group needs beyond the prompt: the new tokens, a round's commit and the
+        larger of the draft and verification scratch regions."""
+        return out_len + self.depth + 1 + max(self.draft_scratch, self.nodes + 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +64,14 @@ class TwigConfig:
     select: str = "top"  # keep-set rule over the scores: "top" (top R, the paper), "cover" (score-weighted
     # coverage: ttp.cover_visual; any scored method) or "sample" (the P-head only: a Gumbel-top-R draw
     # from its scores, with the generation key: the policy P-head RL trains; TTP / FastV then use top R)
+    spec: str = "chain"  # speculative drafts: "chain" (draft_len, theta) or "tree" (TwigVLM++ / EAGLE-2)
+    tree_width: int = 10  # E: children per expanded node and frontier size (the TwigVLM++ setting)
+    tree_depth: int = 4  # D: levels below the root
+    tree_nodes: int = 60  # N: nodes verified per round
+
+    @property
+    def tree_shape(self) -> "TreeShape":
+        return TreeShape(self.tree_width, self.tree_depth, self.tree_nodes)
 
     def kept_count(self, num_layers: int, num_visual: int) -> int:
         """R, from R directly or from R_bar via R = ceil((L*R_bar - K*N) / (Kf - K))."""
@@ -64,6 +106,10 @@ class TwigConfig:
             raise TwigConfigError(f"score_rows={self.score_rows!r} must be 'last' or 'text'")
         if self.select not in SELECT_RULES:
             raise TwigConfigError(f"select={self.select!r} must be one of {SELECT_RULES}")
+        if self.spec not in SPECS:
+            raise TwigConfigError(f"spec={self.spec!r} must be one of {SPECS}")
+        if self.spec == "tree":
+            self.tree_shape  # noqa: B018 (validates the shape)
         self.kept_count(num_layers, num_visual)
         return self
 
@@ -157,3 +203,17 @@ def resolve_twig_config(num_layers: int, num_visual: int, *, method: str, ssd: b
         base = dataclasses.replace(base, R=None, R_bar=None)
     tc = baseline_keep_rule(dataclasses.replace(base, **given), method, given.get("select"))
     return tc.validate(num_layers, num_visual)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pruning budget a trained twig carries by default
+
+PAPER_LAYERS, PAPER_VISUAL, PAPER_KF, PAPER_KEPT = 32, 576, 24, 41  # LLaVA-1.5-7B: R-bar 64 of 576 is R = 41
+
+
+def default_pruning(num_layers: int, num_visual: int, K: int) -> dict:
+    """{"Kf", "R"}: the paper's budget (Kf = 24 of 32 layers, R = 41 of 576 visual tokens) scaled
+    to a model of `num_layers` layers and `num_visual` visual tokens, Kf clamped to K < Kf <= L."""
+    kf = min(num_layers, max(K + 1, round(PAPER_KF / PAPER_LAYERS * num_layers)))
+    r = min(num_visual, max(1, round(PAPER_KEPT / PAPER_VISUAL * num_visual)))
+    return {"Kf": kf, "R": r}
