@@ -79,6 +79,28 @@ def row_stats(out, i: int) -> dict:
     return d
 
 
+def run_settings(generator, num_visual: int) -> dict:
+    """What a generator runs, for a run's report: method, ssd and kept visual tokens R (all
+    num_visual of them without pruning); the trunk depth K and FinalWipe layer Kf when it prunes or
+    drafts, the twig's depth T when it reads a twig, the keep rule it applies (select) when it
+    prunes, the attention rows it scores from (score_rows) for TTP and FastV, and draft_len and
+    theta with SSD."""
+    plan = getattr(generator, "plan", None)
+    if plan is None:
+        return {"method": "none", "ssd": False, "R": num_visual}
+    method, ssd = generator.method, bool(generator.ssd)
+    out = {"method": method, "ssd": ssd, "K": plan.K, "Kf": plan.Kf, "R": plan.R}
+    if getattr(generator, "twig_state", None) is not None:
+        out["T"] = plan.T
+    if method != "none":
+        out["select"] = plan.keep_rule
+    if method in ("twig", "fastv"):
+        out["score_rows"] = plan.score_rows
+    if ssd:
+        out.update(draft_len=plan.draft_len, theta=plan.theta)
+    return out
+
+
 class Pipeline:
     def __init__(self, model: Llava, tokenizer, image_processor: ImagePreprocessor | None = None,
                  generator: Any = None, conv: str = "vicuna_v1"):

@@ -9,6 +9,7 @@ import dataclasses
 
 import json
 import math
+import os
 
 import pytest
 
@@ -361,3 +362,121 @@ def test_ckpt_eval_scores_and_exports_a_training_checkpoint(world, tmp_path):
     assert res["description_f1"] == pytest.approx(m["description"]["f1"], nan_ok=True)
     assert sum(c for c, _ in res["kinds"].values()) == m["short"]["correct"]
     assert sum(n for _, n in res["kinds"].values()) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Any LLaVA question file: categories the project cannot score are answered, not scored
+
+
+def _run(argv, capsys) -> tuple[int, str, str]:
+    """(exit status, stderr, stdout) of `twig-jax *argv` run in-process."""
+    from twig_jax.cli.main import main
+
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.err, captured.out
+
+
+def _one_line(err: str) -> str:
+    assert "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.strip()]
+    return line
+
+
+def test_object_f1_only_for_shapes_descriptions():
+    refs = {"d": Reference("d", "a brown dog sleeps on a sofa .", "description"),
+            "s": Reference("s", "two", "short"),
+            "c": Reference("c", "The man is ironing clothes.", "conv"),
+            "x": Reference("x", "A taxi.", None)}
+    m = score({"d": "a cat sits on a mat .", "s": "2", "c": "he irons", "x": "a cab"}, refs)
+    assert m["questions"] == 4
+    assert m["short"] == {"n": 1, "correct": 1, "em": 1.0}
+    assert m["description"]["n"] == 0 and math.isnan(m["description"]["f1"])  # not shapes-world text
+    assert m["unscored"] == {"description": 1, "conv": 1, "uncategorized": 1}
+    shapes = score({"d": REF3}, {"d": Reference("d", REF3, "description")})
+    assert shapes["description"]["f1"] == 1.0 and shapes["unscored"] == {}
+
+
+def test_any_category_and_encoding_errors(tmp_path):
+    rows = [{"question_id": 1, "image": "a.png", "text": "What is odd here?", "category": "complex"},
+            {"question_id": 2, "image": "a.png", "text": "Describe it.", "category": "detail"},
+            {"question_id": 3, "image": "a.png", "text": "What colour?"}]
+    path = _write(tmp_path / "bench.jsonl", rows)
+    qs = read_questions(path, known_categories=None)
+    assert [q.category for q in qs] == ["complex", "detail", None] and [q.line for q in qs] == [1, 2, 3]
+    with pytest.raises(EvalFileError, match="unknown category 'complex'"):
+        read_questions(path)  # the shapes-world categories by default
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(json.dumps(rows[0]).encode() + b"\n" + b'{"question_id": 2, "image": "a.png", "text": "caf\xe9"}\n')
+    with pytest.raises(EvalFileError, match=r"latin1.jsonl:2: not UTF-8"):
+        read_questions(str(bad), known_categories=None)
+    answers = _write(tmp_path / "a.jsonl", [{"question_id": 1, "answer": "x", "category": "complex"},
+                                             {"question_id": 2, "answer": "y"}, {"question_id": 3, "answer": "z"}])
+    refs = read_answers(answers, known_categories=None)
+    assert [refs[k].category for k in ("1", "2", "3")] == ["complex", None, None]
+    attached = attach_categories(qs, refs)
+    assert [q.category for q in attached] == ["complex", "detail", None]
+
+
+def _bench_questions(world, path, image=None):
+    names = sorted(os.listdir(world["images"]))
+    rows = [{"question_id": "c1", "image": names[0], "text": "what is in the image ?", "category": "conv"},
+            {"question_id": "d1", "image": names[1], "text": "describe the image .", "category": "detail"},
+            {"question_id": "x1", "image": image or names[0], "text": "is there a red circle ?", "category": "complex"},
+            {"question_id": "n1", "image": names[1], "text": "how many objects are there ?"}]
+    return _write(path, rows)
+
+
+def test_cli_eval_answers_any_question_file_without_answers(world, tmp_path, capsys):
+    qfile = _bench_questions(world, tmp_path / "bench.jsonl")
+    out, mj = tmp_path / "answers.jsonl", tmp_path / "m.json"
+    code, err, printed = _run(["eval", "--questions", qfile, "--images", world["images"], "--model",
+                               world["model_dir"], "--max-new-other", "6", "--out", str(out),
+                               "--metrics-json", str(mj)], capsys)
+    assert code == 0, err
+    assert "not scored" in printed
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["question_id"] for r in recs] == ["c1", "d1", "x1", "n1"]
+    assert all(isinstance(r["text"], str) and 1 <= r["metadata"]["num_tokens"] <= 6 for r in recs)
+    assert [r["metadata"]["category"] for r in recs] == ["conv", "detail", "complex", None]
+    m = json.load(open(mj))
+    assert m["questions"] == 4 and m["categories"] == {"conv": 1, "detail": 1, "complex": 1, "uncategorized": 1}
+    assert "short" not in m and "description" not in m
+    assert "eval: 4/4 questions (100%)" in err
+
+    # with references in categories it cannot score: answered, reported as not scored
+    answers = _write(tmp_path / "refs.jsonl", [{"question_id": q, "answer": "x", "category": c} for q, c in
+                                                (("c1", "conv"), ("d1", "detail"), ("x1", "complex"),
+                                                 ("n1", "short"))])
+    code, err, printed = _run(["eval", "--questions", qfile, "--images", world["images"], "--model",
+                               world["model_dir"], "--answers", answers, "--max-new-other", "6",
+                               "--metrics-json", str(mj)], capsys)
+    assert code == 0, err
+    m = json.load(open(mj))
+    assert m["short"]["n"] == 1 and m["unscored"] == {"conv": 1, "detail": 1, "complex": 1}
+
+
+def test_cli_eval_input_errors_are_one_line_before_loading(world, tmp_path, capsys):
+    qfile = _bench_questions(world, tmp_path / "bench.jsonl", image="gone.png")
+    base = ["eval", "--questions", qfile, "--images", world["images"]]
+    code, err, printed = _run(base + ["--out", str(tmp_path / "a.jsonl")], capsys)  # no --model
+    assert code == 2 and "--model" in _one_line(err)
+    code, err, printed = _run(base + ["--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "a.jsonl")],
+                              capsys)
+    assert code == 2
+    line = _one_line(err)
+    assert f"{qfile}:3" in line and "x1" in line and "gone.png" in line and "no-model" not in line
+    code, err, printed = _run(base + ["--model", world["model_dir"]], capsys)  # nothing would be kept
+    assert code == 2 and "--out" in _one_line(err)
+    existing = tmp_path / "old.jsonl"
+    existing.write_text("keep me\n")
+    code, err, printed = _run(["eval", "--questions", world["questions"], "--images", world["images"], "--answers",
+                      world["answers"], "--model", world["model_dir"], "--out", str(existing)], capsys)
+    assert code == 2 and "--force" in _one_line(err) and existing.read_text() == "keep me\n"
+    code, err, printed = _run(["eval", "--questions", world["questions"], "--images", world["images"], "--answers",
+                      world["answers"], "--model", world["model_dir"], "--twig", world["twig_dir"]], capsys)
+    assert code == 2 and "--twig" in _one_line(err)  # method none without SSD would not use it

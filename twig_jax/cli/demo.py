@@ -1,7 +1,7 @@
 """The main job: batch inference with the bundled shapes-world LLaVA + twig (TTP + SSD) on the
 bundled demo set, with answers, reference answers and speed against plain decoding.
 
-    twig-jax demo [--bundle DIR] [--model DIR [--twig DIR]] [--questions FILE --images DIR
+    twig-jax demo [--bundle DIR] [--model DIR [--twig DIR [--K N]]] [--questions FILE --images DIR
                          [--answers FILE]] [--R N] [--Kf N] [--max-new-tokens N] [--dtype float32|bfloat16]
                          [--out FILE]
 
@@ -93,17 +93,17 @@ def random_shapes_model(seed: int = 0):
 
 
 def load_questions(questions_path: str, answers_path: str | None):
-    """(questions with a category each, {key: Reference} or None). Categories come from the
-    question file, else the answer file, else "all"."""
+    """(questions with a category each, {key: Reference} or None). Categories (any: a LLaVA
+    question file's) come from the question file, else the answer file, else "all"."""
     import dataclasses
 
     from twig_jax.eval.evaluate import read_answers, read_questions
 
-    questions = read_questions(questions_path)
-    refs = read_answers(answers_path) if answers_path else None
+    questions = read_questions(questions_path, known_categories=None)
+    refs = read_answers(answers_path, known_categories=None) if answers_path else None
     out = []
     for q in questions:
-        cat = q.category or (refs[q.key].category if refs and q.key in refs else "all")
+        cat = q.category or (refs[q.key].category if refs and q.key in refs else None) or "all"
         out.append(dataclasses.replace(q, category=cat))
     return out, refs
 
@@ -132,10 +132,12 @@ def _sum_stats(stats: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="twig-jax demo", description=__doc__.splitlines()[0])
     p.add_argument("--bundle", default=BUNDLE, help="bundled model dir: base/ + twig/ (default %(default)s)")
     p.add_argument("--model", help="converted or HF LLaVA dir instead of the bundle (plain decoding unless --twig)")
     p.add_argument("--twig", help="twig checkpoint for --model (orbax dir or MILVLG safetensors): TTP + SSD")
+    p.add_argument("--K", type=int, help="trunk depth of a --twig without a TwigConfig (an official MILVLG one; it "
+                                         "needs --R too)")
     p.add_argument("--questions", help="LLaVA question file: JSONL of {question_id, image, text[, category]} "
                                        "(default: the bundled demo set)")
     p.add_argument("--images", help="folder the question file's images are relative to")
@@ -154,6 +156,8 @@ def main(argv=None) -> int:
         p.error(f"--repeats {args.repeats}: give at least one timed call")
     if args.twig and not args.model:
         p.error("--twig goes with --model (the bundle brings its own twig)")
+    if args.K is not None and not args.twig:
+        p.error("--K goes with --twig (the trunk depth of a twig checkpoint without a TwigConfig)")
     if args.questions is None:
         if args.images or args.answers:
             p.error("--images/--answers go with --questions")
@@ -162,8 +166,10 @@ def main(argv=None) -> int:
         args.answers = os.path.join(DEMO_DIR, "answers.jsonl")
     elif args.images is None:
         args.images = os.path.dirname(os.path.abspath(args.questions))
+    from twig_jax.eval.evaluate import check_images
 
-    import dataclasses
+    questions, refs = load_questions(args.questions, args.answers)  # checked before any model loads
+    check_images(questions, args.images, args.questions)
 
     import jax.numpy as jnp
 
@@ -180,7 +186,9 @@ def main(argv=None) -> int:
 
         model = load_model(args.model, dtype=dtype)
         tokenizer, processor = load_tokenizer(args.model), image_preprocessor_for(model, args.model)
-        twig = load_twig_any(args.twig, model.cfg.text, dtype=dtype)[0] if args.twig else None
+        twig = None
+        if args.twig:
+            twig = load_twig_any(args.twig, model.cfg.text, dtype=dtype, K=args.K, Kf=args.Kf, R=args.R)[0]
         what = args.model + (f" + twig {args.twig}" if twig is not None else " (no --twig: plain decoding only)")
     elif os.path.isdir(os.path.join(args.bundle, "base")):
         from twig_jax.pipeline import load_bundle
@@ -198,14 +206,16 @@ def main(argv=None) -> int:
         what = "RANDOM shapes-llava + random twig (no bundle found)"
     twig_cfg = None
     if twig is not None:
-        over = {k: v for k, v in (("R", args.R), ("Kf", args.Kf)) if v is not None}
-        twig_cfg = dataclasses.replace(twig.twig_cfg, **over, **({"R_bar": None} if "R" in over else {}))
-        twig_cfg.validate(model.cfg.text.num_hidden_layers, model.cfg.num_image_tokens)
+        from twig_jax.twig.config import TwigOverrides, resolve_twig_config
+
+        twig_cfg = resolve_twig_config(model.cfg.text.num_hidden_layers, model.cfg.num_image_tokens,
+                                       method="phead" if twig.p_head is not None else "twig", ssd=True,
+                                       twig_cfg=twig.twig_cfg, has_p_head=twig.p_head is not None,
+                                       overrides=TwigOverrides(K=args.K, Kf=args.Kf, R=args.R))
     elif args.R or args.Kf:
         p.error("--R/--Kf need a twig")
     load_s = time.perf_counter() - t0
 
-    questions, refs = load_questions(args.questions, args.answers)
     max_new = {c: args.max_new_tokens for c in {q.category for q in questions}} if args.max_new_tokens else {}
     max_new.setdefault("all", 128)
     n_images = len({q.image for q in questions})

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
+
+
+class SamplingConfigError(ValueError):
+    """Sampling settings no sampler can use (NaN or infinite temperature, top_k < 0, top_p outside (0, 1])."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,12 +21,14 @@ class SamplingConfig:
     top_p: float = 1.0  # 1 disables
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        # NaN passes every ordered comparison's negation, so each check states what is allowed.
+        t, k, p = self.temperature, self.top_k, self.top_p
+        if not (isinstance(t, numbers.Real) and math.isfinite(t) and t >= 0):
+            raise SamplingConfigError(f"temperature must be a finite number >= 0 (0 is greedy), got {t!r}")
+        if not (isinstance(k, numbers.Integral) and k >= 0):
+            raise SamplingConfigError(f"top_k must be an integer >= 0 (0 keeps every token), got {k!r}")
+        if not (isinstance(p, numbers.Real) and 0.0 < p <= 1.0):
+            raise SamplingConfigError(f"top_p must be in (0, 1] (1 keeps every token), got {p!r}")
 
     @property
     def greedy(self) -> bool:

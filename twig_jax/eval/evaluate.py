@@ -7,11 +7,13 @@ Files (the shapes world's eval split, `twig_jax.data.shapes.generate_dataset`):
   predictions JSONL (written by `run_eval`, LLaVA's answer-file layout):
                    {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
 
-Categories: "short" answers are scored by exact match after `normalize_answer`; "description"
-answers are parsed into (size, colour, shape, position) tuples (`parse_description`) and the
-prediction's multiset of tuples is matched against the reference's. Precision, recall and F1 are
-micro-averaged over the split (summed true positives / predicted / reference objects); the mean
-of the per-answer figures is reported too.
+Categories: "short" answers are scored by exact match after `normalize_answer`; shapes-world
+"description" answers are parsed into (size, colour, shape, position) tuples (`parse_description`)
+and the prediction's multiset of tuples is matched against the reference's. Precision, recall and
+F1 are micro-averaged over the split (summed true positives / predicted / reference objects); the
+mean of the per-answer figures is reported too. Any other category (LLaVA-Bench's conv / detail /
+complex, none at all), and descriptions that are not shapes-world text, are answered and counted
+but not scored: `twig-jax eval` answers any LLaVA question file, with or without references.
 
 `run_eval(model, tokenizer, questions, EvalConfig(...), twig=...)` answers the questions with a
 `Pipeline` over `make_generator(model, twig, twig_cfg, method, ssd)` (greedy, batched, grouped by
@@ -36,8 +38,10 @@ from typing import Callable, Iterable, Mapping
 
 SHORT = "short"
 DESCRIPTION = "description"
-CATEGORIES = (SHORT, DESCRIPTION)
+CATEGORIES = (SHORT, DESCRIPTION)  # the categories this module scores (the shapes world's)
 DEFAULT_MAX_NEW_TOKENS = {SHORT: 16, DESCRIPTION: 128}
+DEFAULT_MAX_NEW_OTHER = 128  # any other category, and questions without one
+UNCATEGORIZED = "uncategorized"  # how metrics name the questions without a category
 
 from twig_jax.assets import DEFAULT_MODEL, DEFAULT_TWIG  # noqa: E402,F401  (eval's defaults)
 
@@ -59,6 +63,7 @@ class Question:
     image: str
     text: str
     category: str | None
+    line: int | None = dataclasses.field(default=None, compare=False)  # line in the question file
 
     @property
     def key(self) -> str:
@@ -69,36 +74,48 @@ class Question:
 class Reference:
     question_id: Any
     answer: str
-    category: str
+    category: str | None  # None: the question file's category, if any (answers-only files may omit it)
 
 
 def _read_jsonl(path: str, required: Sequence[str], what: str) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; EvalFileError on bad JSON or missing keys."""
+    """(line number, object) for every non-blank line; EvalFileError on text that is not UTF-8,
+    bad JSON or missing keys."""
     if not os.path.isfile(path):
         raise EvalFileError(f"{what} file not found: {path}")
     rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalFileError(f"{path}:{i}: not valid JSON ({e.msg})") from e
-            if not isinstance(obj, dict):
-                raise EvalFileError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
-            missing = [k for k in required if k not in obj]
-            if missing:
-                raise EvalFileError(f"{path}:{i}: {what} line lacks key(s) {missing} (has {sorted(obj)})")
-            rows.append((i, obj))
+    with open(path, "rb") as f:
+        data = f.read()
+    for i, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise EvalFileError(f"{path}:{i}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") \
+                from e
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalFileError(f"{path}:{i}: not valid JSON ({e.msg})") from e
+        if not isinstance(obj, dict):
+            raise EvalFileError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+        missing = [k for k in required if k not in obj]
+        if missing:
+            raise EvalFileError(f"{path}:{i}: {what} line lacks key(s) {missing} (has {sorted(obj)})")
+        rows.append((i, obj))
     if not rows:
         raise EvalFileError(f"{path}: empty {what} file")
     return rows
 
 
-def _check_category(path: str, line: int, cat: Any) -> str:
-    if cat not in CATEGORIES:
-        raise EvalFileError(f"{path}:{line}: unknown category {cat!r}; expected one of {list(CATEGORIES)}")
+def _check_category(path: str, line: int, cat: Any, known: Sequence[str] | None = CATEGORIES) -> str | None:
+    """cat if it is one of `known` (any string, or none, when known is None); else EvalFileError."""
+    if known is None:
+        if cat is not None and not isinstance(cat, str):
+            raise EvalFileError(f"{path}:{line}: category {cat!r} is not a string")
+        return cat
+    if cat not in known:
+        raise EvalFileError(f"{path}:{line}: unknown category {cat!r}; expected one of {list(known)}")
     return cat
 
 
@@ -111,26 +128,30 @@ def _unique(path: str, rows: Iterable[tuple[int, Any]]) -> None:
         seen[k] = line
 
 
-def read_questions(path: str) -> list[Question]:
-    """LLaVA question file -> Questions (file order). Category is optional here (the answer file
-    carries it too); when present it must be a known one."""
+def read_questions(path: str, known_categories: Sequence[str] | None = CATEGORIES) -> list[Question]:
+    """LLaVA question file -> Questions (file order), each with its line. Category is optional
+    here (the answer file carries it too); when present it must be one of known_categories (the
+    shapes world's by default; None accepts any, as LLaVA-Bench's conv / detail / complex)."""
     rows = _read_jsonl(path, ("question_id", "image", "text"), "question")
     _unique(path, ((i, r["question_id"]) for i, r in rows))
     out = []
     for i, r in rows:
         cat = r.get("category")
         if cat is not None:
-            _check_category(path, i, cat)
-        out.append(Question(r["question_id"], str(r["image"]), str(r["text"]), cat))
+            _check_category(path, i, cat, known_categories)
+        out.append(Question(r["question_id"], str(r["image"]), str(r["text"]), cat, line=i))
     return out
 
 
-def read_answers(path: str) -> dict[str, Reference]:
-    """Reference answer file -> {str(question_id): Reference}."""
-    rows = _read_jsonl(path, ("question_id", "answer", "category"), "answer")
+def read_answers(path: str, known_categories: Sequence[str] | None = CATEGORIES) -> dict[str, Reference]:
+    """Reference answer file -> {str(question_id): Reference}. With the default known_categories
+    every line needs one of them; with None a category is optional and may be any string."""
+    required = ("question_id", "answer") + (("category",) if known_categories is not None else ())
+    rows = _read_jsonl(path, required, "answer")
     _unique(path, ((i, r["question_id"]) for i, r in rows))
     return {str(r["question_id"]): Reference(r["question_id"], str(r["answer"]),
-                                             _check_category(path, i, r["category"])) for i, r in rows}
+                                             _check_category(path, i, r.get("category"), known_categories))
+            for i, r in rows}
 
 
 def read_predictions(path: str) -> dict[str, str]:
@@ -145,7 +166,8 @@ def attach_categories(questions: Sequence[Question], answers: Mapping[str, Refer
     """Check that questions and references agree and give every question its category.
 
     Every question needs a reference; a reference whose id is in no question is an error too
-    (the two files do not belong together); categories must agree where both give one.
+    (the two files do not belong together); categories must agree where both give one, and either
+    file may give it (a question neither gives one to keeps None).
     """
     qkeys = {q.key for q in questions}
     unknown = [a.question_id for k, a in answers.items() if k not in qkeys]
@@ -157,11 +179,39 @@ def attach_categories(questions: Sequence[Question], answers: Mapping[str, Refer
         ref = answers.get(q.key)
         if ref is None:
             raise EvalFileError(f"{answers_path}: no reference answer for question_id {q.question_id!r}")
-        if q.category is not None and q.category != ref.category:
+        if q.category is not None and ref.category is not None and q.category != ref.category:
             raise EvalFileError(f"question_id {q.question_id!r}: category {q.category!r} in {questions_path} but "
                                 f"{ref.category!r} in {answers_path}")
-        out.append(dataclasses.replace(q, category=ref.category))
+        out.append(dataclasses.replace(q, category=ref.category if ref.category is not None else q.category))
     return out
+
+
+def image_problem(path: str) -> str | None:
+    """Why `path` cannot be read as an image, or None: whether it exists and its header opens (the
+    pixels are not decoded, so checking a whole question file is cheap)."""
+    if not os.path.exists(path):
+        return f"image not found: {path}"
+    if os.path.isdir(path):
+        return f"image path is a directory: {path}"
+    from PIL import Image
+
+    try:
+        with Image.open(path):
+            pass
+    except Exception as e:  # noqa: BLE001 - PIL raises several types for a file that is not an image
+        return f"not a readable image: {path} ({e})"
+    return None
+
+
+def check_images(questions: Sequence[Question], images_dir: str, questions_path: str = "questions") -> None:
+    """EvalFileError naming the first question whose image cannot be read (and how many such there
+    are), before any model loads."""
+    bad = [(q, p) for q in questions if (p := image_problem(os.path.join(images_dir, q.image)))]
+    if bad:
+        q, problem = bad[0]
+        at = f"{questions_path}:{q.line}" if q.line is not None else questions_path
+        more = f"; {len(bad)} questions in all have an image that cannot be read" if len(bad) > 1 else ""
+        raise EvalFileError(f"{at} (question_id {q.question_id!r}): {problem}{more}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,8 +282,13 @@ def score(predictions: Mapping[str, str], answers: Mapping[str, Reference], pars
     Predictions for ids without a reference are an error. With require_all, so is a reference
     without a prediction; otherwise only the predicted ids are scored (e.g. a --limit run).
     Returns {"questions", "short": {n, correct, em}, "description": {n, tp, pred_objects,
-    ref_objects, precision, recall, f1, mean_precision, mean_recall, mean_f1}}; a category with no
-    question has n = 0 and NaN figures.
+    ref_objects, precision, recall, f1, mean_precision, mean_recall, mean_f1}, "unscored":
+    {category: n}}; a category with no question has n = 0 and NaN figures.
+
+    Object F1 is the shapes world's metric: descriptions are scored with it when a parser is given,
+    or when every reference description names an object the shapes parser reads; otherwise (other
+    data's descriptions, where both sides would parse to nothing and score a perfect 1) they are
+    counted in "unscored", with every category but short and description (UNCATEGORIZED: none).
     """
     unknown = [k for k in predictions if k not in answers]
     if unknown:
@@ -246,15 +301,22 @@ def score(predictions: Mapping[str, str], answers: Mapping[str, Reference], pars
     nan = float("nan")
     correct = n_short = 0
     scores: list[ObjectScore] = []
-    parse = None
+    unscored: dict[str, int] = {}
+    descriptions = [k for k in keys if answers[k].category == DESCRIPTION]
+    parse = parser
+    if descriptions and parse is None:
+        shapes = default_parser()
+        parse = shapes if all(shapes(answers[k].answer) for k in descriptions) else None
     for k in keys:
         ref = answers[k]
         if ref.category == SHORT:
             n_short += 1
             correct += exact_match(predictions[k], ref.answer)
-        else:
-            parse = parse or parser or default_parser()
+        elif ref.category == DESCRIPTION and parse is not None:
             scores.append(object_score(predictions[k], ref.answer, parse))
+        else:
+            cat = UNCATEGORIZED if ref.category is None else ref.category
+            unscored[cat] = unscored.get(cat, 0) + 1
     tp = sum(s.tp for s in scores)
     n_pred = sum(s.n_pred for s in scores)
     n_ref = sum(s.n_ref for s in scores)
@@ -270,7 +332,7 @@ def score(predictions: Mapping[str, str], answers: Mapping[str, Reference], pars
                     mean_precision=nan, mean_recall=nan, mean_f1=nan)
     return {"questions": len(keys),
             "short": dict(n=n_short, correct=correct, em=correct / n_short if n_short else nan),
-            "description": desc}
+            "description": desc, "unscored": unscored}
 
 
 def accuracy(metrics: Mapping, category: str) -> float:
@@ -299,6 +361,7 @@ class EvalConfig:
     ssd: bool = False  # self-speculative decoding (needs a twig; greedy output is unchanged)
     batch_size: int = 16
     max_new_tokens: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MAX_NEW_TOKENS))
+    max_new_other: int = DEFAULT_MAX_NEW_OTHER  # categories not in max_new_tokens, and no category
     seed: int = 0  # only the random method uses it (greedy decoding)
     fixed_batch: bool = True  # pad every batch to one size: one compiled shape per category
 
@@ -331,30 +394,61 @@ def _answer_id(*parts: Any) -> str:
     return hashlib.sha1("\x1f".join(map(str, parts)).encode()).hexdigest()[:22]
 
 
+def category_counts(questions: Sequence[Question]) -> dict[str, int]:
+    """{category: questions} in first-seen order (UNCATEGORIZED for questions without one)."""
+    out: dict[str, int] = {}
+    for q in questions:
+        cat = UNCATEGORIZED if q.category is None else q.category
+        out[cat] = out.get(cat, 0) + 1
+    return out
+
+
+def write_jsonl_atomic(path: str, records: Iterable[dict]) -> None:
+    """Write JSON lines to a temporary file beside `path` and rename it onto `path`: a failed
+    write leaves what was there."""
+    import tempfile
+
+    directory, name = os.path.split(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=directory)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # an ordinary file's mode, not mkstemp's owner-only one
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def run_eval(model, tokenizer, questions: Sequence[Question], cfg: EvalConfig = EvalConfig(), *,
              images_dir: str = "", twig=None, image_processor=None, answers: Mapping[str, Reference] | None = None,
              parser: Parser | None = None, model_id: str = "model", out_path: str | None = None,
              generator=None, image_cache: dict | None = None, log: Any = None) -> tuple[list[dict], dict]:
-    """Answer `questions` (categories attached, see attach_categories) greedily in batches grouped
-    by category; write LLaVA answer JSONL to out_path (if given); return (records, metrics).
+    """Answer `questions` greedily in batches grouped by category (any category, or none: see
+    attach_categories); write LLaVA answer JSONL to out_path (if given, atomically); return
+    (records, metrics).
 
-    metrics = score(...) (when `answers` is given) plus run figures: method, R, ssd, K, Kf,
+    metrics = score(...) (when `answers` is given) plus run figures: categories (questions per
+    category), what ran (pipeline.run_settings: method, R, ssd, K, Kf, score_rows, select, ...),
     generated_tokens, seconds (generate calls, compilation included), wall_seconds, batches.
     `generator`: reuse an already built (compiled) generator for cfg; `image_cache`: a dict
-    path -> PIL image shared across runs, so images are read once.
+    path -> PIL image shared across runs, so images are read once; `log`: a stream for a progress
+    line (twig_jax.progress).
     """
-    from twig_jax.pipeline import Pipeline
+    from twig_jax.pipeline import Pipeline, run_settings
     from twig_jax.data.preprocess import load_image
     from twig_jax.decode.sampling import SamplingConfig
+    from twig_jax.progress import Progress
 
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    groups: dict[str, list[Question]] = {}
+    groups: dict[str | None, list[Question]] = {}
     for q in questions:
-        if q.category is None:
-            raise EvalFileError(f"question_id {q.question_id!r} has no category (attach the answer file's)")
-        if q.category not in cfg.max_new_tokens:
-            raise EvalFileError(f"no max_new_tokens for category {q.category!r} (have {dict(cfg.max_new_tokens)})")
         groups.setdefault(q.category, []).append(q)
     if not groups:
         raise EvalFileError("no questions to run")
@@ -362,48 +456,48 @@ def run_eval(model, tokenizer, questions: Sequence[Question], cfg: EvalConfig = 
         b = min(cfg.batch_size, max(len(g) for g in groups.values()))
         generator = build_generator(model, twig, cfg, batch_buckets=(b,) if cfg.fixed_batch else None)
     pipe = Pipeline(model, tokenizer, image_processor, generator=generator)
-    info = pipe._generator_info()
-    meta_run = {"method": cfg.method, "R": info.get("R") if cfg.method != "none" else model.cfg.num_image_tokens,
-                "ssd": bool(cfg.ssd), "K": info.get("K"), "Kf": info.get("Kf"), "score_rows": info.get("score_rows"),
-                "select": info.get("select")}
+    ran = run_settings(generator, model.cfg.num_image_tokens)
+    meta_run = {k: ran.get(k) for k in ("method", "R", "ssd", "K", "Kf", "score_rows", "select")}
+    meta_run.update(ran)
     cache = {} if image_cache is None else image_cache
 
     def image(q: Question):
         path = os.path.join(images_dir, q.image)
         if path not in cache:
-            cache[path] = load_image(path)
+            try:
+                cache[path] = load_image(path)
+            except (ValueError, OSError) as e:
+                raise EvalFileError(f"question_id {q.question_id!r}: {e}") from e
         return cache[path]
 
     by_key: dict[str, dict] = {}
     gen_s, n_tok, n_batches, t_wall = 0.0, 0, 0, time.perf_counter()
-    for cat, qs in groups.items():
-        for i in range(0, len(qs), cfg.batch_size):
-            chunk = qs[i:i + cfg.batch_size]
-            answers_, stats = pipe.answer([image(q) for q in chunk], [q.text for q in chunk],
-                                          max_new_tokens=cfg.max_new_tokens[cat], sampling=SamplingConfig(),
-                                          seed=cfg.seed)
-            gen_s += stats["seconds"]
-            n_tok += stats["generated_tokens"]
-            n_batches += 1
-            for q, a in zip(chunk, answers_):
-                meta = dict(meta_run, category=cat, **{k: v for k, v in a.stats.items() if v is not None})
-                by_key[q.key] = {"question_id": q.question_id, "prompt": q.text, "text": a.text,
-                                 "answer_id": _answer_id(model_id, cfg.method, meta_run["R"], cfg.ssd, q.key, a.text),
-                                 "model_id": model_id, "metadata": meta}
-            if log is not None:
-                print(f"  {cat}: {min(i + cfg.batch_size, len(qs))}/{len(qs)} ({stats['seconds']:.1f} s)",
-                      file=log, flush=True)
+    progress = Progress(len(questions), "questions", label="eval", stream=log, enabled=log is not None)
+    with progress:
+        for cat, qs in groups.items():
+            max_new = cfg.max_new_tokens.get(cat, cfg.max_new_other) if cat is not None else cfg.max_new_other
+            for i in range(0, len(qs), cfg.batch_size):
+                chunk = qs[i:i + cfg.batch_size]
+                answers_, stats = pipe.answer([image(q) for q in chunk], [q.text for q in chunk],
+                                              max_new_tokens=max_new, sampling=SamplingConfig(), seed=cfg.seed)
+                gen_s += stats["seconds"]
+                n_tok += stats["generated_tokens"]
+                n_batches += 1
+                for q, a in zip(chunk, answers_):
+                    meta = dict(meta_run, category=cat, **{k: v for k, v in a.stats.items() if v is not None})
+                    by_key[q.key] = {"question_id": q.question_id, "prompt": q.text, "text": a.text,
+                                     "answer_id": _answer_id(model_id, cfg.method, meta_run["R"], cfg.ssd, q.key,
+                                                             a.text),
+                                     "model_id": model_id, "metadata": meta}
+                progress.advance(len(chunk), extra=f"category {UNCATEGORIZED if cat is None else cat}")
     records = [by_key[q.key] for q in questions]  # question-file order
     if out_path:
-        d = os.path.dirname(os.path.abspath(out_path))
-        os.makedirs(d, exist_ok=True)
-        with open(out_path, "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+        write_jsonl_atomic(out_path, records)
     metrics: dict[str, Any] = {}
     if answers is not None:
         metrics = score({r_key: r["text"] for r_key, r in by_key.items()}, answers, parser, require_all=False)
     metrics["questions"] = len(records)
+    metrics["categories"] = category_counts(questions)
     metrics.update(meta_run, model_id=model_id, generated_tokens=n_tok, seconds=gen_s,
                    wall_seconds=time.perf_counter() - t_wall, batches=n_batches,
                    tokens_per_s=n_tok / max(gen_s, 1e-9))
@@ -422,23 +516,35 @@ def _fmt(x: Any, pct: bool = False) -> str:
     return str(x)
 
 
+def _counts(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{c} {n}" for c, n in counts.items())
+
+
 def metrics_table(metrics: Mapping) -> str:
     """A small plain-text table of one run's metrics."""
     s, d = metrics.get(SHORT, {}), metrics.get(DESCRIPTION, {})
     if metrics.get("method") is not None:
-        rows = [("method", f"{metrics['method']} (R={metrics.get('R')}, K={metrics.get('K')}, Kf={metrics.get('Kf')}, "
-                           f"ssd={'on' if metrics.get('ssd') else 'off'})")]
+        ran = [f"{k}={metrics[k]}" for k in ("R", "K", "Kf", "select", "score_rows") if metrics.get(k) is not None]
+        ran.append("ssd=" + ("on" if metrics.get("ssd") else "off"))
+        rows = [("method", f"{metrics['method']} ({', '.join(ran)})")]
     else:
         rows = [("predictions", str(metrics.get("predictions")))]
-    if s:
+    if metrics.get("categories"):
+        rows.append(("questions", f"{metrics.get('questions')} ({_counts(metrics['categories'])})"))
+    if s.get("n"):
         rows.append(("short: exact match", f"{_fmt(s.get('em'), True)}  ({s.get('correct')}/{s.get('n')})"))
-    if d:
+    if d.get("n"):
         rows.append(("descriptions: P / R / F1 (micro)",
                      f"{_fmt(d.get('precision'))} / {_fmt(d.get('recall'))} / {_fmt(d.get('f1'))}  "
                      f"(n={d.get('n')}, objects {d.get('tp')} matched of {d.get('pred_objects')} predicted, "
                      f"{d.get('ref_objects')} reference)"))
         rows.append(("descriptions: P / R / F1 (mean)",
                      f"{_fmt(d.get('mean_precision'))} / {_fmt(d.get('mean_recall'))} / {_fmt(d.get('mean_f1'))}"))
+    if SHORT not in metrics:
+        rows.append(("not scored", "every answer (no --answers: answers only)"))
+    elif metrics.get("unscored"):
+        rows.append(("not scored", f"{_counts(metrics['unscored'])} (no metric here for these categories; "
+                                   "object F1 is for shapes-world descriptions)"))
     if "generated_tokens" in metrics:
         rows.append(("generated tokens", f"{metrics['generated_tokens']} in {metrics['seconds']:.2f} s "
                                          f"({metrics['tokens_per_s']:.1f} tokens/s, compile included)"))
@@ -458,19 +564,23 @@ def json_safe(obj: Any) -> Any:
 
 
 def eval_main(argv=None) -> int:
-    """`twig-jax eval` (see cli.py)."""
+    """`twig-jax eval` (see cli/main.py): answer a LLaVA question file, and score the answers of
+    the categories this module can score when references are given."""
     import argparse
 
-    from twig_jax.twig.config import SELECT_RULES
-    from twig_jax.twig.config import TwigConfigError
+    from twig_jax.cli.main import unused_settings
+    from twig_jax.twig.config import SELECT_RULES, TwigConfigError
 
     p = argparse.ArgumentParser(prog="twig-jax eval",
-                                description="Answer a LLaVA question file and score it: exact match for short "
-                                            "answers, object-level P/R/F1 for descriptions.")
-    p.add_argument("--questions", required=True, help="question JSONL {question_id, image, text, category}")
+                                description="Answer a LLaVA question file (any categories) and score what it can: "
+                                            "exact match for short answers, object-level P/R/F1 for shapes-world "
+                                            "descriptions.")
+    p.add_argument("--questions", required=True, help="question JSONL {question_id, image, text[, category]}")
     p.add_argument("--images", required=True, help="folder the question file's image paths are relative to")
-    p.add_argument("--answers", required=True, help="reference JSONL {question_id, answer, category}")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"converted or HF LLaVA dir (default {DEFAULT_MODEL})")
+    p.add_argument("--answers", help="reference JSONL {question_id, answer[, category]}; without it the questions "
+                                     "are answered (--out) and not scored")
+    p.add_argument("--model", help="converted or HF LLaVA dir that answers the questions (the bundled one: "
+                                   f"{DEFAULT_MODEL})")
     p.add_argument("--twig", help="twig checkpoint (orbax dir or MILVLG safetensors); gives the K/Kf/R defaults "
                                   "of every method (default: the bundled twig when --model is the bundled model)")
     p.add_argument("--no-twig", action="store_true", help="do not load the bundled twig by default")
@@ -491,8 +601,12 @@ def eval_main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16, help="questions per generate call")
     p.add_argument("--max-new-short", type=int, default=DEFAULT_MAX_NEW_TOKENS[SHORT])
     p.add_argument("--max-new-description", type=int, default=DEFAULT_MAX_NEW_TOKENS[DESCRIPTION])
+    p.add_argument("--max-new-other", type=int, default=DEFAULT_MAX_NEW_OTHER,
+                   help="new tokens for any other category (LLaVA-Bench's conv / detail / complex ...) and for "
+                        "questions without one (default %(default)s)")
     p.add_argument("--limit", type=int, help="first N questions only")
     p.add_argument("--out", help="write the answers (LLaVA answer JSONL) here")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--metrics-json", help="write the metrics here")
     p.add_argument("--predictions", help="score this existing answer JSONL instead of running a model")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -501,23 +615,58 @@ def eval_main(argv=None) -> int:
         p.error("--batch must be >= 1")
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be >= 1")
-    if args.R is not None and (args.method or "none") == "none":
-        p.error("--R is the kept visual token count of a pruning method: give --method twig, fastv or random")
+    for flag in ("max_new_short", "max_new_description", "max_new_other"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.predictions:
+        if not args.answers:
+            p.error("--predictions scores an answer file against references: give --answers FILE")
+        running = [flag for flag, v in (("--twig", args.twig), ("--method", args.method), ("--R", args.R),
+                                        ("--K", args.K), ("--Kf", args.Kf), ("--select", args.select),
+                                        ("--score-rows", args.score_rows), ("--ssd", args.ssd), ("--out", args.out))
+                   if v]
+        if running:
+            p.error(f"--predictions scores an existing answer file; {', '.join(running)} configure a model run")
+    else:
+        if not args.model:
+            p.error("--model DIR is required: the model that answers the questions (or --predictions FILE to score "
+                    "an answer file)")
+        if not args.answers and not args.out:
+            p.error("without --answers nothing is scored: give --out FILE for the answers (and --answers FILE to "
+                    "score them)")
+        if args.force and not args.out:
+            p.error("--force replaces --out: give --out FILE")
+        if args.out and os.path.exists(args.out) and not args.force:
+            p.error(f"--out {args.out} exists: --force replaces it")
+        if args.twig and args.no_twig:
+            p.error("--twig loads a twig and --no-twig loads none: give one")
+        if args.R is not None and (args.method or "none") == "none":
+            p.error("--R is the kept visual token count of a pruning method: give --method twig, fastv or random")
+        given = {k: getattr(args, k) for k in ("K", "Kf", "R", "score_rows", "select") if getattr(args, k) is not None}
+        problem = unused_settings(given, method=args.method or "none", ssd=args.ssd, twig_given=bool(args.twig))
+        if problem:
+            p.error(problem)
     try:
-        questions = read_questions(args.questions)
-        answers = read_answers(args.answers)
-        questions = attach_categories(questions, answers, args.questions, args.answers)
+        questions = read_questions(args.questions, known_categories=None)
+        answers = read_answers(args.answers, known_categories=None) if args.answers else None
+        if answers is not None:
+            questions = attach_categories(questions, answers, args.questions, args.answers)
+        if args.limit:
+            questions = questions[:args.limit]
+        if not args.predictions:
+            check_images(questions, args.images, args.questions)
     except EvalFileError as e:
         p.error(str(e))
-    if args.limit:
-        questions = questions[:args.limit]
-    keys = {q.key for q in questions}
-    subset = {k: v for k, v in answers.items() if k in keys}
+    # each reference scored under its question's category (either file may give it)
+    subset = None if answers is None else {q.key: dataclasses.replace(answers[q.key], category=q.category)
+                                           for q in questions}
 
     if args.predictions:
         try:
             preds = read_predictions(args.predictions)
-            metrics = score(preds, subset, require_all=True)
+            # answers to questions past --limit are left out; answers to no question stay, and are an error
+            metrics = score({k: v for k, v in preds.items() if k in subset or k not in answers}, subset,
+                            require_all=True)
         except EvalFileError as e:
             p.error(str(e))
         metrics["predictions"] = args.predictions
@@ -531,17 +680,20 @@ def eval_main(argv=None) -> int:
         if not os.path.exists(args.model):
             p.error(f"model dir not found: {args.model}")
         model = load_model(args.model, dtype=getattr(jnp, args.dtype))
+        method = args.method or "none"
         twig = None
         if args.twig is None and not args.no_twig and os.path.abspath(args.model) == DEFAULT_MODEL \
                 and os.path.isdir(DEFAULT_TWIG):
             args.twig = DEFAULT_TWIG
         if args.twig:
-            twig, _ = load_twig_any(args.twig, model.cfg.text, dtype=model.text.embed[...].dtype)
-        method = args.method or "none"
+            # an official MILVLG checkpoint takes K and the budget from the flags; SSD alone prunes nothing
+            budget = model.cfg.num_image_tokens if method == "none" else args.R
+            twig, _ = load_twig_any(args.twig, model.cfg.text, dtype=model.text.embed[...].dtype, K=args.K,
+                                    Kf=args.Kf, R=budget)
         cfg = EvalConfig(method=method, R=args.R, K=args.K, Kf=args.Kf, score_rows=args.score_rows,
-                         select=args.select, ssd=args.ssd,
-                         batch_size=args.batch,
-                         max_new_tokens={SHORT: args.max_new_short, DESCRIPTION: args.max_new_description})
+                         select=args.select, ssd=args.ssd, batch_size=args.batch,
+                         max_new_tokens={SHORT: args.max_new_short, DESCRIPTION: args.max_new_description},
+                         max_new_other=args.max_new_other)
         try:
             resolve_twig_config(model, twig, cfg)
         except TwigConfigError as e:
@@ -572,7 +724,6 @@ def run_questions(model, tokenizer, image_processor, questions, images_dir: str,
                   generator=None, image_cache: dict | None = None) -> tuple[dict, dict]:
     """Greedy answers to `questions` (categories attached), one batch per category (one compile per
     category). Returns ({question key: pipeline.Answer}, {category: pipeline stats})."""
-    from twig_jax.eval.evaluate import DEFAULT_MAX_NEW_TOKENS
     from twig_jax.pipeline import Pipeline
     from twig_jax.decode.generator import make_generator
     from twig_jax.data.preprocess import load_image
@@ -592,9 +743,12 @@ def run_questions(model, tokenizer, image_processor, questions, images_dir: str,
         for q in qs:
             p = os.path.join(images_dir, q.image)
             if p not in cache:
-                cache[p] = load_image(p)
+                try:
+                    cache[p] = load_image(p)
+                except (ValueError, OSError) as e:
+                    raise EvalFileError(f"question_id {q.question_id!r}: {e}") from e
             imgs.append(cache[p])
-        answers, st = pipe.answer(imgs, [q.text for q in qs], max_new_tokens=max_new[cat])
+        answers, st = pipe.answer(imgs, [q.text for q in qs], max_new_tokens=max_new.get(cat, DEFAULT_MAX_NEW_OTHER))
         stats[cat] = st
         out.update({q.key: a for q, a in zip(qs, answers)})
     return out, stats

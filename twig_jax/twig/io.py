@@ -204,28 +204,53 @@ __all__ = ["TwigFormatError", "twig_to_milvlg", "expected_milvlg_shapes", "expor
            "save_twig", "load_twig"]
 
 
-def load_twig_any(path: str, text_cfg, dtype=None):
-    """(Twig, TwigConfig) from an orbax twig dir (save_twig) or MILVLG safetensors (export_milvlg,
-    whose metadata carries the TwigConfig)."""
+def load_twig_any(path: str, text_cfg, dtype=None, *, K: int | None = None, Kf: int | None = None,
+                  R: int | None = None, R_bar: float | None = None):
+    """(Twig, TwigConfig) from an orbax twig dir (save_twig), MILVLG safetensors written by
+    export_milvlg (its metadata carries the TwigConfig), or an official MILVLG checkpoint (bare
+    safetensors, no TwigConfig): T is read from its keys, K and R or R_bar must be given, and Kf
+    defaults to 3/4 of the base depth. K, Kf, R and R_bar are read only for such a checkpoint."""
+    import re
+
     from twig_jax.twig.config import TwigConfig
     from twig_jax.twig.io import TWIG_CONFIG_FILE, TwigFormatError, import_milvlg, load_twig
 
+    if not os.path.exists(path):
+        raise TwigFormatError(f"{path}: no such twig checkpoint (file or directory)")
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, TWIG_CONFIG_FILE)):
         twig = load_twig(path, text_cfg, dtype=dtype)
         return twig, twig.twig_cfg
-    files = [path] if os.path.isfile(path) else (
-        sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
-        if os.path.isdir(path) else [])
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise TwigFormatError(f"{path}: neither an orbax twig dir ({TWIG_CONFIG_FILE}) nor MILVLG safetensors")
     from safetensors import safe_open
 
-    with safe_open(files[0], framework="numpy") as f:
-        meta = f.metadata() or {}
-    if "twig_config" not in meta:
-        raise TwigFormatError(f"{files[0]}: MILVLG safetensors without a twig_config in its metadata; "
-                              f"convert it to an orbax twig dir (twig_io.save_twig) with its TwigConfig first")
-    twig_cfg = TwigConfig(**json.loads(meta["twig_config"]))
+    keys: set[str] = set()
+    meta: dict = {}
+    for i, file in enumerate(files):
+        try:
+            with safe_open(file, framework="numpy") as f:
+                if i == 0:
+                    meta = f.metadata() or {}
+                keys.update(f.keys())
+        except Exception as e:  # safetensors has its own error type for a file it cannot parse
+            raise TwigFormatError(f"{file}: not a safetensors file ({e})") from e
+    where = files[0] if len(files) == 1 else path
+    if "twig_config" in meta:
+        twig_cfg = TwigConfig(**json.loads(meta["twig_config"]))
+    else:
+        layers = {int(m.group(1)) for k in keys if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+        if not layers:
+            raise TwigFormatError(f"{where}: no model.layers.* keys: not a MILVLG twig checkpoint")
+        T = max(layers) + 1
+        missing = ([] if K is not None else ["K (the base layer it grows on; --K)"]) + \
+            ([] if R is not None or R_bar is not None else ["R or R_bar (kept visual tokens; --R or --R-bar)"])
+        if missing:
+            raise TwigFormatError(f"{where}: a MILVLG twig without a TwigConfig (T={T}, read from its keys): "
+                                  f"give {' and '.join(missing)}")
+        L = text_cfg.num_hidden_layers
+        twig_cfg = TwigConfig(K=K, T=T, Kf=max(K + 1, round(0.75 * L)) if Kf is None else Kf, R=R, R_bar=R_bar)
     import jax.numpy as jnp
 
     twig = import_milvlg(path, text_cfg, twig_cfg, dtype=jnp.float32 if dtype is None else dtype)
