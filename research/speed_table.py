@@ -26,21 +26,21 @@ from twig_jax.bench.timing import median_pass, run_pass, timed_passes  # noqa: F
 from twig_jax.decode.variants import parse_variant
 
 # decode/variants.py names; the bundled setting is the P-head with its coverage keep-set
-VARIANTS = ("plain", "fastv", "twig", "ssd", "twig+ssd", "twig-cover", "twig-cover+ssd", "phead-cover",
-            "phead-cover+ssd")
+VARIANTS = ("plain", "fastv", "twig", "ssd", "twig+ssd", "twig+tree", "twig-cover", "twig-cover+ssd",
+            "phead-cover", "phead-cover+ssd", "phead-cover+tree")
 
 
 def table_order(name: str) -> tuple:
     """Rows in VARIANTS' order; a variant without drafting just before its +ssd twin."""
     v = parse_variant(name)
-    base = dataclasses.replace(v, ssd=False).name
+    base = dataclasses.replace(v, ssd=False, spec="chain").name
     return (VARIANTS.index(base) if base in VARIANTS else len(VARIANTS), base, v.ssd)
 
 
 def lossless_reference(name: str) -> str | None:
     """The variant an SSD variant must match token for token (itself without drafting)."""
     v = parse_variant(name)
-    return dataclasses.replace(v, ssd=False).name if v.ssd else None
+    return dataclasses.replace(v, ssd=False, spec="chain").name if v.ssd else None
 
 
 def description_inputs(pipe, questions, images_dir: str, n: int):
@@ -93,7 +93,7 @@ def measure_speed(model, tokenizer, twig, twig_cfg, prompts, pixels, *, batches=
     gens = {}
     for name in variants:
         v = parse_variant(name)
-        cfg = twig_cfg if v.method == "none" else dataclasses.replace(twig_cfg, select=v.select)
+        cfg = dataclasses.replace(twig_cfg, spec=v.spec, **({} if v.method == "none" else {"select": v.select}))
         gens[name] = make_generator(model, twig, cfg, method=v.method, ssd=v.ssd)
     rows = []
     for batch in batches:
@@ -166,6 +166,9 @@ def main(argv=None) -> int:
     p.add_argument("--R", type=int, default=None, help="kept visual tokens (default: the twig's, N/9 when bundled)")
     p.add_argument("--Kf", type=int, default=None, help="FinalWipe layer (default: the twig's; L: no FinalWipe)")
     p.add_argument("--draft-len", type=int, default=None, help="most tokens drafted per SSD round (default: the twig's)")
+    p.add_argument("--tree-width", type=int, default=None, help="E of the +tree rows (default: the twig's)")
+    p.add_argument("--tree-depth", type=int, default=None, help="D of the +tree rows (default: the twig's)")
+    p.add_argument("--tree-nodes", type=int, default=None, help="N of the +tree rows (default: the twig's)")
     p.add_argument("--theta", type=float, default=None,
                    help="stop drafting below this top probability (default: the twig's)")
     p.add_argument("--variants", default=None,
@@ -196,6 +199,9 @@ def main(argv=None) -> int:
         twig_cfg = dataclasses.replace(twig_cfg, draft_len=args.draft_len)
     if args.theta is not None:
         twig_cfg = dataclasses.replace(twig_cfg, theta=args.theta)
+    for name in ("tree_width", "tree_depth", "tree_nodes"):
+        if getattr(args, name) is not None:
+            twig_cfg = dataclasses.replace(twig_cfg, **{name: getattr(args, name)})
     try:
         twig_cfg.validate(model.cfg.text.num_hidden_layers, model.cfg.num_image_tokens)
     except TwigConfigError as e:

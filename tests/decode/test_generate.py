@@ -189,14 +189,16 @@ def test_variant_names_round_trip():
 
     names = set()
     for method in METHODS:
-        for ssd in (False, True):
+        for ssd, spec in ((False, "chain"), (True, "chain"), (True, "tree")):
             for select in (("top",) if method == "none" else ("top", "cover", "sample")):
-                v = Variant(method, ssd, select)
+                v = Variant(method, ssd, select, spec)
                 assert parse_variant(v.name) == v
                 names.add(v.name)
-    assert len(names) == 2 + 4 * 3 * 2  # every variant has its own name
+    assert len(names) == 3 + 4 * 3 * 3  # every variant has its own name
+    assert parse_variant("phead-cover+tree") == Variant("phead", True, "cover", "tree")
+    assert parse_variant("tree").label == "tree SSD"
     assert parse_variant("twig+ssd") == Variant("twig", True, "top")
     assert parse_variant("phead-cover+ssd").label == "P-head, coverage keep-set + SSD"
-    for bad in ("ttp", "twig-top", "none+ssd", "plain-cover", "twig+SSD", "fastv-all"):
+    for bad in ("ttp", "twig-top", "none+ssd", "plain-cover", "twig+SSD", "fastv-all", "none+tree", "twig+ssd+tree"):
         with pytest.raises(TwigConfigError):
             parse_variant(bad)

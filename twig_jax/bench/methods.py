@@ -72,6 +72,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--R", type=int, default=64)
     p.add_argument("--draft-len", type=int, default=5)
     p.add_argument("--theta", type=float, default=0.6)
+    p.add_argument("--tree-width", type=int, default=10, help="E of the +tree variants (the TwigVLM++ setting)")
+    p.add_argument("--tree-depth", type=int, default=4, help="D of the +tree variants")
+    p.add_argument("--tree-nodes", type=int, default=60, help="N of the +tree variants")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-calibration", action="store_true", help="skip the perfect-twig and round-cost rows")
     p.add_argument("--calibration-batch-sizes", default=None,
@@ -160,7 +163,7 @@ def _block(x):
 def _plain_kv_bytes(gen, prompts, pixels, new: int) -> int:
     tc = gen.cfg.text
     *_, capacity = gen.pad_inputs(prompts, pixels, new)
-    itemsize = np.dtype(gen.layer_weights[0]["wq"].dtype if gen.layer_weights else np.float32).itemsize
+    itemsize = np.dtype(gen.layer_weights.layer(0)["wq"].dtype if gen.layer_weights is not None else np.float32).itemsize
     return 2 * tc.num_hidden_layers * tc.num_key_value_heads * tc.head_dim * capacity * itemsize
 
 
@@ -247,7 +250,7 @@ def make_generators(model, twig, twig_cfg, methods: Sequence[str], calibration: 
             continue
         if twig is None and (v.ssd or needs_twig(v.method)):
             raise TwigConfigError(f"variant {m!r} needs a twig")
-        tc = twig_cfg if v.method == "none" else dataclasses.replace(twig_cfg, select=v.select)
+        tc = dataclasses.replace(twig_cfg, spec=v.spec, **({} if v.method == "none" else {"select": v.select}))
         gens[m] = TwigGenerator(model, twig if (v.ssd or needs_twig(v.method)) else None, tc, method=v.method,
                                 ssd=v.ssd, **shared)
     if calibration:
@@ -349,7 +352,8 @@ def run(args) -> dict:
     dtype = getattr(jnp, args.dtype)
     _log(f"config {args.config}: L={L}, N={N}, hidden={cfg.text.hidden_size}; building random weights")
     model = Llava(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype)
-    tc = TwigConfig(K=args.K, T=args.T, Kf=args.Kf, R=args.R, draft_len=args.draft_len, theta=args.theta)
+    tc = TwigConfig(K=args.K, T=args.T, Kf=args.Kf, R=args.R, draft_len=args.draft_len, theta=args.theta,
+                    tree_width=args.tree_width, tree_depth=args.tree_depth, tree_nodes=args.tree_nodes)
     tc.validate(L, N)
     twig = Twig(cfg.text, tc, rngs=nnx.Rngs(args.seed + 1), dtype=dtype)
     prompts, pixels = make_prompts(cfg, max(args.batch_sizes), args.text_tokens, args.seed)
