@@ -83,8 +83,8 @@ def run_settings(generator, num_visual: int) -> dict:
     """What a generator runs, for a run's report: method, ssd and kept visual tokens R (all
     num_visual of them without pruning); the trunk depth K and FinalWipe layer Kf when it prunes or
     drafts, the twig's depth T when it reads a twig, the keep rule it applies (select) when it
-    prunes, the attention rows it scores from (score_rows) for TTP and FastV, and draft_len and
-    theta with SSD."""
+    prunes, the attention rows it scores from (score_rows) for TTP and FastV, and with SSD its
+    draft shape (spec): a chain's draft_len and theta, or a tree's width, depth and nodes."""
     plan = getattr(generator, "plan", None)
     if plan is None:
         return {"method": "none", "ssd": False, "R": num_visual}
@@ -96,8 +96,11 @@ def run_settings(generator, num_visual: int) -> dict:
         out["select"] = plan.keep_rule
     if method in ("twig", "fastv"):
         out["score_rows"] = plan.score_rows
-    if ssd:
-        out.update(draft_len=plan.draft_len, theta=plan.theta)
+    tree = getattr(getattr(generator, "decoding", None), "tree", None)
+    if ssd and tree is not None:
+        out.update(spec="tree", tree_width=tree.width, tree_depth=tree.depth, tree_nodes=tree.nodes)
+    elif ssd:
+        out.update(spec="chain", draft_len=plan.draft_len, theta=plan.theta)
     return out
 
 

@@ -234,5 +234,29 @@ def test_summary_reports_the_twig_settings_that_ran(saved, tmp_path, capsys):
     assert code == 0, err
     s = _summary(err)
     assert (s["method"], s["ssd"], s["K"], s["T"], s["Kf"], s["R"], s["select"]) == ("twig", True, 1, 2, 3, 8, "cover")
-    assert (s["draft_len"], s["theta"], s["score_rows"]) == (4, 0.05, "last")
+    assert (s["spec"], s["draft_len"], s["theta"], s["score_rows"]) == ("chain", 4, 0.05, "last")
     assert json.loads(out.read_text())["stats"]["kept_visual_tokens"] == 8
+
+
+def test_a_tree_twig_reports_its_tree_and_refuses_chain_flags(saved, tmp_path, capsys):
+    import dataclasses
+
+    from twig_jax.twig.io import save_twig
+
+    twig, chain_cfg = saved["twig"], saved["twig"].twig_cfg
+    twig.twig_cfg = dataclasses.replace(chain_cfg, spec="tree", tree_width=2, tree_depth=2, tree_nodes=3)
+    try:
+        tree_dir = save_twig(twig, str(tmp_path / "tree-twig"))
+    finally:
+        twig.twig_cfg = chain_cfg
+    argv = ["generate", "--model", saved["model_dir"], "--twig", tree_dir, "--image", saved["images"][0],
+            "--prompt", "hi", "--max-new-tokens", str(MAX_NEW)]
+    code, err = run_cli(argv, capsys)
+    assert code == 0, err
+    s = _summary(err)
+    assert (s["spec"], s["tree_width"], s["tree_depth"], s["tree_nodes"], s["ssd"]) == ("tree", 2, 2, 3, True)
+    assert "draft_len" not in s and "theta" not in s
+    code, err = run_cli(argv + ["--theta", "0.3"], capsys)
+    assert code == 2
+    (line,) = error_lines(err)
+    assert "--theta" in line and "tree" in line

@@ -158,6 +158,9 @@ def _twig_setup(p: argparse.ArgumentParser, args, model):
                                        overrides=TwigOverrides(**given))
     except TwigConfigError as e:
         p.error(f"{e} (this model: L={L} layers, N={N} visual tokens)")
+    drafting = [FLAGS[k] for k in ("draft_len", "theta") if k in given]
+    if ssd and drafting and getattr(twig_cfg, "spec", "chain") == "tree":
+        p.error(f"{'/'.join(drafting)} set chain drafting, and this twig drafts a tree (its TwigConfig's spec)")
     if twig is not None and twig_cfg is not None and twig_cfg != twig.twig_cfg:
         twig.twig_cfg = twig_cfg
     return twig, twig_cfg
