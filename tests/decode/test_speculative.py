@@ -104,6 +104,7 @@ def test_ssd_perfect_twig_accepts_everything():
     assert st["mean_tokens_per_round"] == delta + 1
     # the prefill is a target pass too: max_new tokens over 1 + rounds passes
     assert st["tokens_per_target_pass"] == max_new / (1 + rounds)
+    assert st["deepest"] == delta
     assert st["mean_accepted_per_round"] == delta
 
 

@@ -161,6 +161,7 @@ def test_perfect_twig_fills_every_round():
     assert got.stats["per_row"]["rounds"] == [rounds] * len(prompts)
     assert got.stats["mean_tokens_per_round"] == depth + 1
     assert got.stats["tokens_per_target_pass"] == max_new / (1 + rounds)
+    assert got.stats["deepest"] == depth and got.stats["per_row"]["deepest"] == [depth] * len(prompts)
 
 
 def test_min_new_tokens_tree_equals_pruned_greedy(world):

@@ -134,7 +134,8 @@ class TwigGenerationOutput:
     keep: np.ndarray  # [B, R] kept visual indices (ascending)
 
 
-def ssd_stats(count: np.ndarray, rounds: np.ndarray, drafted: np.ndarray, accepted: np.ndarray) -> dict:
+def ssd_stats(count: np.ndarray, rounds: np.ndarray, drafted: np.ndarray, accepted: np.ndarray,
+              deepest: np.ndarray | None = None) -> dict:
     """Aggregate per-row SSD counters into the usual figures (docs/decoding.md, "Statistics").
 
     acceptance_rate = accepted drafts / drafted tokens (this project's rate: every draft the twig
@@ -143,7 +144,9 @@ def ssd_stats(count: np.ndarray, rounds: np.ndarray, drafted: np.ndarray, accept
     mean_tokens_per_round = tokens emitted by rounds (all but the prefill's first) per round;
     tokens_per_target_pass = generated tokens / passes of the target model, the prefill counted
     as a pass that emits the first token: the mean accepted length (tau) that EAGLE-2 and
-    TwigVLM++ report, comparable across implementations whatever their round structure.
+    TwigVLM++ report, comparable across implementations whatever their round structure;
+    deepest = the most drafts accepted in one round (with a tree: the depth reached).
+    drafted counts drafted tokens (a chain) or verified nodes (a tree).
     """
     r, d, a = int(rounds.sum()), int(drafted.sum()), int(accepted.sum())
     emitted = int(np.maximum(count - 1, 0).sum())
@@ -155,7 +158,9 @@ def ssd_stats(count: np.ndarray, rounds: np.ndarray, drafted: np.ndarray, accept
         "mean_accepted_per_round": a / r if r else nan,
         "mean_tokens_per_round": emitted / r if r else nan,
         "tokens_per_target_pass": int(count.sum()) / passes if passes else nan,
-        "per_row": {"rounds": rounds.tolist(), "drafted": drafted.tolist(), "accepted": accepted.tolist()},
+        "deepest": None if deepest is None else int(deepest.max(initial=0)),
+        "per_row": {"rounds": rounds.tolist(), "drafted": drafted.tolist(), "accepted": accepted.tolist(),
+                    **({} if deepest is None else {"deepest": deepest.tolist()})},
     }
 
 
@@ -228,7 +233,7 @@ class TwigGenerator(Batcher):
                   on_step=on_step, min_new_tokens=min_new_tokens)
         out, pre = self.decoding.generate(model, twig, self.plan, tokens, lengths, pixel_values, active, key,
                                           max_new_tokens, **kw)
-        return out.tokens, out.count, out.rounds, out.drafted, out.accepted, pre.keep
+        return out.tokens, out.count, out.rounds, out.drafted, out.accepted, out.deepest, pre.keep
 
     def _score_impl(self, state, twig_state, weights, tokens, lengths, pixel_values, key):
         model, twig = nnx.merge(self.graphdef, state), self._twig(twig_state)
@@ -287,9 +292,9 @@ class TwigGenerator(Batcher):
                             out_len=out_len, sampling=sampling,
                             eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
                             on_step=None if on_chunk is None else dispatch)
-            out, count, rounds, drafted, accepted, keep = (np.asarray(x) for x in res)
+            out, count, rounds, drafted, accepted, deepest, keep = (np.asarray(x) for x in res)
         n = len(prompts)
-        stats = ssd_stats(count[:n], rounds[:n], drafted[:n], accepted[:n]) if self.ssd else {}
+        stats = ssd_stats(count[:n], rounds[:n], drafted[:n], accepted[:n], deepest[:n]) if self.ssd else {}
         return TwigGenerationOutput([out[i, :count[i]].tolist() for i in range(n)], count[:n], stats, keep[:n])
 
     def prune_scores(self, prompts: Sequence[Sequence[int]], pixel_values,

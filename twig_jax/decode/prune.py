@@ -398,7 +398,7 @@ class OneTokenDecoding:
         out, count, pre = pruned_generate(model, twig, plan, tokens, lengths, pixel_values, active, key,
                                           max_new_tokens, **kw)
         zeros = jnp.zeros_like(count)
-        return PrunedOutput(out, count, zeros, zeros, zeros), pre
+        return PrunedOutput(out, count, zeros, zeros, zeros, zeros), pre
 
 
 class PrunedOutput(NamedTuple):
@@ -409,3 +409,4 @@ class PrunedOutput(NamedTuple):
     rounds: jax.Array  # [B] zeros
     drafted: jax.Array  # [B] zeros
     accepted: jax.Array  # [B] zeros
+    deepest: jax.Array  # [B] zeros

@@ -46,8 +46,9 @@ class SSDOutput(NamedTuple):
     tokens: jax.Array  # [B, out_len] generated tokens, pad after each row's count
     count: jax.Array  # [B] generated tokens per row
     rounds: jax.Array  # [B] draft/verify rounds each row took part in
-    drafted: jax.Array  # [B] draft tokens proposed
+    drafted: jax.Array  # [B] draft tokens proposed (a tree: nodes verified)
     accepted: jax.Array  # [B] draft tokens the verifier accepted (EOS / the budget may cut the last round)
+    deepest: jax.Array  # [B] the most drafts accepted in one round (a tree: the deepest accepted path)
 
 
 def ssd_extra_slots(plan: PrunePlan, out_len: int) -> int:
@@ -211,6 +212,7 @@ class SSDState:
     rounds: jax.Array  # [B]
     drafted: jax.Array  # [B]
     accepted: jax.Array  # [B]
+    deepest: jax.Array  # [B]
 
 
 def ssd_loop(model: Llava, twig: Twig, plan: PrunePlan, caches: TwigCaches, logits: jax.Array, active: jax.Array,
@@ -272,11 +274,12 @@ def ssd_loop(model: Llava, twig: Twig, plan: PrunePlan, caches: TwigCaches, logi
         caches = commit(st.caches, draft, mid, tail, jnp.where(live, a + 1, 0))
         return SSDState(out, count, st.done | hit_eos | (count >= max_new_tokens), jnp.where(live, final, st.last_token),
                         caches, key, st.rounds + live.astype(jnp.int32),
-                        st.drafted + jnp.where(live, draft.n_draft, 0), st.accepted + jnp.where(live, a, 0))
+                        st.drafted + jnp.where(live, draft.n_draft, 0), st.accepted + jnp.where(live, a, 0),
+                        jnp.maximum(st.deepest, jnp.where(live, a, 0)))
 
     st = jax.lax.while_loop(lambda st: ~jnp.all(st.done), body,
-                            SSDState(out, count, done, t0, caches, key, zeros, zeros, zeros))
-    return SSDOutput(st.out[:, :out_len], st.count, st.rounds, st.drafted, st.accepted)
+                            SSDState(out, count, done, t0, caches, key, zeros, zeros, zeros, zeros))
+    return SSDOutput(st.out[:, :out_len], st.count, st.rounds, st.drafted, st.accepted, st.deepest)
 
 
 def ssd_generate(model: Llava, twig: Twig, plan: PrunePlan, tokens: jax.Array, lengths: jax.Array,

@@ -290,7 +290,7 @@ def tree_loop(model: Llava, twig: Twig, plan: PrunePlan, tree: TreeShape, caches
     init = TreeState(out, count, done, t0, caches, jnp.zeros((b, D + 1, dm), dtype), zeros, key, zeros, zeros,
                      zeros, zeros)
     st = jax.lax.while_loop(lambda st: ~jnp.all(st.done), body, init)
-    return SSDOutput(st.out[:, :out_len], st.count, st.rounds, st.verified, st.accepted)
+    return SSDOutput(st.out[:, :out_len], st.count, st.rounds, st.verified, st.accepted, st.deepest)
 
 
 def sample_walk(tokens: jax.Array, parent: jax.Array, target_logits: jax.Array, sampling: SamplingConfig,
