@@ -139,3 +139,23 @@ def test_help_lists_every_command_with_a_summary(capsys):
         assert command.summary and "\n" not in command.summary
         assert any(line.split()[:1] == [name] and command.summary in line for line in lines), name
     assert main(["no-such-command"]) == 2
+
+
+def test_tree_drafting_from_the_cli_and_streamed(saved, reference, capsys, tmp_path):
+    """--spec tree answers as chain SSD does (both are greedy decoding of the pruned model), streamed
+    too, and the output says it ran a tree."""
+    from tests.cli.cli_fixtures import run_cli
+
+    out = tmp_path / "tree.jsonl"
+    for extra, path in (([], out), (["--stream", "--no-color"], tmp_path / "tree_stream.jsonl")):
+        code, err = run_cli(["generate", "--model", saved["model_dir"], "--twig", saved["twig_dir"], "--image",
+                             saved["images"][0], "--prompt", QUESTIONS[0], "--max-new-tokens", str(MAX_NEW),
+                             "--spec", "tree", "--tree-width", "2", "--tree-depth", "3", "--tree-nodes", "5",
+                             "--out", str(path), *extra], capsys)
+        assert code == 0, err
+        rec = json.loads(path.read_text())
+        assert rec["text"] == reference[0][0].text
+    code, err = run_cli(["generate", "--model", saved["model_dir"], "--twig", saved["twig_dir"], "--image",
+                         saved["images"][0], "--prompt", QUESTIONS[0], "--spec", "tree", "--tree-width", "2",
+                         "--tree-depth", "3", "--tree-nodes", "20"], capsys)
+    assert code == 2 and "tree nodes 20" in err and len(err.strip().splitlines()) <= 2

@@ -144,6 +144,10 @@ def main(argv=None) -> int:
     p.add_argument("--answers", help="reference answers JSONL {question_id, answer, category} (optional)")
     p.add_argument("--R", type=int, help="kept visual tokens (default: the twig's)")
     p.add_argument("--Kf", type=int, help="FinalWipe layer (default: the twig's)")
+    p.add_argument("--spec", choices=["chain", "tree"], help="SSD draft shape (default: the twig's)")
+    p.add_argument("--tree-width", type=int, help="tree drafting: children per expanded node (E; default: the twig's)")
+    p.add_argument("--tree-depth", type=int, help="tree drafting: levels below the root (D; default: the twig's)")
+    p.add_argument("--tree-nodes", type=int, help="tree drafting: nodes verified per round (N; default: the twig's)")
     p.add_argument("--max-new-tokens", type=int,
                    help="for every category (default: 16 for short answers, 128 for descriptions, 128 otherwise)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -211,7 +215,9 @@ def main(argv=None) -> int:
         twig_cfg = resolve_twig_config(model.cfg.text.num_hidden_layers, model.cfg.num_image_tokens,
                                        method="phead" if twig.p_head is not None else "twig", ssd=True,
                                        twig_cfg=twig.twig_cfg, has_p_head=twig.p_head is not None,
-                                       overrides=TwigOverrides(K=args.K, Kf=args.Kf, R=args.R))
+                                       overrides=TwigOverrides(K=args.K, Kf=args.Kf, R=args.R, spec=args.spec,
+                                                               tree_width=args.tree_width, tree_depth=args.tree_depth,
+                                                               tree_nodes=args.tree_nodes))
     elif args.R or args.Kf:
         p.error("--R/--Kf need a twig")
     load_s = time.perf_counter() - t0

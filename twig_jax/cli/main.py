@@ -17,7 +17,7 @@ import sys
 import tempfile
 from typing import Any, Callable
 
-from twig_jax.twig.config import METHODS, SELECT_RULES
+from twig_jax.cli.twig_args import FLAGS, TWIG_FIELDS, add_twig_args, unused_settings  # noqa: F401
 
 
 class CliInputError(ValueError):
@@ -74,59 +74,6 @@ def one_line_usage_errors():
 
 # ----------------------------------------------------------------------------------------------
 # Twig and pruning settings
-
-TWIG_FIELDS = ("K", "T", "Kf", "R", "R_bar", "draft_len", "theta", "score_rows", "select")
-FLAGS = {"K": "--K", "T": "--T", "Kf": "--Kf", "R": "--R", "R_bar": "--R-bar", "draft_len": "--draft-len",
-         "theta": "--theta", "score_rows": "--score-rows", "select": "--select"}
-
-
-def _add_twig_args(p: argparse.ArgumentParser, decoding: bool = True) -> None:
-    """The twig and pruning flags; `decoding` adds the method, SSD and drafting flags (prune-viz
-    draws every method at one R and decodes nothing, so it has none of them)."""
-    g = p.add_argument_group("TwigVLM (hyper-parameters default to the twig checkpoint's TwigConfig)")
-    g.add_argument("--twig", help="twig checkpoint: orbax dir (twig_io.save_twig) or MILVLG safetensors (an "
-                                  "official one, without a TwigConfig, needs --K and --R or --R-bar)")
-    if decoding:
-        g.add_argument("--method", choices=list(METHODS),
-                       help="visual token pruning (default: twig with --twig, else none)")
-        g.add_argument("--ssd", action=argparse.BooleanOptionalAction, default=None,
-                       help="self-speculative decoding (default: on with --twig; needs a twig)")
-    b = g.add_mutually_exclusive_group()
-    b.add_argument("--R", type=int, help="kept visual tokens")
-    b.add_argument("--R-bar", dest="R_bar", type=float, help="average visual tokens per layer (paper's budget)")
-    g.add_argument("--K", type=int, help="trunk depth: the twig grows on base layer K (FastV scores layer K-1)")
-    g.add_argument("--T", type=int, help="twig layers (must match the twig checkpoint)")
-    g.add_argument("--Kf", type=int, help="FinalWipe: base layers Kf..L-1 see text only")
-    if decoding:
-        g.add_argument("--draft-len", type=int, help="most tokens drafted per SSD round (delta)")
-        g.add_argument("--theta", type=float, help="stop drafting when the draft's top probability is below this")
-    g.add_argument("--score-rows", choices=["last", "text"], help="attention rows that score visual tokens")
-    g.add_argument("--select", choices=list(SELECT_RULES),
-                   help="keep-set from the scores: top R (the paper), score-weighted coverage of the visual "
-                        "tokens, or a Gumbel-top-R draw (the P-head only: its RL's policy); default: the "
-                        "twig's for twig / phead, top for fastv / random")
-
-
-def unused_settings(given: dict, *, method: str, ssd: bool, twig_given: bool) -> str | None:
-    """Why a setting the user gave would not change this run, or None. `given`: TwigConfig fields
-    given (see TWIG_FIELDS). twig.config.resolve_twig_config refuses the rest: pruning settings with
-    method none, select=sample without the P-head, a K or T the twig does not have."""
-    plain = method == "none" and not ssd
-    if "T" in given and not twig_given:
-        return "--T is the twig checkpoint's depth, and no --twig is given"
-    if plain and twig_given:
-        return ("--twig is given, but method none without SSD decodes without it: choose a pruning --method, "
-                "or SSD")
-    if plain and "K" in given:
-        return "--K is given, but this run neither prunes nor drafts (method none without SSD)"
-    drafting = [FLAGS[k] for k in ("draft_len", "theta") if k in given]
-    if drafting and not ssd:
-        return f"{'/'.join(drafting)} set SSD drafting, and this run has no SSD"
-    if "score_rows" in given and method in ("random", "phead"):
-        return (f"--score-rows picks the attention rows that score the visual tokens; method {method} scores "
-                "without attention")
-    return None
-
 
 def _given_twig_settings(args) -> dict:
     return {k: getattr(args, k) for k in TWIG_FIELDS if getattr(args, k, None) is not None}
@@ -476,7 +423,7 @@ def _generate(argv) -> int:
     p.add_argument("--no-color", action="store_true", help="with --stream: [..] markers instead of ANSI colour")
     p.add_argument("--warmup", action="store_true",
                    help="run the first batch once untimed first (else its timing includes compilation)")
-    _add_twig_args(p)
+    add_twig_args(p)
     args = p.parse_args(argv)
     _check_generate_flags(p, args)
     sampling = _sampling(p, args)
@@ -599,7 +546,7 @@ def _prune_viz(argv) -> int:
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    _add_twig_args(p, decoding=False)
+    add_twig_args(p, decoding=False)
     args = p.parse_args(argv)
     if args.R is None and args.R_bar is None and not args.twig:
         p.error("give --R (or --R-bar): the kept visual token count")
@@ -661,7 +608,7 @@ def _train(argv) -> int:
 
 
 def _eval(argv) -> int:
-    from twig_jax.eval.evaluate import eval_main
+    from twig_jax.cli.eval import eval_main
 
     return eval_main(argv)
 

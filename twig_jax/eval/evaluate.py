@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 from typing import Any, Sequence
 
@@ -359,6 +358,10 @@ class EvalConfig:
     select: str | None = None  # keep-set rule: "top" | "cover" | "sample" (P-head) (default: the twig's for
     # twig / phead, "top" for fastv / random: the published baselines)
     ssd: bool = False  # self-speculative decoding (needs a twig; greedy output is unchanged)
+    spec: str | None = None  # SSD draft shape: "chain" | "tree" (default: the twig's)
+    tree_width: int | None = None  # tree drafting's E, D and N (default: the twig's)
+    tree_depth: int | None = None
+    tree_nodes: int | None = None
     batch_size: int = 16
     max_new_tokens: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MAX_NEW_TOKENS))
     max_new_other: int = DEFAULT_MAX_NEW_OTHER  # categories not in max_new_tokens, and no category
@@ -372,7 +375,8 @@ def resolve_twig_config(model, twig=None, cfg: EvalConfig = EvalConfig()):
     from twig_jax.twig.config import TwigOverrides
     from twig_jax.twig.config import resolve_twig_config as resolve
 
-    over = TwigOverrides(K=cfg.K, Kf=cfg.Kf, R=cfg.R, score_rows=cfg.score_rows, select=cfg.select)
+    over = TwigOverrides(K=cfg.K, Kf=cfg.Kf, R=cfg.R, score_rows=cfg.score_rows, select=cfg.select, spec=cfg.spec,
+                         tree_width=cfg.tree_width, tree_depth=cfg.tree_depth, tree_nodes=cfg.tree_nodes)
     return resolve(model.cfg.text.num_hidden_layers, model.cfg.num_image_tokens, method=cfg.method, ssd=cfg.ssd,
                    twig_cfg=None if twig is None else twig.twig_cfg,
                    has_p_head=twig is not None and twig.p_head is not None, overrides=over)
@@ -563,150 +567,6 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def eval_main(argv=None) -> int:
-    """`twig-jax eval` (see cli/main.py): answer a LLaVA question file, and score the answers of
-    the categories this module can score when references are given."""
-    import argparse
-
-    from twig_jax.cli.main import unused_settings
-    from twig_jax.twig.config import SELECT_RULES, TwigConfigError
-
-    p = argparse.ArgumentParser(prog="twig-jax eval",
-                                description="Answer a LLaVA question file (any categories) and score what it can: "
-                                            "exact match for short answers, object-level P/R/F1 for shapes-world "
-                                            "descriptions.")
-    p.add_argument("--questions", required=True, help="question JSONL {question_id, image, text[, category]}")
-    p.add_argument("--images", required=True, help="folder the question file's image paths are relative to")
-    p.add_argument("--answers", help="reference JSONL {question_id, answer[, category]}; without it the questions "
-                                     "are answered (--out) and not scored")
-    p.add_argument("--model", help="converted or HF LLaVA dir that answers the questions (the bundled one: "
-                                   f"{DEFAULT_MODEL})")
-    p.add_argument("--twig", help="twig checkpoint (orbax dir or MILVLG safetensors); gives the K/Kf/R defaults "
-                                  "of every method (default: the bundled twig when --model is the bundled model)")
-    p.add_argument("--no-twig", action="store_true", help="do not load the bundled twig by default")
-    p.add_argument("--method", choices=["none", "twig", "phead", "fastv", "random"],
-                   help="visual token pruning (default: none)")
-    p.add_argument("--R", type=int, help="kept visual tokens (default: the twig's)")
-    p.add_argument("--K", type=int, help="trunk depth / FastV scoring layer (default: the twig's, else 2)")
-    p.add_argument("--Kf", type=int, help="FinalWipe layer (default: the twig's, else 3/4 of the depth)")
-    p.add_argument("--select", choices=list(SELECT_RULES),
-                   help="keep-set from the pruning scores: top R (the paper), score-weighted coverage "
-                        "(ttp.cover_visual), or a Gumbel-top-R draw from the P-head's scores (the policy its "
-                        "RL trains); default: the twig's for twig / phead, top for fastv / random")
-    p.add_argument("--score-rows", choices=["last", "text"],
-                   help="pruning-score query rows: the last prompt token (the released code) or every text "
-                        "token (the paper's equation); default: the twig's, else last")
-    p.add_argument("--ssd", action=argparse.BooleanOptionalAction, default=False,
-                   help="self-speculative decoding (needs --twig; greedy answers are unchanged)")
-    p.add_argument("--batch", type=int, default=16, help="questions per generate call")
-    p.add_argument("--max-new-short", type=int, default=DEFAULT_MAX_NEW_TOKENS[SHORT])
-    p.add_argument("--max-new-description", type=int, default=DEFAULT_MAX_NEW_TOKENS[DESCRIPTION])
-    p.add_argument("--max-new-other", type=int, default=DEFAULT_MAX_NEW_OTHER,
-                   help="new tokens for any other category (LLaVA-Bench's conv / detail / complex ...) and for "
-                        "questions without one (default %(default)s)")
-    p.add_argument("--limit", type=int, help="first N questions only")
-    p.add_argument("--out", help="write the answers (LLaVA answer JSONL) here")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
-    p.add_argument("--metrics-json", help="write the metrics here")
-    p.add_argument("--predictions", help="score this existing answer JSONL instead of running a model")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    args = p.parse_args(argv)
-    if args.batch < 1:
-        p.error("--batch must be >= 1")
-    if args.limit is not None and args.limit < 1:
-        p.error("--limit must be >= 1")
-    for flag in ("max_new_short", "max_new_description", "max_new_other"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.predictions:
-        if not args.answers:
-            p.error("--predictions scores an answer file against references: give --answers FILE")
-        running = [flag for flag, v in (("--twig", args.twig), ("--method", args.method), ("--R", args.R),
-                                        ("--K", args.K), ("--Kf", args.Kf), ("--select", args.select),
-                                        ("--score-rows", args.score_rows), ("--ssd", args.ssd), ("--out", args.out))
-                   if v]
-        if running:
-            p.error(f"--predictions scores an existing answer file; {', '.join(running)} configure a model run")
-    else:
-        if not args.model:
-            p.error("--model DIR is required: the model that answers the questions (or --predictions FILE to score "
-                    "an answer file)")
-        if not args.answers and not args.out:
-            p.error("without --answers nothing is scored: give --out FILE for the answers (and --answers FILE to "
-                    "score them)")
-        if args.force and not args.out:
-            p.error("--force replaces --out: give --out FILE")
-        if args.out and os.path.exists(args.out) and not args.force:
-            p.error(f"--out {args.out} exists: --force replaces it")
-        if args.twig and args.no_twig:
-            p.error("--twig loads a twig and --no-twig loads none: give one")
-        if args.R is not None and (args.method or "none") == "none":
-            p.error("--R is the kept visual token count of a pruning method: give --method twig, fastv or random")
-        given = {k: getattr(args, k) for k in ("K", "Kf", "R", "score_rows", "select") if getattr(args, k) is not None}
-        problem = unused_settings(given, method=args.method or "none", ssd=args.ssd, twig_given=bool(args.twig))
-        if problem:
-            p.error(problem)
-    try:
-        questions = read_questions(args.questions, known_categories=None)
-        answers = read_answers(args.answers, known_categories=None) if args.answers else None
-        if answers is not None:
-            questions = attach_categories(questions, answers, args.questions, args.answers)
-        if args.limit:
-            questions = questions[:args.limit]
-        if not args.predictions:
-            check_images(questions, args.images, args.questions)
-    except EvalFileError as e:
-        p.error(str(e))
-    # each reference scored under its question's category (either file may give it)
-    subset = None if answers is None else {q.key: dataclasses.replace(answers[q.key], category=q.category)
-                                           for q in questions}
-
-    if args.predictions:
-        try:
-            preds = read_predictions(args.predictions)
-            # answers to questions past --limit are left out; answers to no question stay, and are an error
-            metrics = score({k: v for k, v in preds.items() if k in subset or k not in answers}, subset,
-                            require_all=True)
-        except EvalFileError as e:
-            p.error(str(e))
-        metrics["predictions"] = args.predictions
-    else:
-        import jax.numpy as jnp
-
-        from twig_jax.convert.llava import load_model
-        from twig_jax.pipeline import image_preprocessor_for, load_tokenizer
-        from twig_jax.twig.io import load_twig_any
-
-        if not os.path.exists(args.model):
-            p.error(f"model dir not found: {args.model}")
-        model = load_model(args.model, dtype=getattr(jnp, args.dtype))
-        method = args.method or "none"
-        twig = None
-        if args.twig is None and not args.no_twig and os.path.abspath(args.model) == DEFAULT_MODEL \
-                and os.path.isdir(DEFAULT_TWIG):
-            args.twig = DEFAULT_TWIG
-        if args.twig:
-            # an official MILVLG checkpoint takes K and the budget from the flags; SSD alone prunes nothing
-            budget = model.cfg.num_image_tokens if method == "none" else args.R
-            twig, _ = load_twig_any(args.twig, model.cfg.text, dtype=model.text.embed[...].dtype, K=args.K,
-                                    Kf=args.Kf, R=budget)
-        cfg = EvalConfig(method=method, R=args.R, K=args.K, Kf=args.Kf, score_rows=args.score_rows,
-                         select=args.select, ssd=args.ssd, batch_size=args.batch,
-                         max_new_tokens={SHORT: args.max_new_short, DESCRIPTION: args.max_new_description},
-                         max_new_other=args.max_new_other)
-        try:
-            resolve_twig_config(model, twig, cfg)
-        except TwigConfigError as e:
-            p.error(str(e))
-        _, metrics = run_eval(model, load_tokenizer(args.model), questions, cfg, images_dir=args.images, twig=twig,
-                              image_processor=image_preprocessor_for(model, args.model), answers=subset,
-                              model_id=os.path.basename(os.path.normpath(args.model)), out_path=args.out,
-                              log=sys.stderr)
-    print(metrics_table(metrics))
-    if args.metrics_json:
-        with open(args.metrics_json, "w") as f:
-            json.dump(json_safe(metrics), f, indent=2)
-    return 0
 
 
 def read_subset(directory: str):

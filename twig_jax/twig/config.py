@@ -148,6 +148,10 @@ class TwigOverrides:
     theta: float | None = None
     score_rows: str | None = None
     select: str | None = None
+    spec: str | None = None
+    tree_width: int | None = None
+    tree_depth: int | None = None
+    tree_nodes: int | None = None
 
     def given(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
