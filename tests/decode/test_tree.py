@@ -102,11 +102,15 @@ def world():
     tc = TwigConfig(K=1, T=3, Kf=3, R=5, draft_len=5, theta=0.5, **TREE)
     random_twig = Twig(cfg.text, tc, rngs=nnx.Rngs(5))
     random_twig.head[...] = random_twig.head[...] * 30
-    return cfg, model, prompts, pixels, tc, {"random": random_twig, "copy": init_twig_from_base(model, tc)}
+    from twig_jax.twig.phead import with_p_head
+
+    phead_twig = with_p_head(init_twig_from_base(model, tc), seed=1)
+    return cfg, model, prompts, pixels, tc, {"random": random_twig, "copy": init_twig_from_base(model, tc),
+                                             "phead": phead_twig}
 
 
 @pytest.mark.parametrize("twig_name,method", [("random", "twig"), ("copy", "twig"), ("copy", "fastv"),
-                                              ("copy", "none")])
+                                              ("copy", "none"), ("phead", "phead"), ("copy", "random")])
 def test_greedy_tree_equals_pruned_greedy(world, twig_name, method):
     cfg, model, prompts, pixels, tc, twigs = world
     twig = twigs[twig_name]
@@ -121,7 +125,7 @@ def test_greedy_tree_equals_pruned_greedy(world, twig_name, method):
     assert st["drafted"] == st["rounds"] * 8  # every round verifies N nodes
     if twig_name == "random" and method == "twig":
         assert any(n < budgets for n in got.num_generated), "expected an EOS stop in this fixture"
-    if twig_name == "copy":
+    if twig_name in ("copy", "phead"):
         assert st["accepted"] > 0
 
 
