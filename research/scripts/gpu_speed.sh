@@ -5,7 +5,7 @@
 #   OUT=DIR bash research/scripts/gpu_speed.sh [--dtype bfloat16]
 # For the device tool's image: its python3 already holds jax with CUDA, flax, optax, orbax, chex,
 # transformers and tokenizers, and nothing can be fetched there, so this script installs nothing and
-# runs the repository from its source tree (PYTHONPATH). Writes OUT/{speed.json,speed.md,ssd_profile.json,env.txt}.
+# runs the repository from its source tree (PYTHONPATH). Writes OUT/{speed,speed_tree}.{json,md}, OUT/ssd_profile.json and OUT/env.txt.
 # Each stage has its own time limit, so a slow compile loses one table, not the run.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -26,3 +26,7 @@ timeout 240 "$PY" -m research.ssd_profile --batches 1,8 --repeats 5 --out-json "
 timeout 300 "$PY" -m research.speed_table --images 16 --batches 1,8 --repeats 3 \
     --variants fastv,twig,ssd,twig+ssd,phead-cover,phead-cover+ssd \
     --out-json "$OUT/speed.json" --out-md "$OUT/speed.md" "$@"
+# Tree drafting at the TwigVLM++ setting (E = 10, D = 4, N = 60) beside chain SSD, batch 1 and 8.
+timeout 300 "$PY" -m research.speed_table --images 16 --batches 1,8 --repeats 3 \
+    --variants twig+ssd,twig+tree,phead-cover+ssd,phead-cover+tree --tree-width 10 --tree-depth 4 --tree-nodes 60 \
+    --out-json "$OUT/speed_tree.json" --out-md "$OUT/speed_tree.md" "$@"
