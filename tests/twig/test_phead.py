@@ -381,6 +381,32 @@ def test_prune_rl_command_end_to_end(tmp_path, tiny_shapes_dirs):
                      "--steps", "1", "--R", "8", *bad]) == 2, bad
 
 
+def test_prune_rl_out_never_overwrites_its_input_twig_or_base(tmp_path, tiny_shapes_dirs, capsys):
+    """--out onto the input twig or the base (even with --force), or into a folder holding anything
+    but a twig of ours (without --force): status 2, one line, before anything is loaded or trained,
+    and every byte of them is still there."""
+    from twig_jax.train.prune_rl import main
+
+    base_dir, twig_dir, data_json, images = tiny_shapes_dirs
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "paper.txt").write_text("mine")
+
+    def files(path):
+        return {os.path.join(d, f): open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(path) for f in fs}
+
+    before = {p: files(p) for p in (base_dir, twig_dir, str(other))}
+    args = ["--base", base_dir, "--twig", twig_dir, "--data", data_json, "--images", images, "--steps", "1",
+            "--R", "8", "--batch", "2", "--group", "2", "--eval-records", "1"]
+    for out, extra, named in ((twig_dir, [], "--twig"), (twig_dir, ["--force"], "--twig"),
+                              (base_dir, ["--force"], "--base"), (str(other), [], "paper.txt")):
+        assert main([*args, "--out", out, *extra]) == 2, (out, extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("twig-jax train-phead: error:") and named in err[0], err
+    for p, content in before.items():
+        assert files(p) == content, p
+
+
 def test_sampled_keep_sets(setup):
     """select='sample': keep-sets are Gumbel-top-R draws from the scores (the RL policy): they
     depend on the generation seed, favour high-scoring tokens, and SSD on them stays lossless."""

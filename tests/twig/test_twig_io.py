@@ -86,3 +86,75 @@ def test_orbax_round_trip(twig, tmp_path):
 
     with pytest.raises(TwigFormatError, match="different base"):
         load_twig(d, dataclasses.replace(twig.text_cfg, hidden_size=128))
+
+
+def _files(path):
+    import os
+
+    out = {}
+    for d, _, fs in os.walk(path):
+        for f in fs:
+            out[os.path.relpath(os.path.join(d, f), path)] = open(os.path.join(d, f), "rb").read()
+    return out
+
+
+def test_save_twig_never_replaces_what_is_not_a_twig_of_ours(twig, tmp_path):
+    """A converted model (params/, config.json, marker) keeps every byte under overwrite=True;
+    force=True replaces it with the twig."""
+    model = tmp_path / "model"
+    (model / "params").mkdir(parents=True)
+    (model / "params" / "weights").write_bytes(b"base weights")
+    (model / "config.json").write_text("{}")
+    (model / "twig_jax.json").write_text("{}")
+    before = _files(model)
+    with pytest.raises(TwigFormatError, match="not a twig of ours"):
+        save_twig(twig, str(model), overwrite=True)
+    assert _files(model) == before
+    save_twig(twig, str(model), force=True)
+    _assert_same(twig, load_twig(str(model)))
+    assert not (model / "config.json").exists()
+
+
+def test_save_twig_is_atomic(twig, tmp_path, monkeypatch):
+    """A save that fails half-way leaves the previous twig as it was and no stray directories."""
+    from twig_jax.twig import io as twig_io
+
+    d = tmp_path / "twig"
+    save_twig(twig, str(d), milvlg=True, extra_files={"training.json": "{}"})
+    assert sorted(p.name for p in d.iterdir()) == ["model.safetensors", "params", "training.json", "twig_config.json"]
+    before = _files(d)
+    other = Twig(twig.text_cfg, TWIG_CFG, rngs=nnx.Rngs(4))
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(twig_io, "export_milvlg", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_twig(other, str(d), overwrite=True, milvlg=True)
+    assert _files(d) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["twig"]
+    monkeypatch.undo()
+    save_twig(other, str(d), overwrite=True)
+    _assert_same(other, load_twig(str(d)))
+
+
+def test_export_milvlg_never_writes_over_model_weights(twig, tmp_path):
+    """A Hugging Face model dir keeps its model.safetensors; an existing twig export needs
+    overwrite; force writes anyway."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"HF weights")
+    with pytest.raises(TwigFormatError, match="not a twig export"):
+        export_milvlg(twig, str(hf))
+    (hf / "model.safetensors").unlink()
+    with pytest.raises(TwigFormatError, match="holds a model"):
+        export_milvlg(twig, str(hf))  # a new file in a model's folder would join its weights
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json"]
+    path = export_milvlg(twig, str(tmp_path / "t.safetensors"))
+    with pytest.raises(TwigFormatError, match="already holds a twig export"):
+        export_milvlg(twig, path)
+    export_milvlg(twig, path, overwrite=True)
+    _assert_same(twig, import_milvlg(path, twig.text_cfg, TWIG_CFG))
+    export_milvlg(twig, str(hf), force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "t.safetensors"]

@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from typing import Any, NamedTuple, Sequence
@@ -255,13 +256,21 @@ def accumulate(acc: dict, rewards: dict, batch: dict) -> dict:
     return acc
 
 
+PROG = "twig-jax train-phead"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.prune_rl", description=__doc__.split("\n\n")[0])
+    from twig_jax.train.outputs import OneLineArgumentParser
+
+    p = OneLineArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--base", required=True, help="base model dir (converted twig_jax or Hugging Face)")
     p.add_argument("--twig", required=True, help="the trained twig (orbax dir); a P-head it has is continued")
     p.add_argument("--data", required=True, help="LLaVA instruction JSON")
     p.add_argument("--images", default=None, help="image folder")
-    p.add_argument("--out", required=True, help="where the twig with its P-head is written")
+    p.add_argument("--out", required=True, help="where the twig with its P-head is written (a new directory, or "
+                   "one holding a twig of ours)")
+    p.add_argument("--force", action="store_true",
+                   help="let --out replace a directory that holds something else (never --base, --twig or the data)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=8, help="examples per step")
     p.add_argument("--group", type=int, default=8, help="G: keep-sets sampled per example")
@@ -298,19 +307,63 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The P-head training command: 0, or 2 with one `twig-jax train-phead: error: ...` line for bad input."""
+    from twig_jax.train.outputs import UsageError, report
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad command line already reported in one line
+        return int(e.code or 0)
+    try:
+        return run(args, argv)
+    except UsageError as e:
+        return report(PROG, e)
+
+
+def load_inputs(args):
+    """(base, twig, tokenizer, records) or UsageError naming the input that is wrong."""
+    import jax.numpy as jnp
+
+    from twig_jax.convert.llava import load_model
+    from twig_jax.pipeline import load_tokenizer
+    from twig_jax.train.outputs import UsageError
+    from twig_jax.twig.io import load_twig
+
+    try:
+        base = load_model(args.base, dtype=jnp.float32)
+        twig = load_twig(args.twig, base.cfg.text, dtype=jnp.float32)
+        tokenizer = load_tokenizer(args.base)
+    except (ValueError, OSError) as e:  # ConversionError, TwigFormatError, InputError, a missing file
+        raise UsageError(str(e)) from None
+    if not os.path.isfile(args.data):
+        raise UsageError(f"--data {args.data}: no such file")
+    try:
+        with open(args.data, encoding="utf-8") as f:
+            records = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"--data {args.data}: not valid JSON ({e})") from None
+    if not isinstance(records, list) or not records:
+        raise UsageError(f"--data {args.data}: expected a non-empty JSON list of samples")
+    return base, twig, tokenizer, records
+
+
+def run(args, argv: list[str]) -> int:
     import jax
     import jax.numpy as jnp
     import optax
 
-    from twig_jax.convert.llava import load_model
-    from twig_jax.data.llava_data import DataConfig, build_dataset, load_records
+    from twig_jax.data.llava_data import DataConfig, build_dataset
     from twig_jax.twig.phead import p_head_weights, with_p_head
-    from twig_jax.pipeline import image_preprocessor_for, load_tokenizer
-    from twig_jax.twig.io import load_twig, save_twig
+    from twig_jax.pipeline import image_preprocessor_for
+    from twig_jax.train.outputs import check_output, report, training_record
+    from twig_jax.train.trainer import StopRequest
+    from twig_jax.twig.io import TRAINING_RECORD_FILE, save_twig
 
-    base = load_model(args.base, dtype=jnp.float32)
-    twig = load_twig(args.twig, base.cfg.text, dtype=jnp.float32)
+    # The output replaces a directory as a whole: never an input, never something else without --force.
+    check_output(args.out, {"--base": args.base, "--twig": args.twig, "--data": args.data, "--images": args.images},
+                 force=args.force)
+    base, twig, tokenizer, all_records = load_inputs(args)
     had = twig.p_head is not None
     twig = with_p_head(twig, seed=args.seed, init_scale=args.init_scale)
     tc, N = twig.twig_cfg, base.cfg.num_image_tokens
@@ -318,34 +371,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     R_values = tuple(sorted(R_values))
     bad = [r for r in R_values if not 1 <= r <= N]
     if bad:
-        print(f"error: --R {bad} outside [1, {N}] (the visual token count)", file=sys.stderr)
-        return 2
+        return report(PROG, f"--R {bad} outside [1, {N}] (the visual token count)")
     kf = args.Kf if args.Kf is not None else tc.Kf
     L = base.cfg.text.num_hidden_layers
     if not tc.K < kf <= L:
-        print(f"error: Kf={kf} must satisfy K={tc.K} < Kf <= L={L}", file=sys.stderr)
-        return 2
+        return report(PROG, f"--Kf {kf} must satisfy K={tc.K} < Kf <= L={L}")
     if args.group < 2:
-        print("error: --group must be >= 2 (the advantage is normalised within each group)", file=sys.stderr)
-        return 2
+        return report(PROG, "--group must be >= 2 (the advantage is normalised within each group)")
     if not args.cover_sharpness > 0:
-        print(f"error: --cover-sharpness must be > 0 (got {args.cover_sharpness})", file=sys.stderr)
-        return 2
+        return report(PROG, f"--cover-sharpness must be > 0 (got {args.cover_sharpness})")
     if args.cover_sharpness != 1.0 and args.policy != "cover":
-        print("error: --cover-sharpness applies to --policy cover only", file=sys.stderr)
-        return 2
-
-    all_records = load_records(args.data)
+        return report(PROG, "--cover-sharpness applies to --policy cover only")
+    for flag, value, least in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--every", args.every, 1),
+                               ("--log-every", args.log_every, 1), ("--eval-every", args.eval_every, 1),
+                               ("--eval-records", args.eval_records, 0), ("--max-len", args.max_len, 2)):
+        if value < least:
+            return report(PROG, f"{flag} {value} must be >= {least}")
     if args.eval_records >= len(all_records):
-        print(f"error: --eval-records {args.eval_records} leaves no training records (the data has "
-              f"{len(all_records)})", file=sys.stderr)
-        return 2
+        return report(PROG, f"--eval-records {args.eval_records} leaves no training records (the data has "
+                      f"{len(all_records)})")
     # The last --eval-records records are held out: every turn of them is an eval example.
     cut = len(all_records) - args.eval_records
     records = single_turn_records(all_records[:cut])
     eval_recs = single_turn_records(all_records[cut:])
     size = base.cfg.vision.image_size
-    tokenizer = load_tokenizer(args.base)
 
     def dataset(recs, batch, shuffle, epochs):
         cfg = DataConfig(json_path=args.data, image_dir=args.images, max_len=args.max_len, batch_size=batch,
@@ -355,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              pixel_shape=(base.cfg.vision.num_channels, size, size), records=recs,
                              shard=single_shard())
 
-    ds, report = dataset(records, args.batch, True, None)
+    ds, bad_report = dataset(records, args.batch, True, None)
     data = iter(ds)
     held_out = eval_batches(list(dataset(eval_recs, 1, False, 1)[0]) if eval_recs else [], args.batch)
     eval_fn = make_rl_eval(base, twig, kf)
@@ -365,16 +414,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     opt_state = tx.init(params)
     attn_layer = args.attn_layer if args.attn_layer is not None else round(19 / 32 * L)
     if not 0 <= attn_layer < L:
-        print(f"error: --attn-layer {attn_layer} must be in [0, {L})", file=sys.stderr)
-        return 2
+        return report(PROG, f"--attn-layer {attn_layer} must be in [0, {L})")
     if args.objective == "rl":
         step_fn = make_rl_step(base, twig, kf, tx, args.group, args.policy, args.cover_sharpness, args.advantage)
     else:
         step_fn = make_attn_step(base, twig, kf, tx, attn_layer, args.attn_rows)
     rng = np.random.default_rng(args.seed)
     key = jax.random.key(args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    log_path = os.path.join(args.out, "rl_log.jsonl")
+    # The logs live in memory and are written with each save: the output directory is replaced as a
+    # whole, so what it holds always belongs together.
+    log_lines: list[str] = []
+    eval_lines: list[str] = []
     what = (f"RL ({args.policy} keep-sets): budgets R={R_values}, G={args.group}" if args.objective == "rl" else
             f"AttnKL to base layer {attn_layer}'s attention from the {args.attn_rows} rows")
     print(f"P-head {what}; {len(records)} single-turn examples, batch {args.batch}, Kf={kf}, "
@@ -394,29 +444,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                              "twig-cover", "random") if f"{m}/{cat}" in out[r])
                              for cat in ("long", "short"))
             print(f"  eval step {step} R={r} (mean answer log-prob)  {line}", flush=True)
-        with open(os.path.join(args.out, "rl_eval.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step, **{f"R{r}": v for r, v in out.items()}}) + "\n")
+        eval_lines.append(json.dumps({"step": step, **{f"R{r}": v for r, v in out.items()}}) + "\n")
         return out
 
     def save(step):
         twig.p_head.gate_q.set_value(params["gate_q"])
         twig.p_head.gate_k.set_value(params["gate_k"])
-        save_twig(twig, args.out, overwrite=True)
-        with open(os.path.join(args.out, "rl_config.json"), "w") as f:
-            json.dump({"step": step, "objective": args.objective, "policy": args.policy,
-                       "cover_sharpness": args.cover_sharpness, "advantage": args.advantage, "attn_layer": attn_layer,
-                       "attn_rows": args.attn_rows,
-                       "R_values": R_values, "group": args.group, "batch": args.batch, "lr": args.lr,
-                       "init_scale": args.init_scale,
-                       "Kf": kf, "seed": args.seed, "data": args.data, "base": args.base, "twig": args.twig}, f,
-                      indent=2)
+        rl_config = json.dumps({"step": step, "objective": args.objective, "policy": args.policy,
+                                "cover_sharpness": args.cover_sharpness, "advantage": args.advantage,
+                                "attn_layer": attn_layer, "attn_rows": args.attn_rows,
+                                "R_values": R_values, "group": args.group, "batch": args.batch, "lr": args.lr,
+                                "init_scale": args.init_scale,
+                                "Kf": kf, "seed": args.seed, "data": args.data, "base": args.base, "twig": args.twig},
+                               indent=2)
+        record = training_record(command=PROG, argv=argv, step=step, steps=args.steps, base=args.base,
+                                 twig=args.twig, data=args.data)
+        save_twig(twig, args.out, overwrite=True, force=args.force,
+                  extra_files={"rl_log.jsonl": "".join(log_lines), "rl_eval.jsonl": "".join(eval_lines),
+                               "rl_config.json": rl_config, TRAINING_RECORD_FILE: record})
 
     t0 = time.time()
     if held_out:
         print(f"held out: {len(held_out) * args.batch} examples (the last {args.eval_records} records)", flush=True)
         evaluate(0, R_values[:1])
     window: dict[int, list] = {}
-    with open(log_path, "a") as log:
+    with StopRequest() as stop:
         for step in range(1, args.steps + 1):
             batch = next(data)
             r = int(R_values[rng.choice(len(R_values), p=curriculum_probs(step - 1, args.steps, len(R_values)))])
@@ -429,26 +481,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                 r = 0  # no budget: the target is a distribution over every visual token
             m = {k: float(v) for k, v in m.items()}
             if not all(math.isfinite(v) for v in m.values()):
-                print(f"error: non-finite metrics at step {step}: {m}", file=sys.stderr)
+                print(f"{PROG}: error: non-finite metrics at step {step}: {m}", file=sys.stderr)
                 return 1
             window.setdefault(r, []).append(m)
-            log.write(json.dumps({"step": step, "R": r, **m}) + "\n")
+            log_lines.append(json.dumps({"step": step, "R": r, **m}) + "\n")
             if step % args.log_every == 0 or step == args.steps:
                 parts = [f"R={rr}: reward {np.mean([x['reward'] for x in ms]):.3f} (n={len(ms)})" if rr else
                          f"attn KL {np.mean([x['attn_kl'] for x in ms]):.4f}" for rr, ms in sorted(window.items())]
                 ent = [x["entropy"] for ms in window.values() for x in ms if "entropy" in x]
                 print(f"step {step}/{args.steps} {time.time() - t0:.0f}s  " + "; ".join(parts) +
                       (f"; entropy {np.mean(ent):.2f} (uniform {math.log(N):.2f})" if ent else ""), flush=True)
-                log.flush()
                 window = {}
             if step % args.every == 0 or step == args.steps:
                 save(step)
+            if stop.signum is not None:  # Ctrl-C or preemption: keep what was trained
+                save(step)
+                print(f"{PROG}: interrupted by {signal.Signals(stop.signum).name} at step {step} of {args.steps}; "
+                      f"the twig with its P-head of step {step} saved to {args.out} (continue from it with --twig "
+                      f"{args.out} and a new --out)", file=sys.stderr, flush=True)
+                return 128 + stop.signum
             if held_out and step % args.eval_every == 0 and step != args.steps:
                 evaluate(step, R_values[:1])
     if held_out:
         evaluate(args.steps, R_values)
+        save(args.steps)  # again, with the final eval in rl_eval.jsonl
     print(f"saved the twig with its P-head to {args.out} ({time.time() - t0:.0f}s)"
-          f"{'; bad samples: ' + json.dumps(report.to_dict()['counts']) if report.to_dict()['counts'] else ''}")
+          f"{'; bad samples: ' + json.dumps(bad_report.to_dict()['counts']) if bad_report.to_dict()['counts'] else ''}")
     return 0
 
 

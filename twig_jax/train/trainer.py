@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import logging
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -36,12 +38,13 @@ import optax
 from flax import nnx
 
 from twig_jax.parallel import sharding as shd
+from twig_jax.progress import Progress
 from twig_jax.train.losses import AttentionAuxLoss, LossConfig, LossSums, twig_loss_sums
 from twig_jax.model.layers import rope_cos_sin
 from twig_jax.model.llama import decoder_layer, scan_layers
 from twig_jax.model.llava import Llava
 from twig_jax.twig.module import Twig, init_twig_from_base
-from twig_jax.twig.config import TwigConfig
+from twig_jax.twig.config import TwigConfig, default_pruning
 
 # ----------------------------------------------------------------------------------------------
 # Configs
@@ -236,11 +239,12 @@ def split_model(base: Llava, twig: Twig | None, train_all: bool, freeze: tuple[s
     return TrainModel(base_def, twig_def, twig_state, base_state, False)
 
 
-def training_twig_config(base: Llava, K: int, T: int) -> TwigConfig:
-    """A TwigConfig that validates for any base depth; the pruning fields (Kf, R) only matter at
-    inference, so they default to "no pruning"."""
-    L = base.cfg.text.num_hidden_layers
-    return TwigConfig(K=K, T=T, Kf=min(24, L) if min(24, L) > K else L, R=base.cfg.num_image_tokens)
+def training_twig_config(base: Llava, K: int, T: int, *, Kf: int | None = None, R: int | None = None) -> TwigConfig:
+    """The TwigConfig a twig trained on `base` carries: its shape (K, T) and the pruning budget
+    inference uses unless told otherwise: Kf / R as given, else the paper's budget scaled to the
+    base (twig.config.default_pruning)."""
+    budget = default_pruning(base.cfg.text.num_hidden_layers, base.cfg.num_image_tokens, K)
+    return TwigConfig(K=K, T=T, Kf=budget["Kf"] if Kf is None else Kf, R=budget["R"] if R is None else R)
 
 
 def _cast_floats(tree, dtype):
@@ -440,13 +444,37 @@ class Checkpointer:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        self.directory = os.path.abspath(directory)
         self.save_every = max(1, int(save_every))
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=self.save_every, create=True)
-        self.mngr = ocp.CheckpointManager(os.path.abspath(directory), options=opts,
-                                          item_names=("state", "data", "meta"))
+        self.mngr = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "data", "meta"))
 
     def latest_step(self) -> int | None:
         return self.mngr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.mngr.all_steps())
+
+    def restore_meta(self, step: int) -> dict:
+        """The `meta` item of a checkpoint alone (cheap: no arrays)."""
+        ocp = self._ocp
+        return self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def set_aside(self, step: int) -> str:
+        """Move a damaged checkpoint out of the step sequence (DIR/corrupt-step-N), kept for a
+        look; later saves may then reuse its step number. Returns where it went."""
+        src = os.path.join(self.directory, str(step))
+        dst, n = os.path.join(self.directory, f"corrupt-step-{step}"), 1
+        while os.path.exists(dst):
+            dst, n = os.path.join(self.directory, f"corrupt-step-{step}-{n}"), n + 1
+        if jax.process_index() == 0:
+            os.rename(src, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"set_aside {step}")
+        self.mngr.reload()
+        return dst
 
     def save(self, step: int, state, data_state: dict | None, meta: dict, *, force: bool = False) -> bool:
         """Save when step is a multiple of save_every (or force); True if a save started."""
@@ -477,7 +505,8 @@ def checkpoint_models(base: Llava, ckpt_dir: str, steps: Sequence[int] | None = 
                       freeze: tuple[str, ...] = ("vision",)) -> Iterator[tuple[int, Llava]]:
     """(step, model) for checkpoints of a --train-all run that started from `base` with `freeze`
     (the frozen modules come from base, the rest from the checkpoint); steps None: the latest.
-    Raises FileNotFoundError at the call, before any restore, when a step was never saved."""
+    Raises FileNotFoundError at the call, before any restore, when a step was never saved, and
+    resume.CheckpointError (one line) for a checkpoint that does not restore."""
     ck = Checkpointer(ckpt_dir, 1, 100)
     have = sorted(ck.mngr.all_steps())
     if not have:
@@ -489,8 +518,13 @@ def checkpoint_models(base: Llava, ckpt_dir: str, steps: Sequence[int] | None = 
     trainer = Trainer(base, TrainConfig(steps=1, batch_size=1, train_all=True, freeze=freeze))
 
     def restore_each():
+        from twig_jax.train.resume import CheckpointError, short_reason
+
         for step in steps:
-            state, _, _ = ck.restore(step, trainer.abstract_state)
+            try:
+                state, _, _ = ck.restore(step, trainer.abstract_state)
+            except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many types on damaged files
+                raise CheckpointError(f"{ckpt_dir}: checkpoint step {step} does not restore: {short_reason(e)}") from None
             model, _ = trainer.model.modules(jax.tree.map(jnp.asarray, state["params"]),
                                              jax.tree.map(jnp.asarray, trainer.frozen))
             yield step, model
@@ -555,35 +589,101 @@ def model_flops_per_step(base_cfg, cfg: TrainConfig, seq: int) -> float:
 # Logging
 
 
-class Progress:
-    """One plain stderr line: step, loss, tokens/s, ETA."""
+class LineGuard:
+    """stderr shared by a redrawn progress line and everything else: a write from anywhere else
+    (a log line, a warning, a data-pipeline report) first ends an unfinished progress line, so
+    it starts on a line of its own. `progress` is the stream the progress line writes to."""
 
-    def __init__(self, total: int, start: int = 0, enabled: bool = True, stream=None):
-        self.total, self.start, self.enabled = total, start, enabled
-        self.stream = stream or sys.stderr
-        self.t0 = None
+    def __init__(self, stream):
+        self.stream = stream
+        self.line_open = False
+        self.progress = _ProgressStream(self)
 
-    def update(self, step: int, loss: float, tokens_per_s: float):
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if self.t0 is None:
-            self.t0, self.s0 = now, step
-        done = step - self.s0
-        eta = (now - self.t0) / done * (self.total - step) if done > 0 else float("nan")
-        eta_s = "?" if math.isnan(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
-        self.stream.write(f"\rstep {step}/{self.total} loss {loss:.4f} tok/s {tokens_per_s:,.0f} ETA {eta_s}   ")
+    def write(self, text: str) -> int:
+        if text and self.line_open:
+            self.stream.write("\n")
+            self.line_open = False
+        return self.stream.write(text)
+
+    def flush(self) -> None:
         self.stream.flush()
 
-    def close(self):
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
+    def isatty(self) -> bool:
+        return bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
-def tensorboard_writer(log_dir: str | None):
+class _ProgressStream:
+    def __init__(self, guard: LineGuard):
+        self.guard = guard
+
+    def write(self, text: str) -> int:
+        n = self.guard.stream.write(text)
+        if text:
+            self.guard.line_open = not text.endswith("\n")
+        return n
+
+    def flush(self) -> None:
+        self.guard.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.guard.isatty()
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (a preempted VM) while training: the first asks the loop to stop
+    after the current step (it saves and raises TrainingInterrupted); a second one restores the
+    previous handlers and interrupts at once. Handlers are only installed from the main thread."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+            return
+        self.restore()
+        if signum == signal.SIGINT:
+            signal.default_int_handler(signum, frame)
+        os.kill(os.getpid(), signum)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal. `step`: the last completed step; `checkpointed`: whether a
+    checkpoint holds it; `result`: what train() would have returned (its trainer included)."""
+
+    def __init__(self, signum: int, step: int, checkpointed: bool, result: dict):
+        self.signum, self.step, self.checkpointed, self.result = signum, step, checkpointed, result
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}")
+
+
+class NoTrainingData(ValueError):
+    """The data iterator ended before the first step."""
+
+
+def tensorboard_writer(log_dir: str | None, purge_step: int | None = None):
     """A TensorBoard SummaryWriter on process 0 when a TensorBoard writer package is installed
-    (tensorboardX, or torch's with the tensorboard package), else None: metrics always go to JSONL."""
+    (tensorboardX, or torch's with the tensorboard package), else None: metrics always go to JSONL.
+    purge_step: a resumed run's first step (TensorBoard hides what an earlier run logged from it on)."""
     if log_dir is None or jax.process_index() != 0:
         return None
     for mod in ("tensorboardX", "torch.utils.tensorboard"):
@@ -591,7 +691,7 @@ def tensorboard_writer(log_dir: str | None):
             writer_cls = __import__(mod, fromlist=["SummaryWriter"]).SummaryWriter
         except Exception:  # not installed (or torch without tensorboard)
             continue
-        return writer_cls(log_dir)
+        return writer_cls(log_dir) if purge_step is None else writer_cls(log_dir, purge_step=purge_step)
     return None
 
 
@@ -610,7 +710,9 @@ def plot_loss(metrics: list[dict], path: str) -> None:
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    tmp = f"{path}.tmp"  # written beside, then renamed: a kill never leaves half a picture
+    fig.savefig(tmp, dpi=100, format=os.path.splitext(path)[1][1:] or "png")
+    os.replace(tmp, path)
     plt.close(fig)
 
 
@@ -623,28 +725,73 @@ def _to_float(x) -> float:
 
 
 def train(base: Llava, cfg: TrainConfig, data_iter: Iterator[dict[str, np.ndarray]], *, twig: Twig | None = None,
-          bad_report: Any = None, log=None) -> dict[str, Any]:
-    """Run `cfg.steps` optimizer steps; resume from the latest checkpoint in cfg.ckpt_dir if any.
+          bad_report: Any = None, log=None, identity: dict | None = None,
+          allow_config_change: bool = False) -> dict[str, Any]:
+    """Run `cfg.steps` optimizer steps; resume from the newest intact checkpoint in cfg.ckpt_dir.
 
     data_iter: a grain DatasetIterator (get_state/set_state make the data order resumable) or any
-    iterator of host batches. Returns {"trainer", "metrics", "benchmark", ...}.
+    iterator of host batches (a "length" field [B] gives each row's real tokens for tokens/s).
+    identity: JSON-able facts a resume must match besides the config and the base model (e.g. the
+    data file's hash); a checkpoint made with other settings raises resume.CheckpointError unless
+    allow_config_change, which records the change in the checkpoints' meta ("config_changes").
+    SIGINT / SIGTERM stop the run after the current step with a checkpoint of it (when there is a
+    checkpoint directory) and raise TrainingInterrupted. Data that ends before the first step
+    raises NoTrainingData. Returns {"trainer", "metrics" (this run's steps), "benchmark",
+    "start_step", "end_step", "config_changes"}.
     """
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    guard = LineGuard(sys.stderr)
+    previous_stderr, sys.stderr = sys.stderr, guard
+    # Logging handlers that were given stderr itself write through the guard too.
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    handlers = [h for lg in loggers for h in lg.handlers
+                if isinstance(h, logging.StreamHandler) and h.stream is previous_stderr]
+    for h in handlers:
+        h.setStream(guard)
+    try:
+        with StopRequest() as stop:
+            return _train(base, cfg, data_iter, twig=twig, bad_report=bad_report,
+                          log=log or (lambda s: print(s, file=sys.stderr, flush=True)), identity=identity or {},
+                          allow_config_change=allow_config_change, stop=stop, progress_stream=guard.progress)
+    finally:
+        for h in handlers:
+            h.setStream(previous_stderr)
+        sys.stderr = previous_stderr
+
+
+def _train(base, cfg, data_iter, *, twig, bad_report, log, identity, allow_config_change, stop, progress_stream):
+    from twig_jax.train.resume import continue_metrics, describe_changes, model_identity, restore_newest_intact
+
+    identity = {"model": model_identity(base), **identity}
     trainer = Trainer(base, cfg, twig=twig)
     ckpt = Checkpointer(cfg.ckpt_dir, cfg.save_every, cfg.keep) if cfg.ckpt_dir else None
-    start = 0
-    if ckpt is not None and ckpt.latest_step() is not None:
-        start = int(ckpt.latest_step())
-        state, data_state, meta = ckpt.restore(start, trainer.abstract_state)
-        trainer.state = state
-        if data_state and hasattr(data_iter, "set_state"):
-            data_iter.set_state(data_state)
-        if bad_report is not None and meta.get("bad_samples"):
-            bad_report.load(meta["bad_samples"])
-        log(f"resumed from {cfg.ckpt_dir} at step {start}")
-    metrics_f = open(cfg.metrics_path, "a") if cfg.metrics_path else None
+    start, config_changes = 0, []
+    if ckpt is not None:
+        try:
+            restored = restore_newest_intact(ckpt, trainer.abstract_state, cfg.to_dict(), identity,
+                                             allow_changes=allow_config_change, log=log)
+        except BaseException:
+            ckpt.close()
+            raise
+        if restored is not None:
+            start = restored.step
+            trainer.state = restored.state
+            if restored.data_state and hasattr(data_iter, "set_state"):
+                data_iter.set_state(restored.data_state)
+            if bad_report is not None and restored.meta.get("bad_samples"):
+                bad_report.load(restored.meta["bad_samples"])
+            config_changes = list(restored.meta.get("config_changes") or [])
+            if restored.changes:
+                config_changes.append({"step": start, "changes": restored.changes})
+                log(f"resuming with changed settings: {describe_changes(restored.changes)} (recorded in the "
+                    "checkpoints' meta)")
+            log(f"resumed from {cfg.ckpt_dir} at step {start}")
+    main_process = jax.process_index() == 0
+    # Steps past the restored checkpoint that a killed run logged are dropped: one record per step.
+    earlier = continue_metrics(cfg.metrics_path, start) if cfg.metrics_path and main_process else []
+    metrics_f = open(cfg.metrics_path, "a") if cfg.metrics_path and main_process else None
     tb = tensorboard_writer(os.path.join(os.path.dirname(cfg.metrics_path) or ".", "tensorboard")
-                            if cfg.metrics_path else None)
+                            if cfg.metrics_path else None, purge_step=start + 1 if start else None)
     seq = None
     step_flops = None
     peak = None
@@ -653,8 +800,10 @@ def train(base: Llava, cfg: TrainConfig, data_iter: Iterator[dict[str, np.ndarra
         log(f"measured float32 matmul rate: {peak / 1e9:.1f} GFLOP/s per device ({jax.device_count()} devices)")
     history: list[dict] = []
     times: list[float] = []
-    prog = Progress(cfg.steps, start, cfg.progress)
-    meta_base = {"config": cfg.to_dict()}
+    real_tokens: list[int] = []
+    last = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
+    prog = Progress(last - start, "steps", label="train", stream=progress_stream, enabled=cfg.progress)
+    meta_base = {"config": cfg.to_dict(), "identity": identity, "config_changes": config_changes}
 
     def meta():
         m = dict(meta_base)
@@ -662,69 +811,86 @@ def train(base: Llava, cfg: TrainConfig, data_iter: Iterator[dict[str, np.ndarra
             m["bad_samples"] = bad_report.to_dict()
         return m
 
-    last_saved = start
+    last_saved = done = start
     try:
-        last = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
         for step in range(start, last):
+            if stop.signum is not None:
+                break
             try:
                 batch = next(data_iter)
             except StopIteration:
+                if step == 0:
+                    raise NoTrainingData("the data gave no batch: nothing to train on") from None
                 log(f"data exhausted after {step} steps")
                 break
             if seq is None:
                 seq = int(np.shape(batch["tokens"])[1])
                 step_flops = model_flops_per_step(base.cfg, cfg, seq)
+            # Real tokens: each row's length (its padding excluded), over every process's rows.
+            real = (int(np.sum(batch["length"])) * jax.process_count() if "length" in batch
+                    else cfg.batch_size * seq)
             t0 = time.perf_counter()
             m = trainer.step(batch)
             m = jax.device_get(m)  # waits for the step
             dt = time.perf_counter() - t0
             times.append(dt)
+            real_tokens.append(real)
             rec = {"step": step + 1, **{k: _to_float(v) for k, v in m.items()}, "step_time": dt,
-                   "tokens_per_s": cfg.batch_size * seq / dt}
+                   "tokens_per_s": real / dt}
             if "index" in batch:
                 rec["indices"] = [int(i) for i in np.asarray(batch["index"]).reshape(-1)]
             history.append(rec)
-            if metrics_f is not None and jax.process_index() == 0:
+            done = step + 1
+            if metrics_f is not None:
                 metrics_f.write(json.dumps(rec) + "\n")
                 metrics_f.flush()
             if tb is not None:
                 for k, v in rec.items():
                     if isinstance(v, float):
                         tb.add_scalar(f"train/{k}", v, step + 1)
-            prog.update(step + 1, rec["loss"], rec["tokens_per_s"])
+            prog.advance(1, extra=f"step {done}/{last} loss {rec['loss']:.4f} tok/s {rec['tokens_per_s']:,.0f}")
             if ckpt is not None:
                 data_state = data_iter.get_state() if hasattr(data_iter, "get_state") else None
-                saved = ckpt.save(step + 1, trainer.state, data_state, meta())
-                if saved:
-                    last_saved = step + 1
+                if ckpt.save(done, trainer.state, data_state, meta()):
+                    last_saved = done
+    except BaseException:
+        if ckpt is not None:
+            ckpt.close()
+        raise
     finally:
         prog.close()
         if metrics_f is not None:
             metrics_f.close()
         if tb is not None:
             tb.close()
+    checkpointed = ckpt is not None and done > 0
     if ckpt is not None:
-        if history and last_saved != history[-1]["step"]:  # always checkpoint the end
-            ckpt.save(history[-1]["step"], trainer.state, data_iter.get_state() if hasattr(data_iter, "get_state")
-                      else None, meta(), force=True)
+        if done != last_saved:  # always checkpoint the end, and the step a signal stopped at
+            ckpt.save(done, trainer.state, data_iter.get_state() if hasattr(data_iter, "get_state") else None,
+                      meta(), force=True)
         ckpt.close()
     bench = None
     if cfg.benchmark and len(times) > 1:
         st = float(np.median(times[1:]))  # first step includes compilation
-        tok_s = cfg.batch_size * seq / st
+        tok_s = float(np.mean(real_tokens[1:])) / st
         mfu = step_flops / st / (peak * jax.device_count())
-        bench = {"step_time_s": st, "tokens_per_s": tok_s, "model_flops_per_step": step_flops,
-                 "matmul_flops_per_s_per_device": peak, "mfu": mfu}
-        log(f"benchmark: step {st * 1e3:.1f} ms, {tok_s:,.0f} training tokens/s, "
+        bench = {"step_time_s": st, "tokens_per_s": tok_s, "padded_tokens_per_s": cfg.batch_size * seq / st,
+                 "model_flops_per_step": step_flops, "matmul_flops_per_s_per_device": peak, "mfu": mfu}
+        log(f"benchmark: step {st * 1e3:.1f} ms, {tok_s:,.0f} training tokens/s (padding excluded), "
             f"{step_flops / st / 1e9:.2f} model GFLOP/s, MFU {100 * mfu:.1f}% of measured fp32 matmul rate")
-    if cfg.plot_path and history and jax.process_index() == 0:
-        plot_loss(history, cfg.plot_path)
+    if cfg.plot_path and (earlier or history) and main_process:
+        plot_loss(earlier + history, cfg.plot_path)
     if bad_report is not None:
         log(bad_report.summary())
-    return {"trainer": trainer, "metrics": history, "benchmark": bench, "start_step": start}
+    result = {"trainer": trainer, "metrics": history, "benchmark": bench, "start_step": start, "end_step": done,
+              "config_changes": config_changes}
+    if stop.signum is not None:
+        raise TrainingInterrupted(stop.signum, done, checkpointed, result)
+    return result
 
 
 __all__ = ["OptimConfig", "TrainConfig", "scan_layers", "twig_forward", "base_forward", "base_forward_with_probs",
            "TrainModel", "split_model", "training_twig_config", "make_loss_fn", "make_optimizer", "init_train_state",
            "train_state_shardings", "make_train_step", "jit_train_step", "STEP_METRICS", "device_batch_keys", "Trainer",
-           "Checkpointer", "measure_matmul_flops", "model_flops_per_step", "plot_loss", "train"]
+           "Checkpointer", "measure_matmul_flops", "model_flops_per_step", "plot_loss", "LineGuard", "StopRequest",
+           "TrainingInterrupted", "NoTrainingData", "train"]

@@ -32,6 +32,13 @@ from twig_jax.twig.config import TwigConfig
 
 TWIG_CONFIG_FILE = "twig_config.json"
 TWIG_PARAMS_DIR = "params"
+MILVLG_FILE = "model.safetensors"  # the MILVLG export inside a twig directory
+TRAINING_RECORD_FILE = "training.json"  # how the twig or model in a directory was trained
+# Everything a directory of ours may hold: the twig, its MILVLG export, its training record and the
+# logs twig-jax train-phead writes beside it. A directory with anything else is not replaced
+# without force.
+TWIG_DIR_ENTRIES = frozenset({TWIG_CONFIG_FILE, TWIG_PARAMS_DIR, MILVLG_FILE, TRAINING_RECORD_FILE,
+                              "rl_log.jsonl", "rl_eval.jsonl", "rl_config.json"})
 
 # our DecoderLayers name -> (PyTorch key suffix, transposed)
 _LAYER_KEYS = {
@@ -85,15 +92,63 @@ def expected_milvlg_shapes(text_cfg: TextConfig, T: int) -> dict[str, tuple[int,
     return out
 
 
-def export_milvlg(twig: Twig, path: str, *, dtype=None) -> str:
-    """Write the twig as MILVLG safetensors (`path` is a file, or a dir -> dir/model.safetensors)."""
+def is_twig_export(path: str) -> bool:
+    """Whether `path` is MILVLG safetensors written by export_milvlg (its metadata has a twig_config)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return "twig_config" in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - not safetensors at all (or unreadable): not ours
+        return False
+
+
+def _model_files(directory: str, keep: str) -> list[str]:
+    """Entries of `directory` that make it a model checkpoint (a Hugging Face or converted config,
+    a converted-model marker, a sharded-weights index), other than `keep`."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(n for n in os.listdir(directory) if n != keep and (
+        n in ("config.json", "twig_jax.json") or n.endswith(".index.json")))
+
+
+def export_milvlg(twig: Twig, path: str, *, dtype=None, overwrite: bool = False, force: bool = False) -> str:
+    """Write the twig as MILVLG safetensors (`path` is a file, or a dir -> dir/model.safetensors).
+
+    The file is written beside its target and renamed over it, so a failed export leaves what was
+    there. An existing twig export is replaced only with `overwrite`; any other existing file, or a
+    target in a directory that holds a model's weights or config, only with `force`.
+    """
+    import tempfile
+
     from safetensors.flax import save_file
 
     if os.path.isdir(path):
-        path = os.path.join(path, "model.safetensors")
+        path = os.path.join(path, MILVLG_FILE)
+    path = os.path.realpath(path)
+    parent, name = os.path.split(path)
+    if os.path.exists(path) and not force:
+        if not is_twig_export(path):
+            raise TwigFormatError(f"{path} exists and is not a twig export: refusing to replace it (force=True "
+                                  "replaces it)")
+        if not overwrite:
+            raise TwigFormatError(f"{path} already holds a twig export (pass overwrite=True)")
+    foreign = _model_files(parent, name)
+    if foreign and not force:
+        raise TwigFormatError(f"{parent} holds a model ({', '.join(foreign[:4])}): refusing to write {name} into it "
+                              "(force=True writes it)")
     tensors = {k: jnp.asarray(v if dtype is None else v.astype(dtype)) for k, v in twig_to_milvlg(twig).items()}
     meta = {"format": "pt", "twig_config": json.dumps(dataclasses.asdict(twig.twig_cfg))}
-    save_file(tensors, path, metadata=meta)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return path
 
 
@@ -152,27 +207,97 @@ def import_milvlg(path: str, text_cfg: TextConfig, twig_cfg: TwigConfig, *, dtyp
 # orbax format
 
 
-def save_twig(twig: Twig, directory: str, *, overwrite: bool = False) -> str:
-    """Save a twig (params via orbax + TwigConfig/TextConfig JSON) into `directory`."""
+def holds_only_twig(directory: str) -> bool:
+    """Whether `directory` holds a twig of ours (twig_config.json) and nothing but TWIG_DIR_ENTRIES."""
+    if not os.path.isdir(directory) or not os.path.isfile(os.path.join(directory, TWIG_CONFIG_FILE)):
+        return False
+    return set(os.listdir(directory)) <= TWIG_DIR_ENTRIES
+
+
+def check_replaceable(directory: str, *, overwrite: bool, force: bool, holds_ours=holds_only_twig,
+                      what: str = "a twig") -> None:
+    """TwigFormatError unless `directory` may be written: absent or empty; holding `what` of ours
+    (holds_ours) and `overwrite`; or anything else and `force`."""
+    if not os.path.lexists(directory) or (os.path.isdir(directory) and not os.listdir(directory)):
+        return
+    if holds_ours(directory):
+        if not overwrite:
+            raise TwigFormatError(f"{directory} already holds {what} (pass overwrite=True)")
+        return
+    if not force:
+        entries = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise TwigFormatError(f"{directory} holds {shown or 'a file'}, not {what} of ours: refusing to replace it "
+                              "(force replaces it)")
+
+
+def replace_with_staged(directory: str, write) -> str:
+    """Atomically replace `directory` with what write(staging_dir) puts in a new sibling directory:
+    the old one is renamed aside and removed only once the new one is in place, so a failed or
+    interrupted write leaves the old one as it was."""
+    import shutil
+    import tempfile
+
+    directory = os.path.realpath(directory)
+    parent, name = os.path.split(directory)
+    os.makedirs(parent, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        write(stage)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = None
+    if os.path.lexists(directory):
+        old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+        os.rename(directory, os.path.join(old, name))
+    try:
+        os.rename(stage, directory)
+    except BaseException:
+        if old is not None:
+            os.rename(os.path.join(old, name), directory)
+            os.rmdir(old)
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def write_twig_files(twig: Twig, directory: str) -> None:
+    """params/ (orbax) and twig_config.json into an existing, empty `directory`."""
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(directory)
-    params_dir = os.path.join(directory, TWIG_PARAMS_DIR)
-    if os.path.exists(params_dir):
-        if not overwrite:
-            raise TwigFormatError(f"{directory} already holds a twig (pass overwrite=True)")
-        import shutil
-
-        shutil.rmtree(params_dir)
-    os.makedirs(directory, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(params_dir, nnx.state(twig))
+        ckptr.save(os.path.join(os.path.abspath(directory), TWIG_PARAMS_DIR), nnx.state(twig))
         ckptr.wait_until_finished()
     dtype = jnp.dtype(twig.norm.get_value().dtype).name
     with open(os.path.join(directory, TWIG_CONFIG_FILE), "w") as f:
         json.dump({"twig": dataclasses.asdict(twig.twig_cfg), "text": dataclasses.asdict(twig.text_cfg),
                    "dtype": dtype}, f, indent=2)
-    return directory
+
+
+def save_twig(twig: Twig, directory: str, *, overwrite: bool = False, force: bool = False, milvlg: bool = False,
+              extra_files: dict[str, str] | None = None) -> str:
+    """Save a twig (params via orbax + TwigConfig/TextConfig JSON) as `directory`.
+
+    The twig is written into a new sibling directory that then replaces `directory` in one rename,
+    so a failed save leaves what was there. An existing twig directory of ours (holds_only_twig) is
+    replaced only with `overwrite`; a directory holding anything else only with `force`.
+    milvlg: also write the MILVLG export (model.safetensors); extra_files: {name: text} written
+    beside the twig (logs, a training record)."""
+    directory = os.path.realpath(directory)
+    check_replaceable(directory, overwrite=overwrite, force=force)
+
+    def write(stage):
+        write_twig_files(twig, stage)
+        if milvlg:
+            export_milvlg(twig, os.path.join(stage, MILVLG_FILE))
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(stage, name), "w") as f:
+                f.write(text)
+
+    return replace_with_staged(directory, write)
 
 
 def load_twig(directory: str, text_cfg: TextConfig | None = None, dtype=None) -> Twig:
