@@ -142,3 +142,21 @@ def test_kl_positive_for_shorter_twig(tiny_base):
     student, teacher = jax.jit(lambda t, p: twig_forward(tiny_base, twig, t, p))(tokens, pix)
     sums = twig_loss_sums(student, tokens, mask, LossConfig(), teacher)
     assert float(sums.pred_kl) > 0
+
+
+def test_placeholder_outside_the_vocabulary_is_never_a_target():
+    """liuhaotian checkpoints mark the image with id -200 (never embedded, outside the vocabulary):
+    as a masked target it must not turn the loss into NaN. The loss equals the one with any valid
+    id in its place (the numpy oracle: masked mean of -log softmax at the labelled positions)."""
+    from twig_jax.train.losses import masked_mean, shift_targets, token_ce
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 6, 11)).astype(np.float32)
+    tokens = np.array([[1, -200, -200, 4, 5, 6], [1, 2, -200, 3, 7, 8]])
+    label_mask = np.array([[0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 0]])
+    targets, weights = shift_targets(jnp.asarray(tokens), jnp.asarray(label_mask))
+    loss = float(masked_mean(token_ce(jnp.asarray(logits), targets), weights))
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = [-logp[b, t, tokens[b, t + 1]] for b in range(2) for t in range(5) if label_mask[b, t + 1]]
+    assert np.isfinite(loss)
+    np.testing.assert_allclose(loss, np.mean(want), rtol=1e-5)

@@ -336,7 +336,7 @@ def test_single_turn_records_and_curriculum():
 def tiny_shapes_dirs(tmp_path_factory):
     """A tiny random shapes LLaVA (converted dir, shapes tokenizer), a twig (K=1, T=2, no P-head)
     and a 4-image shapes training split."""
-    from test_eval import _numpy_init, _tiny_model
+    from tests.eval.test_eval import _numpy_init, _tiny_model
     from twig_jax.data.shapes import build_tokenizer, generate_dataset
     from twig_jax.convert.llava import save_converted_model
     from twig_jax.twig.io import save_twig

@@ -87,7 +87,9 @@ def shift_targets(tokens: jax.Array, label_mask: jax.Array) -> tuple[jax.Array, 
     position has no next token and weight 0."""
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)  # [B, S]
     weights = jnp.concatenate([label_mask[:, 1:], jnp.zeros_like(label_mask[:, :1])], axis=1)
-    return targets, weights.astype(jnp.float32)
+    # An unlabelled target may be an id outside the vocabulary (liuhaotian's image placeholder, -200):
+    # gathering its logit gives NaN, which a zero weight does not remove.
+    return jnp.where(weights > 0, targets, 0), weights.astype(jnp.float32)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
