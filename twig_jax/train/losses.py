@@ -87,9 +87,7 @@ def shift_targets(tokens: jax.Array, label_mask: jax.Array) -> tuple[jax.Array, 
     position has no next token and weight 0."""
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)  # [B, S]
     weights = jnp.concatenate([label_mask[:, 1:], jnp.zeros_like(label_mask[:, :1])], axis=1)
-    # An unlabelled target may be an id outside the vocabulary (liuhaotian's image placeholder, -200):
-    # gathering its logit gives NaN, which a zero weight does not remove.
-    return jnp.where(weights > 0, targets, 0), weights.astype(jnp.float32)
+    return targets, weights.astype(jnp.float32)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -102,7 +100,9 @@ def token_ce(logits: jax.Array, targets: jax.Array) -> jax.Array:  # [B, S]
     """Per-position next-token cross-entropy in float32; logits [B, S, V], targets [B, S]."""
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B, S]
-    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    # An unlabelled target may be an id outside the vocabulary (liuhaotian's image placeholder, -200):
+    # an out-of-range gather gives NaN, which a zero weight does not remove, so clip the index.
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1, mode="clip")[..., 0]
     return lse - picked
 
 
