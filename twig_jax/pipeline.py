@@ -142,15 +142,17 @@ class Pipeline:
         return self.tokenizer.decode([t for t in toks if t != eos], skip_special_tokens=True).strip()
 
     def answer(self, images: Sequence[Any], questions: Sequence[str], *, max_new_tokens: int = 128,
-               sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> tuple[list[Answer], dict]:
-        """Answer a batch; returns the answers and timing/statistics."""
+               sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+               min_new_tokens: int = 0) -> tuple[list[Answer], dict]:
+        """Answer a batch; returns the answers and timing/statistics. min_new_tokens: no EOS before
+        that many tokens."""
         self._check(images, questions)
         prompts = self.encode(questions)
         pixels = self.image_processor(list(images))  # [B, 3, H, W]
         _, eos_ids = self._eos()
         t0 = time.perf_counter()
         out = self.generator.generate(prompts, pixels, max_new_tokens=max_new_tokens, sampling=sampling,
-                                      seed=seed, eos_ids=eos_ids)
+                                      seed=seed, eos_ids=eos_ids, min_new_tokens=min_new_tokens)
         elapsed = time.perf_counter() - t0
         answers = [Answer(q, self.decode_text(toks), toks, len(p), row_stats(out, i))
                    for i, (q, p, toks) in enumerate(zip(questions, prompts, out.tokens))]
@@ -164,7 +166,8 @@ class Pipeline:
 
     def stream(self, image: Any, question: str, *, max_new_tokens: int = 128,
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-               on_chunk: Callable[[list[int], int], None] | None = None) -> tuple[Answer, dict]:
+               on_chunk: Callable[[list[int], int], None] | None = None,
+               min_new_tokens: int = 0) -> tuple[Answer, dict]:
         """Answer one question, calling on_chunk(tokens, n_accepted_drafts) as tokens are made
         (twig_jax.decode.stream); same answer as `answer` for the same generator and seed."""
         from twig_jax.decode.stream import stream_generate
@@ -174,7 +177,7 @@ class Pipeline:
         _, eos_ids = self._eos()
         t0 = time.perf_counter()
         out = stream_generate(self.generator, prompts[0], pixels, on_chunk, max_new_tokens=max_new_tokens,
-                              sampling=sampling, seed=seed, eos_ids=eos_ids)
+                              sampling=sampling, seed=seed, eos_ids=eos_ids, min_new_tokens=min_new_tokens)
         elapsed = time.perf_counter() - t0
         toks = out.tokens[0]
         ans = Answer(question, self.decode_text(toks), toks, len(prompts[0]), row_stats(out, 0))

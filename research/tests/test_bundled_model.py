@@ -162,3 +162,23 @@ def test_demo_main_job_answers_and_reports(bundle, tmp_path, capsys):
     assert "speed (median of 1 timed calls" in printed and "  all " in printed
     with pytest.raises(SystemExit):
         main(["--repeats", "0"])
+
+
+def test_tree_ssd_equals_pruned_greedy(bundle, subset):
+    """Tree drafting with the bundled trained twig (a small tree, so the subset stays quick) answers
+    token for token as greedy decoding of the same pruned model."""
+    import dataclasses
+
+    from twig_jax.eval.evaluate import run_questions
+
+    method = main_method(bundle.twig)
+    pruned, _ = answers_for(bundle, subset, method, False)
+    questions, _, images = subset
+    tree_cfg = dataclasses.replace(bundle.twig_cfg, spec="tree", tree_width=3, tree_depth=4, tree_nodes=10)
+    tree, stats = run_questions(bundle.model, bundle.tokenizer, bundle.image_processor, questions, images,
+                                twig=bundle.twig, twig_cfg=tree_cfg, method=method, ssd=True,
+                                image_cache=_RUNS.setdefault("images", {}))
+    diff = [(k, pruned[k].text, tree[k].text) for k in pruned if pruned[k].tokens != tree[k].tokens]
+    assert not diff, f"{len(diff)}/{len(pruned)} tree answers differ from the pruned greedy ones: {diff[:3]}"
+    for cat, st in stats.items():
+        assert st["rounds"] > 0 and st["drafted"] == 10 * st["rounds"], (cat, st)

@@ -159,3 +159,27 @@ def test_tree_drafting_from_the_cli_and_streamed(saved, reference, capsys, tmp_p
                          saved["images"][0], "--prompt", QUESTIONS[0], "--spec", "tree", "--tree-width", "2",
                          "--tree-depth", "3", "--tree-nodes", "20"], capsys)
     assert code == 2 and "tree nodes 20" in err and len(err.strip().splitlines()) <= 2
+
+
+def test_min_new_tokens_from_the_cli(saved, capsys, tmp_path, monkeypatch):
+    """--min-new-tokens reaches the decoder (whose rule is tested against Hugging Face generate in
+    tests/decode), and a value above --max-new-tokens is one line, exit 2."""
+    from tests.cli.cli_fixtures import run_cli
+    from twig_jax.decode.generator import TwigGenerator
+
+    seen = []
+    original = TwigGenerator.generate
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("min_new_tokens"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TwigGenerator, "generate", spy)
+    code, err = run_cli(["generate", "--model", saved["model_dir"], "--twig", saved["twig_dir"], "--image",
+                         saved["images"][0], "--prompt", QUESTIONS[0], "--max-new-tokens", str(MAX_NEW),
+                         "--min-new-tokens", "5", "--out", str(tmp_path / "a.jsonl")], capsys)
+    assert code == 0, err
+    assert seen and set(seen) == {5}
+    code, err = run_cli(["generate", "--model", saved["model_dir"], "--image", saved["images"][0], "--prompt",
+                         QUESTIONS[0], "--max-new-tokens", "4", "--min-new-tokens", "5"], capsys)
+    assert code == 2 and "--min-new-tokens" in err

@@ -248,3 +248,30 @@ def test_wrong_tree_acceptance_rule_is_detected(sampling_world, monkeypatch):
     monkeypatch.setattr(tree_mod, "sample_walk", _descend_to_first_child)
     got, _ = _tree_samples(sampling_world)
     assert _tv(got, sampling_world[-1]) > 2 * TV_MAX
+
+
+def test_commit_moves_the_path_after_the_root():
+    """move_entries against numpy: the path's scratch entries land at base + 1.., nothing else moves;
+    for stacked and per-layer caches alike."""
+    from twig_jax.model.cache import KVCache
+
+    rng = np.random.default_rng(0)
+    L, B, H, S, Dh = 2, 3, 2, 16, 4
+    k = rng.normal(size=(L, B, H, Dh, S)).astype(np.float32)
+    v = rng.normal(size=(L, B, H, S, Dh)).astype(np.float32)
+    base = np.array([2, 5, 0])
+    src = np.array([[3, 5, 0], [1, 2, 4], [6, 0, 0]])  # verify indices of the path (depth 1, 2, 3)
+    n = np.array([2, 3, 1])
+    want_k, want_v = k.copy(), v.copy()
+    for b in range(B):
+        for j in range(n[b]):
+            want_k[:, b, :, :, base[b] + 1 + j] = k[:, b, :, :, base[b] + src[b, j]]
+            want_v[:, b, :, base[b] + 1 + j] = v[:, b, :, base[b] + src[b, j]]
+    args = (jnp.asarray(base), jnp.asarray(src), jnp.asarray(n))
+    stacked = tree_mod.move_entries(KVCache(jnp.asarray(k), jnp.asarray(v), jnp.zeros(B, jnp.int32)), *args)
+    np.testing.assert_array_equal(np.asarray(stacked.k), want_k)
+    np.testing.assert_array_equal(np.asarray(stacked.v), want_v)
+    per_layer = KVCache(tuple(jnp.asarray(x) for x in k), tuple(jnp.asarray(x) for x in v), jnp.zeros(B, jnp.int32))
+    moved = tree_mod.move_entries(per_layer, *args)
+    np.testing.assert_array_equal(np.stack([np.asarray(x) for x in moved.k]), want_k)
+    np.testing.assert_array_equal(np.stack([np.asarray(x) for x in moved.v]), want_v)

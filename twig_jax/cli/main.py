@@ -301,6 +301,8 @@ def _check_generate_flags(p: argparse.ArgumentParser, args) -> None:
         p.error("--batch-size must be >= 1")
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not 0 <= args.min_new_tokens <= args.max_new_tokens:
+        p.error(f"--min-new-tokens must be in [0, --max-new-tokens {args.max_new_tokens}], got {args.min_new_tokens}")
     if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
         p.error("--top-k/--top-p shape sampling, and --temperature 0 (the default) decodes greedily: give "
                 "--temperature > 0")
@@ -413,6 +415,7 @@ def _generate(argv) -> int:
                    help="skip --jsonl rows that cannot be answered (each reported; the summary counts them)")
     p.add_argument("--batch-size", type=int, default=8, help="questions per generate call (--jsonl)")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--min-new-tokens", type=int, default=0, help="no EOS before this many tokens (default 0)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (the default) decodes greedily")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens (with --temperature > 0)")
     p.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (with --temperature > 0)")
@@ -463,7 +466,8 @@ def _run_generate(p, args, prog: str, rows: list[Row], sampling, out, counts: di
     gen = make_generator(model, twig, twig_cfg, args.method, args.ssd, force_twig_generator=args.stream)
     pipe = Pipeline(model, load_tokenizer(args.model), image_preprocessor_for(model, args.model), generator=gen)
     ran = run_settings(gen, model.cfg.num_image_tokens)
-    kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
+    kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+              min_new_tokens=args.min_new_tokens)
 
     if args.stream:
         from twig_jax.decode.stream import StreamPrinter
