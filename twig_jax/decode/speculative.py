@@ -200,6 +200,32 @@ def commit(start: TwigCaches, draft: ChainDraft, mid: KVCache, tail: KVCache, ad
 
 
 @flax.struct.dataclass
+class FirstToken:
+    """The prefill's token, sampled before any round: what a speculative loop starts from."""
+
+    token: jax.Array  # [B] x_0 (pad for padding rows)
+    count: jax.Array  # [B] 1 for real rows, 0 for padding
+    done: jax.Array  # [B] padding, EOS, or a budget of one token
+    out: jax.Array  # [B, out_len + width] with x_0 in column 0
+
+
+def first_token(logits: jax.Array, active: jax.Array, key: jax.Array, max_new_tokens, *, out_len: int, width: int,
+                sampling: SamplingConfig, eos: jax.Array, pad_id: int, min_new_tokens, on_round=None) -> FirstToken:
+    """x_0 from the prefill's logits [B, V] (min_new_tokens applied), the output buffer with room for
+    one more round of `width` tokens, and the streaming hook's first call."""
+    b = logits.shape[0]
+    done = ~active
+    t0 = jnp.where(done, pad_id, sample_logits(suppress_eos(logits, eos, jnp.zeros((b,), jnp.int32), min_new_tokens),
+                                               key, sampling))
+    count = (~done).astype(jnp.int32)
+    done = done | jnp.isin(t0, eos) | (count >= max_new_tokens)
+    out = jnp.full((b, out_len + width), pad_id, jnp.int32).at[:, 0].set(t0)
+    if on_round is not None:
+        jax.experimental.io_callback(on_round, None, out[:, :width], count, jnp.zeros((b,), jnp.int32), ordered=True)
+    return FirstToken(t0, count, done, out)
+
+
+@flax.struct.dataclass
 class SSDState:
     """The carry of the round loop."""
 
@@ -240,15 +266,9 @@ def ssd_loop(model: Llava, twig: Twig, plan: PrunePlan, caches: TwigCaches, logi
     slots = jnp.arange(delta + 1, dtype=jnp.int32)
 
     key, sub = jax.random.split(key)
-    done = ~active
-    t0 = jnp.where(done, pad_id, sample_logits(suppress_eos(logits, eos, jnp.zeros((b,), jnp.int32), min_new_tokens),
-                                               sub, sampling))
-    count = (~done).astype(jnp.int32)
-    done = done | jnp.isin(t0, eos) | (count >= max_new_tokens)
-    out = jnp.full((b, out_len + delta + 1), pad_id, jnp.int32).at[:, 0].set(t0)
+    first = first_token(logits, active, sub, max_new_tokens, out_len=out_len, width=delta + 1, sampling=sampling,
+                        eos=eos, pad_id=pad_id, min_new_tokens=min_new_tokens, on_round=on_round)
     zeros = jnp.zeros((b,), jnp.int32)
-    if on_round is not None:
-        jax.experimental.io_callback(on_round, None, out[:, :delta + 1], count, zeros, ordered=True)
 
     def body(st: SSDState) -> SSDState:
         key, k_draft, k_acc = jax.random.split(st.key, 3)
@@ -278,7 +298,8 @@ def ssd_loop(model: Llava, twig: Twig, plan: PrunePlan, caches: TwigCaches, logi
                         jnp.maximum(st.deepest, jnp.where(live, a, 0)))
 
     st = jax.lax.while_loop(lambda st: ~jnp.all(st.done), body,
-                            SSDState(out, count, done, t0, caches, key, zeros, zeros, zeros, zeros))
+                            SSDState(first.out, first.count, first.done, first.token, caches, key, zeros, zeros, zeros,
+                                     zeros))
     return SSDOutput(st.out[:, :out_len], st.count, st.rounds, st.drafted, st.accepted, st.deepest)
 
 

@@ -37,8 +37,8 @@ import jax.numpy as jnp
 from twig_jax.decode.plain import suppress_eos
 from twig_jax.decode.prune import (LayerWeights, PrunePlan, TTPPrefill, TwigCaches, base_layers, twig_layers,
                                    ttp_prefill)
-from twig_jax.decode.sampling import SamplingConfig, filtered_logits, sample_logits
-from twig_jax.decode.speculative import SSDOutput, emitted_tokens
+from twig_jax.decode.sampling import SamplingConfig, filtered_logits
+from twig_jax.decode.speculative import SSDOutput, emitted_tokens, first_token
 from twig_jax.model.cache import KVCache
 from twig_jax.model.llama import run_layers
 from twig_jax.model.llava import Llava
@@ -171,15 +171,9 @@ def tree_loop(model: Llava, twig: Twig, plan: PrunePlan, tree: TreeShape, caches
     dtype = model.text.embed[...].dtype
 
     key, sub = jax.random.split(key)
-    done = ~active
-    t0 = jnp.where(done, pad_id, sample_logits(suppress_eos(logits, eos, jnp.zeros((b,), jnp.int32), min_new_tokens),
-                                               sub, sampling))
-    count = (~done).astype(jnp.int32)
-    done = done | jnp.isin(t0, eos) | (count >= max_new_tokens)
-    out = jnp.full((b, out_len + D + 1), pad_id, jnp.int32).at[:, 0].set(t0)
+    first = first_token(logits, active, sub, max_new_tokens, out_len=out_len, width=D + 1, sampling=sampling,
+                        eos=eos, pad_id=pad_id, min_new_tokens=min_new_tokens, on_round=on_round)
     zeros = jnp.zeros((b,), jnp.int32)
-    if on_round is not None:
-        jax.experimental.io_callback(on_round, None, out[:, :D + 1], count, zeros, ordered=True)
 
     def log_probs(lg, generated):  # [..., V] -> [..., V] the draft's log-probabilities
         return jax.nn.log_softmax(suppress_eos(lg.astype(jnp.float32), eos, generated, min_new_tokens), axis=-1)
@@ -287,8 +281,8 @@ def tree_loop(model: Llava, twig: Twig, plan: PrunePlan, tree: TreeShape, caches
                          st.verified + jnp.where(live, N, 0), st.accepted + jnp.where(live, a, 0),
                          jnp.maximum(st.deepest, jnp.where(live, a, 0)))
 
-    init = TreeState(out, count, done, t0, caches, jnp.zeros((b, D + 1, dm), dtype), zeros, key, zeros, zeros,
-                     zeros, zeros)
+    init = TreeState(first.out, first.count, first.done, first.token, caches, jnp.zeros((b, D + 1, dm), dtype), zeros,
+                     key, zeros, zeros, zeros, zeros)
     st = jax.lax.while_loop(lambda st: ~jnp.all(st.done), body, init)
     return SSDOutput(st.out[:, :out_len], st.count, st.rounds, st.verified, st.accepted, st.deepest)
 
