@@ -123,6 +123,21 @@ def test_per_row_eos_stops_rows(model, generator):
     assert out.tokens[1] == free.tokens[1][:cut]
 
 
+def test_per_row_budgets_equal_each_prompt_alone(model, generator):
+    """max_new_tokens per prompt: each row is what that prompt alone with its own budget gives."""
+    cfg = model.cfg
+    prompts, pixels = make_prompts(cfg, [2, 9, 4], [4, 1, 6], seed=5)
+    budgets = [3, 8, 5]
+    out = generator.generate(prompts, pixels, max_new_tokens=budgets, eos_ids=())
+    for i, m in enumerate(budgets):
+        alone = generator.generate([prompts[i]], pixels[i:i + 1], max_new_tokens=m, eos_ids=())
+        assert out.tokens[i] == alone.tokens[0] and len(out.tokens[i]) == m
+    with pytest.raises(InputError, match="3 budgets for 2 prompts"):
+        generator.generate(prompts[:2], pixels[:2], max_new_tokens=budgets)
+    with pytest.raises(InputError, match=">= 1"):
+        generator.generate(prompts, pixels, max_new_tokens=[3, 0, 2])
+
+
 def test_sampling_is_seeded_and_respects_top_k(model, generator):
     cfg = model.cfg
     prompts, pixels = make_prompts(cfg, [2, 3], [4, 5], seed=5)

@@ -129,6 +129,22 @@ def test_greedy_tree_equals_pruned_greedy(world, twig_name, method):
         assert st["accepted"] > 0
 
 
+def test_per_row_budgets_tree_and_chain_equal_pruned_greedy(world):
+    """Different budgets per prompt (one ends mid-round, one before its first round ends): chain and
+    tree SSD give the pruned greedy tokens, each row cut at its own budget or EOS."""
+    cfg, model, prompts, pixels, tc, twigs = world
+    budgets = [2, 17, 9]
+    plain = TwigGenerator(model, twigs["copy"], tc, method="twig", ssd=False, **BUCKETS)
+    want = plain.generate(prompts, pixels, max_new_tokens=budgets, eos_ids=[EOS])
+    free = plain.generate(prompts, pixels, max_new_tokens=21, eos_ids=[EOS])
+    for row, full, m in zip(want.tokens, free.tokens, budgets):
+        assert row == full[:m]
+    for spec in ("chain", "tree"):
+        gen = TwigGenerator(model, twigs["copy"], dataclasses.replace(tc, spec=spec), method="twig", ssd=True,
+                            **BUCKETS)
+        assert gen.generate(prompts, pixels, max_new_tokens=budgets, eos_ids=[EOS]).tokens == want.tokens
+
+
 def test_width_one_tree_is_chain_ssd(world):
     cfg, model, prompts, pixels, tc, twigs = world
     depth = 3

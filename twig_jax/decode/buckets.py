@@ -51,14 +51,35 @@ class Batcher:
         self.text_buckets = None if text_buckets is None else tuple(text_buckets)
 
     # --- input checks -------------------------------------------------------------------------
-    def check_inputs(self, prompts: Sequence[Sequence[int]], pixel_values, max_new_tokens: int) -> None:
+    @staticmethod
+    def row_budgets(max_new_tokens: int | Sequence[int], n: int) -> np.ndarray:  # [n] int32
+        """Each row's new-token budget: one int for every row, or one per row."""
+        if isinstance(max_new_tokens, (int, np.integer)):
+            budgets = np.full((n,), int(max_new_tokens), np.int64)
+        else:
+            budgets = np.asarray(list(max_new_tokens), np.int64)
+            if budgets.shape != (n,):
+                raise InputError(f"max_new_tokens has {budgets.size} budgets for {n} prompts")
+        bad = [int(m) for m in budgets if m < 1]
+        if bad:
+            raise InputError(f"max_new_tokens must be >= 1, got {bad[0]}")
+        return budgets.astype(np.int32)
+
+    def padded_budgets(self, max_new_tokens: int | Sequence[int], n: int, b: int) -> np.ndarray:  # [b] int32
+        """row_budgets for the n prompts, and 1 for the b - n padding rows of a batch bucket."""
+        out = np.ones((b,), np.int32)
+        out[:n] = self.row_budgets(max_new_tokens, n)
+        return out
+
+    def check_inputs(self, prompts: Sequence[Sequence[int]], pixel_values,
+                     max_new_tokens: int | Sequence[int]) -> None:
         cfg = self.cfg
         if len(prompts) == 0:
             raise InputError("empty batch: no prompts given")
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        budgets = self.row_budgets(max_new_tokens, len(prompts))
         n_img = cfg.num_image_tokens
         for i, p in enumerate(prompts):
+            max_new_tokens = int(budgets[i])
             if len(p) == 0:
                 raise InputError(f"prompt {i} is empty")
             # The image placeholder is replaced by image features, never embedded: it may lie
@@ -100,12 +121,13 @@ class Batcher:
                                 f"bucket {self.text_buckets[-1]})" if with_image and self.text_buckets else ""))
         return min(fits)
 
-    def pad_inputs(self, prompts, pixel_values, max_new_tokens: int):
-        """Right-pad prompts into (batch, prompt) buckets; returns arrays plus the bucket sizes."""
+    def pad_inputs(self, prompts, pixel_values, max_new_tokens: int | Sequence[int]):
+        """Right-pad prompts into (batch, prompt) buckets; returns arrays plus the bucket sizes (the
+        new-token bucket fits the largest budget)."""
         n = len(prompts)
         b = bucket(n, self.batch_buckets, "batch size")
         s = self.prompt_bucket(max(len(p) for p in prompts), pixel_values is not None)
-        new = bucket(max_new_tokens, self.new_token_buckets, "max_new_tokens")
+        new = bucket(int(self.row_budgets(max_new_tokens, n).max()), self.new_token_buckets, "max_new_tokens")
         capacity = min(s + new, max(s, self.max_cache_len))
         pad = self.cfg.text.pad_token_id or 0
         tokens = np.full((b, s), pad, np.int32)

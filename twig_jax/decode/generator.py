@@ -40,9 +40,9 @@ class GenerationOutput:
     num_generated: np.ndarray  # [B]
 
 
-def check_min_new_tokens(min_new_tokens: int, max_new_tokens: int) -> None:
-    if not 0 <= min_new_tokens <= max_new_tokens:
-        raise InputError(f"min_new_tokens={min_new_tokens} must be in [0, max_new_tokens={max_new_tokens}]")
+def check_min_new_tokens(min_new_tokens: int, budgets: np.ndarray) -> None:
+    if not 0 <= min_new_tokens <= int(budgets.min()):
+        raise InputError(f"min_new_tokens={min_new_tokens} must be in [0, max_new_tokens={int(budgets.min())}]")
 
 
 def base_layer_copies(model: Llava, layer_weights, layer_copies: bool):
@@ -105,19 +105,21 @@ class Generator(Batcher):
                             jnp.int32(min_new_tokens), out_len=out_len, sampling=sampling, eos_ids=eos_ids,
                             pad_id=pad_id)
 
-    def generate(self, prompts: Sequence[Sequence[int]], pixel_values=None, *, max_new_tokens: int = 128,
-                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-                 eos_ids: Sequence[int] | None = None, min_new_tokens: int = 0) -> GenerationOutput:
+    def generate(self, prompts: Sequence[Sequence[int]], pixel_values=None, *,
+                 max_new_tokens: int | Sequence[int] = 128, sampling: SamplingConfig = SamplingConfig(),
+                 seed: int = 0, eos_ids: Sequence[int] | None = None, min_new_tokens: int = 0) -> GenerationOutput:
         """prompts: token id lists (image placeholders already expanded); pixel_values [B, C, H, W].
-        min_new_tokens: no EOS before that many tokens (Hugging Face's min_new_tokens)."""
+        max_new_tokens: one budget for every prompt, or one per prompt. min_new_tokens: no EOS before
+        that many tokens (Hugging Face's min_new_tokens)."""
         self.check_inputs(prompts, pixel_values, max_new_tokens)
-        check_min_new_tokens(min_new_tokens, max_new_tokens)
+        check_min_new_tokens(min_new_tokens, self.row_budgets(max_new_tokens, len(prompts)))
         tokens, lengths, active, pv, out_len, capacity = self.pad_inputs(prompts, pixel_values, max_new_tokens)
         if eos_ids is None:
             eos_ids = () if self.cfg.text.eos_token_id is None else (self.cfg.text.eos_token_id,)
         pad_id = self.cfg.text.pad_token_id if self.cfg.text.pad_token_id is not None else 0
         cache, logits = self.run_prefill(tokens, lengths, pv, capacity)
-        out, count, _ = self.run_decode(cache, logits, active, jax.random.key(seed), jnp.int32(max_new_tokens),
+        budgets = jnp.asarray(self.padded_budgets(max_new_tokens, len(prompts), tokens.shape[0]))
+        out, count, _ = self.run_decode(cache, logits, active, jax.random.key(seed), budgets,
                                         out_len=out_len, sampling=sampling,
                                         eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
                                         min_new_tokens=min_new_tokens)
@@ -266,12 +268,13 @@ class TwigGenerator(Batcher):
         return tokens, lengths, active, pv, out_len
 
     # --- entry points ----------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Sequence[int]], pixel_values=None, *, max_new_tokens: int = 128,
-                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-                 eos_ids: Sequence[int] | None = None,
+    def generate(self, prompts: Sequence[Sequence[int]], pixel_values=None, *,
+                 max_new_tokens: int | Sequence[int] = 128, sampling: SamplingConfig = SamplingConfig(),
+                 seed: int = 0, eos_ids: Sequence[int] | None = None,
                  on_chunk: Callable[[list[int], int], None] | None = None,
                  min_new_tokens: int = 0) -> TwigGenerationOutput:
         """prompts: token id lists with the N image placeholders expanded; pixel_values [B, C, H, W].
+        max_new_tokens: one budget for every prompt, or one per prompt.
         min_new_tokens: no EOS before that many tokens (Hugging Face's min_new_tokens).
 
         on_chunk (streaming, one prompt): called as on_chunk(tokens, n_accepted) with the first token
@@ -281,14 +284,15 @@ class TwigGenerator(Batcher):
         if on_chunk is not None and len(prompts) != 1:
             raise InputError(f"streaming answers one prompt at a time; got {len(prompts)}")
         tokens, lengths, active, pv, out_len = self.prepare(prompts, pixel_values, max_new_tokens)
-        check_min_new_tokens(min_new_tokens, max_new_tokens)
+        check_min_new_tokens(min_new_tokens, self.row_budgets(max_new_tokens, len(prompts)))
+        budgets = jnp.asarray(self.padded_budgets(max_new_tokens, len(prompts), tokens.shape[0]))
         if eos_ids is None:
             eos_ids = () if self.cfg.text.eos_token_id is None else (self.cfg.text.eos_token_id,)
         pad_id = self.cfg.text.pad_token_id if self.cfg.text.pad_token_id is not None else 0
         self._last_shapes = (tokens.shape[1], out_len)
         with streaming_to(on_chunk):
             res = self._gen(self.state, self.twig_state, self.weights, tokens, lengths, pv, active,
-                            jax.random.key(seed), jnp.int32(max_new_tokens), jnp.int32(min_new_tokens),
+                            jax.random.key(seed), budgets, jnp.int32(min_new_tokens),
                             out_len=out_len, sampling=sampling,
                             eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
                             on_step=None if on_chunk is None else dispatch)

@@ -119,10 +119,11 @@ def token_loop(step, cache, logits: jax.Array, active: jax.Array, key: jax.Array
     tok, done = pick(logits, sub, done0, jnp.zeros((b,), jnp.int32))
     out = jnp.full((b, out_len), pad_id, jnp.int32).at[:, 0].set(tok)
     count = (~done0).astype(jnp.int32)
+    done = done | (count >= max_new_tokens)  # a row stops at its own budget
     emit(tok, count)
 
     def cond(st: TokenLoopState):
-        return (st.step < max_new_tokens) & ~jnp.all(st.done)
+        return ~jnp.all(st.done)
 
     def body(st: TokenLoopState) -> TokenLoopState:
         cache, logits = step(st.cache, st.last_token[:, None])
@@ -131,7 +132,8 @@ def token_loop(step, cache, logits: jax.Array, active: jax.Array, key: jax.Array
         live = (~st.done).astype(jnp.int32)
         emit(new, live)
         out = jax.lax.dynamic_update_slice(st.out, new[:, None], (0, st.step))
-        return TokenLoopState(st.step + 1, new, cache, out, new_done, st.count + live, key)
+        count = st.count + live
+        return TokenLoopState(st.step + 1, new, cache, out, new_done | (count >= max_new_tokens), count, key)
 
     st = jax.lax.while_loop(cond, body, TokenLoopState(jnp.int32(1), tok, cache, out, done, count, key))
     return st.out, st.count, st.cache
