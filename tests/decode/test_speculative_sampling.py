@@ -28,33 +28,39 @@ SAMPLING = SamplingConfig(temperature=0.9, top_k=2, top_p=0.9)
 TV_MAX = 0.06  # measured: 0.018 SSD vs plain (two SSD seeds: 0.025); always-accept 0.43; p-resample 0.13
 
 
-def _tv(a: np.ndarray, b: np.ndarray) -> float:
+def total_variation(a: np.ndarray, b: np.ndarray) -> float:
     """Total variation between the empirical joint distributions of rows of a and b."""
     ca = collections.Counter(map(tuple, a.tolist()))
     cb = collections.Counter(map(tuple, b.tolist()))
     return 0.5 * sum(abs(ca[k] / len(a) - cb[k] / len(b)) for k in set(ca) | set(cb))
 
 
-@pytest.fixture(scope="module")
-def setup():
+def sampling_world(tc: TwigConfig, batch: int, new: int, sampling: SamplingConfig):
+    """One request repeated `batch` times on a tiny sharpened LLaVA, a twig copied from base layers
+    1..3 with a noisy head, and the plain (non-speculative) samples of the pruned model to match.
+
+    The target is pruned (tc's R of 16), so draft and target agree often but not always: both
+    accept and reject paths run."""
     model = sharpened_tiny_llava(head_scale=8)
     cfg = model.cfg
     n = cfg.num_image_tokens
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, 250, size=n + 6)
     prompt[2:2 + n] = cfg.image_token_index
-    pixels = np.broadcast_to(rng.normal(size=(1, 3, 28, 28)).astype(np.float32), (B, 3, 28, 28))
-    # The twig: copies of base layers 1..3 with a noisy head; the target is pruned (R=14 of 16),
-    # so draft and target agree often but not always: both accept and reject paths run.
-    tc = TwigConfig(K=1, T=3, Kf=4, R=14, draft_len=2, theta=0.0)
+    pixels = np.broadcast_to(rng.normal(size=(1, 3, 28, 28)).astype(np.float32), (batch, 3, 28, 28))
     twig = init_twig_from_base(model, tc)
     head = twig.head[...]
     twig.head[...] = head + 0.3 * jnp.std(head) * jax.random.normal(jax.random.key(3), head.shape)
-    buckets = dict(batch_buckets=(B,), prompt_buckets=(32,), new_token_buckets=(NEW,))
+    buckets = dict(batch_buckets=(batch,), prompt_buckets=(32,), new_token_buckets=(new,))
     plain = TwigGenerator(model, twig, tc, method="twig", ssd=False, **buckets)
-    want = np.asarray(plain.generate([prompt.tolist()] * B, pixels, max_new_tokens=NEW, sampling=SAMPLING,
+    want = np.asarray(plain.generate([prompt.tolist()] * batch, pixels, max_new_tokens=new, sampling=sampling,
                                      seed=1, eos_ids=[]).tokens)
     return model, twig, tc, buckets, prompt, pixels, want
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return sampling_world(TwigConfig(K=1, T=3, Kf=4, R=14, draft_len=2, theta=0.0), B, NEW, SAMPLING)
 
 
 def _ssd_samples(setup, seed=2):
@@ -70,11 +76,11 @@ def test_sampling_ssd_matches_plain_sampling(setup):
     assert got.shape == want.shape == (B, NEW)
     # Both the accept and the reject branch must have been exercised.
     assert 0.1 < stats["acceptance_rate"] < 0.9, stats["acceptance_rate"]
-    tv = _tv(got, want)
+    tv = total_variation(got, want)
     assert tv < TV_MAX, f"TV(SSD, plain) = {tv:.3f}"
     # The marginals of later tokens too (they come from draft/verify rounds).
     for j in (1, 2):
-        assert _tv(got[:, j:j + 1], want[:, j:j + 1]) < TV_MAX
+        assert total_variation(got[:, j:j + 1], want[:, j:j + 1]) < TV_MAX
 
 
 def _always_accept(p, q, drafts, n_draft, key):
@@ -102,5 +108,5 @@ def test_wrong_acceptance_rule_is_detected(setup, monkeypatch, wrong_rule, min_t
     """Negative controls: the same check must reject wrong speculative-sampling rules."""
     monkeypatch.setattr(ssd_mod, "rejection_sample", wrong_rule)
     got, _ = _ssd_samples(setup)
-    tv = _tv(got, setup[-1])
+    tv = total_variation(got, setup[-1])
     assert tv > min_tv, f"{wrong_rule.__name__}: TV = {tv:.3f} not above {min_tv}"

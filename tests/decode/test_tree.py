@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 
 import jax
@@ -22,6 +21,7 @@ import pytest
 from flax import nnx
 
 import twig_jax.decode.tree as tree_mod
+from tests.decode.test_speculative_sampling import sampling_world, total_variation
 from tests.decode.test_speculative import BUCKETS, EOS, tiny_model
 from twig_jax.decode.generator import TwigGenerator
 from twig_jax.decode.sampling import SamplingConfig
@@ -203,31 +203,10 @@ SAMPLING = SamplingConfig(temperature=0.9, top_k=3, top_p=0.95)
 TV_MAX = 0.06
 
 
-def _tv(a, b):
-    ca, cb = collections.Counter(map(tuple, a.tolist())), collections.Counter(map(tuple, b.tolist()))
-    return 0.5 * sum(abs(ca[k] / len(a) - cb[k] / len(b)) for k in set(ca) | set(cb))
-
-
 @pytest.fixture(scope="module")
-def sampling_world():
-    from tests.conftest import sharpened_tiny_llava
-
-    model = sharpened_tiny_llava(head_scale=8)
-    cfg = model.cfg
-    n = cfg.num_image_tokens
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(3, 250, size=n + 6)
-    prompt[2:2 + n] = cfg.image_token_index
-    pixels = np.broadcast_to(rng.normal(size=(1, 3, 28, 28)).astype(np.float32), (B, 3, 28, 28))
+def tree_sampling_world():
     tc = TwigConfig(K=1, T=3, Kf=4, R=14, spec="tree", tree_width=2, tree_depth=2, tree_nodes=4)
-    twig = init_twig_from_base(model, tc)
-    head = twig.head[...]
-    twig.head[...] = head + 0.3 * jnp.std(head) * jax.random.normal(jax.random.key(3), head.shape)
-    buckets = dict(batch_buckets=(B,), prompt_buckets=(32,), new_token_buckets=(NEW,))
-    plain = TwigGenerator(model, twig, tc, method="twig", ssd=False, **buckets)
-    want = np.asarray(plain.generate([prompt.tolist()] * B, pixels, max_new_tokens=NEW, sampling=SAMPLING,
-                                     seed=1, eos_ids=[]).tokens)
-    return model, twig, tc, buckets, prompt, pixels, want
+    return sampling_world(tc, B, NEW, SAMPLING)
 
 
 def _tree_samples(world, seed=2):
@@ -237,13 +216,13 @@ def _tree_samples(world, seed=2):
     return np.asarray(out.tokens), out.stats
 
 
-def test_sampling_tree_matches_plain_sampling(sampling_world):
-    want = sampling_world[-1]
-    got, stats = _tree_samples(sampling_world)
+def test_sampling_tree_matches_plain_sampling(tree_sampling_world):
+    want = tree_sampling_world[-1]
+    got, stats = _tree_samples(tree_sampling_world)
     assert 0.1 < stats["accepted"] / (stats["rounds"] * 2) < 0.95  # both descending and stopping occur
-    assert _tv(got, want) < TV_MAX
+    assert total_variation(got, want) < TV_MAX
     for j in (1, 2):
-        assert _tv(got[:, j:j + 1], want[:, j:j + 1]) < TV_MAX
+        assert total_variation(got[:, j:j + 1], want[:, j:j + 1]) < TV_MAX
 
 
 def _descend_to_first_child(tokens, parent, target_logits, sampling, key, depth):
@@ -260,10 +239,10 @@ def _descend_to_first_child(tokens, parent, target_logits, sampling, key, depth)
     return node, jax.random.categorical(key, lp, axis=-1).astype(jnp.int32)
 
 
-def test_wrong_tree_acceptance_rule_is_detected(sampling_world, monkeypatch):
+def test_wrong_tree_acceptance_rule_is_detected(tree_sampling_world, monkeypatch):
     monkeypatch.setattr(tree_mod, "sample_walk", _descend_to_first_child)
-    got, _ = _tree_samples(sampling_world)
-    assert _tv(got, sampling_world[-1]) > 2 * TV_MAX
+    got, _ = _tree_samples(tree_sampling_world)
+    assert total_variation(got, tree_sampling_world[-1]) > 2 * TV_MAX
 
 
 def test_commit_moves_the_path_after_the_root():
