@@ -42,10 +42,11 @@ class Batcher:
 
     def __init__(self, cfg, *, max_cache_len: int | None = None, batch_buckets: Sequence[int] = BATCH_BUCKETS,
                  prompt_buckets: Sequence[int] = PROMPT_BUCKETS, new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS,
-                 text_buckets: Sequence[int] | None = TEXT_BUCKETS):
+                 text_buckets: Sequence[int] | None = TEXT_BUCKETS, batch_multiple: int = 1):
         self.cfg = cfg  # twig_jax.model.config.LlavaConfig
         self.max_cache_len = max_cache_len or cfg.text.max_position_embeddings
-        self.batch_buckets = tuple(batch_buckets)
+        # On a mesh every batch bucket is a multiple of the devices the batch is split over.
+        self.batch_buckets = tuple(sorted({-(-int(b) // batch_multiple) * batch_multiple for b in batch_buckets}))
         self.prompt_buckets = tuple(prompt_buckets)
         self.new_token_buckets = tuple(new_token_buckets)
         self.text_buckets = None if text_buckets is None else tuple(text_buckets)

@@ -20,6 +20,7 @@ from flax import nnx
 
 from twig_jax.decode.buckets import (BATCH_BUCKETS, NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, TEXT_BUCKETS, Batcher,
                                      InputError)
+from twig_jax.decode.placement import Placement, constrain_cache
 from twig_jax.decode.plain import decode_loop, prefill
 from twig_jax.decode.prune import LayerWeights, OneTokenDecoding, kv_bytes, make_plan, ttp_prefill
 from twig_jax.twig.config import needs_twig
@@ -63,47 +64,71 @@ def base_layer_copies(model: Llava, layer_weights, layer_copies: bool):
     return layer_weights
 
 
+def use_layer_copies(layer_copies: bool, placement: Placement, layer_weights) -> bool:
+    """Per-layer copies only on one device: on a mesh the stacked weights are the only copy."""
+    if placement.mesh is None:
+        return layer_copies
+    if layer_weights is not None:
+        raise ValueError("layer_weights (per-layer copies) cannot be shared on a mesh: sharded generators "
+                         "decode from the stacked weights")
+    return False
+
+
 class Generator(Batcher):
     """Batched generation of the unpruned model: compiled prefill and decode loop per shape bucket.
 
     layer_copies: decode from per-layer weight copies (base_layer_copies; the faster choice on XLA
-    CPU, at twice the decoder's memory).
+    CPU, at twice the decoder's memory). mesh: run on a ("data", "fsdp", "tensor") mesh
+    (decode/placement.py); the weights are then sharded by the rule table and never copied per layer.
     """
 
     def __init__(self, model: Llava, *, max_cache_len: int | None = None,
                  batch_buckets: Sequence[int] = BATCH_BUCKETS, prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
                  new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS,
-                 text_buckets: Sequence[int] | None = TEXT_BUCKETS, layer_weights=None, layer_copies: bool = True):
+                 text_buckets: Sequence[int] | None = TEXT_BUCKETS, layer_weights=None, layer_copies: bool = True,
+                 mesh=None):
+        self.placement = Placement(mesh)
         super().__init__(model.cfg, max_cache_len=max_cache_len, batch_buckets=batch_buckets,
-                         prompt_buckets=prompt_buckets, new_token_buckets=new_token_buckets, text_buckets=text_buckets)
-        self.graphdef, self.state = nnx.split(model)
-        self.layer_weights = base_layer_copies(model, layer_weights, layer_copies)
+                         prompt_buckets=prompt_buckets, new_token_buckets=new_token_buckets, text_buckets=text_buckets,
+                         batch_multiple=self.placement.batch_multiple)
+        self.graphdef, state = nnx.split(model)
+        self.state = self.placement.params(state)
+        self.layer_weights = base_layer_copies(model, layer_weights,
+                                               use_layer_copies(layer_copies, self.placement, layer_weights))
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("capacity",))
         self._decode = jax.jit(self._decode_impl, static_argnames=("out_len", "sampling", "eos_ids", "pad_id"),
                                donate_argnames=("cache",))
 
     # jitted bodies: the model is rebuilt from (static graphdef, traced state) inside the trace
     def _prefill_impl(self, state, layer_weights, tokens, lengths, pixel_values, *, capacity):
-        return prefill(nnx.merge(self.graphdef, state), tokens, lengths, pixel_values, capacity, layer_weights)
+        cache, logits = prefill(nnx.merge(self.graphdef, state), tokens, lengths, pixel_values, capacity,
+                                layer_weights)
+        return cache, self.placement.constrain_rows(logits)
 
     def _decode_impl(self, state, layer_weights, cache, logits, active, key, max_new_tokens, min_new_tokens, *,
                      out_len, sampling, eos_ids, pad_id):
-        return decode_loop(nnx.merge(self.graphdef, state), cache, logits, active, key, max_new_tokens,
-                           out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
-                           layer_weights=layer_weights, min_new_tokens=min_new_tokens)
+        out, count, cache = decode_loop(nnx.merge(self.graphdef, state), cache, logits, active, key, max_new_tokens,
+                                        out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
+                                        layer_weights=layer_weights, min_new_tokens=min_new_tokens)
+        return self.placement.constrain_rows(out), self.placement.constrain_rows(count), constrain_cache(cache)
 
     # --- entry points ---------------------------------------------------------------------------
     def run_prefill(self, tokens, lengths, pixel_values, capacity: int) -> tuple[KVCache, jax.Array]:
         """The compiled prefill on already padded arrays (benchmarks time it on its own)."""
-        return self._prefill(self.state, self.layer_weights, tokens, lengths, pixel_values, capacity=capacity)
+        put = self.placement.rows
+        with self.placement.context():
+            return self._prefill(self.state, self.layer_weights, put(tokens), put(lengths),
+                                 None if pixel_values is None else put(pixel_values), capacity=capacity)
 
     def run_decode(self, cache: KVCache, logits, active, key, max_new_tokens, *, out_len: int,
                    sampling: SamplingConfig = SamplingConfig(), eos_ids: tuple[int, ...] = (), pad_id: int = 0,
                    min_new_tokens: int = 0):
         """The compiled decode loop (donates `cache`); returns tokens [B, out_len], counts [B], cache."""
-        return self._decode(self.state, self.layer_weights, cache, logits, active, key, max_new_tokens,
-                            jnp.int32(min_new_tokens), out_len=out_len, sampling=sampling, eos_ids=eos_ids,
-                            pad_id=pad_id)
+        put = self.placement.rows
+        with self.placement.context():
+            return self._decode(self.state, self.layer_weights, cache, logits, put(active),
+                                self.placement.replicated_key(key), put(max_new_tokens), jnp.int32(min_new_tokens),
+                                out_len=out_len, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
 
     def generate(self, prompts: Sequence[Sequence[int]], pixel_values=None, *,
                  max_new_tokens: int | Sequence[int] = 128, sampling: SamplingConfig = SamplingConfig(),
@@ -118,12 +143,12 @@ class Generator(Batcher):
             eos_ids = () if self.cfg.text.eos_token_id is None else (self.cfg.text.eos_token_id,)
         pad_id = self.cfg.text.pad_token_id if self.cfg.text.pad_token_id is not None else 0
         cache, logits = self.run_prefill(tokens, lengths, pv, capacity)
-        budgets = jnp.asarray(self.padded_budgets(max_new_tokens, len(prompts), tokens.shape[0]))
+        budgets = self.padded_budgets(max_new_tokens, len(prompts), tokens.shape[0])
         out, count, _ = self.run_decode(cache, logits, active, jax.random.key(seed), budgets,
                                         out_len=out_len, sampling=sampling,
                                         eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
                                         min_new_tokens=min_new_tokens)
-        out, count = np.asarray(out), np.asarray(count)
+        out, count = self.placement.to_host(out), self.placement.to_host(count)
         n = len(prompts)
         return GenerationOutput([out[i, :count[i]].tolist() for i in range(n)], count[:n])
 
@@ -178,14 +203,20 @@ class TwigGenerator(Batcher):
                  ssd: bool = True, *, max_cache_len: int | None = None,
                  batch_buckets: Sequence[int] = BATCH_BUCKETS, prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
                  new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS,
-                 text_buckets: Sequence[int] | None = TEXT_BUCKETS, layer_weights=None, layer_copies: bool = True):
+                 text_buckets: Sequence[int] | None = TEXT_BUCKETS, layer_weights=None, layer_copies: bool = True,
+                 mesh=None):
         """text_buckets: see Batcher. layer_weights: per-layer base decoder weights to share with
-        another generator on the same model (its .layer_weights), instead of making a copy."""
+        another generator on the same model (its .layer_weights), instead of making a copy.
+        mesh: run on a ("data", "fsdp", "tensor") mesh (decode/placement.py), from the stacked
+        weights sharded by the rule table."""
+        self.placement = Placement(mesh)
         super().__init__(base_model.cfg, max_cache_len=max_cache_len, batch_buckets=batch_buckets,
-                         prompt_buckets=prompt_buckets, new_token_buckets=new_token_buckets, text_buckets=text_buckets)
-        self.graphdef, self.state = nnx.split(base_model)
-        self.layer_copies = layer_copies
-        self.layer_weights = base_layer_copies(base_model, layer_weights, layer_copies)
+                         prompt_buckets=prompt_buckets, new_token_buckets=new_token_buckets, text_buckets=text_buckets,
+                         batch_multiple=self.placement.batch_multiple)
+        self.graphdef, state = nnx.split(base_model)
+        self.state = self.placement.params(state)
+        self.layer_copies = use_layer_copies(layer_copies, self.placement, layer_weights)
+        self.layer_weights = base_layer_copies(base_model, layer_weights, self.layer_copies)
         self.plan = make_plan(base_model.cfg, twig_cfg, method)
         self.method, self.ssd = method, ssd
         # The decode after the pruned prefill: a drafter (chain SSD) or one token per step.
@@ -197,7 +228,8 @@ class TwigGenerator(Batcher):
             self.decoding = ChainDrafter()
         if twig is None and (ssd or needs_twig(method)):
             raise TwigConfigError(f"method={method!r}, ssd={ssd} needs a twig")
-        self.twig_graphdef, self.twig_state = nnx.split(twig) if twig is not None else (None, None)
+        self.twig_graphdef, twig_state = nnx.split(twig) if twig is not None else (None, None)
+        self.twig_state = None if twig_state is None else self.placement.params(twig_state)
         self.twig_layer_weights = None if twig is None else self._unstack_twig(twig)
         self.itemsize = jnp.dtype(base_model.text.embed[...].dtype).itemsize
         self._last_shapes: tuple[int, int] | None = None
@@ -219,7 +251,7 @@ class TwigGenerator(Batcher):
         shapes = lambda st: jax.tree.map(lambda a: (a.shape, a.dtype), st)  # noqa: E731
         if self.twig_state is None or shapes(state) != shapes(self.twig_state):
             raise TwigConfigError("set_twig needs a twig with the same structure (T, shapes, dtype)")
-        self.twig_state = state
+        self.twig_state = self.placement.params(state)
         self.twig_layer_weights = self._unstack_twig(twig)
 
     # --- jitted bodies -------------------------------------------------------------------------
@@ -235,20 +267,21 @@ class TwigGenerator(Batcher):
                   on_step=on_step, min_new_tokens=min_new_tokens)
         out, pre = self.decoding.generate(model, twig, self.plan, tokens, lengths, pixel_values, active, key,
                                           max_new_tokens, **kw)
-        return out.tokens, out.count, out.rounds, out.drafted, out.accepted, out.deepest, pre.keep
+        return self.placement.constrain_rows(
+            (out.tokens, out.count, out.rounds, out.drafted, out.accepted, out.deepest, pre.keep))
 
     def _score_impl(self, state, twig_state, weights, tokens, lengths, pixel_values, key):
         model, twig = nnx.merge(self.graphdef, state), self._twig(twig_state)
         pre = ttp_prefill(model, twig if self.plan.scorer.reads_twig else None, self.plan, tokens, lengths,
                           pixel_values, extra=1, key=key, weights=weights)
-        return pre.scores, pre.keep
+        return self.placement.constrain_rows((pre.scores, pre.keep))
 
     def _prefill_only_impl(self, state, twig_state, weights, tokens, lengths, pixel_values, key, *, extra):
         model, twig = nnx.merge(self.graphdef, state), self._twig(twig_state)
         use = twig if (self.decoding.uses_twig or self.plan.scorer.reads_twig) else None
         pre = ttp_prefill(model, use, self.plan, tokens, lengths, pixel_values, extra=extra, key=key,
                           weights=weights)
-        return pre.caches, pre.logits
+        return pre.caches, self.placement.constrain_rows(pre.logits)
 
     # --- inputs --------------------------------------------------------------------------------
     def prepare(self, prompts, pixel_values, max_new_tokens):
@@ -285,18 +318,19 @@ class TwigGenerator(Batcher):
             raise InputError(f"streaming answers one prompt at a time; got {len(prompts)}")
         tokens, lengths, active, pv, out_len = self.prepare(prompts, pixel_values, max_new_tokens)
         check_min_new_tokens(min_new_tokens, self.row_budgets(max_new_tokens, len(prompts)))
-        budgets = jnp.asarray(self.padded_budgets(max_new_tokens, len(prompts), tokens.shape[0]))
+        budgets = self.padded_budgets(max_new_tokens, len(prompts), tokens.shape[0])
         if eos_ids is None:
             eos_ids = () if self.cfg.text.eos_token_id is None else (self.cfg.text.eos_token_id,)
         pad_id = self.cfg.text.pad_token_id if self.cfg.text.pad_token_id is not None else 0
         self._last_shapes = (tokens.shape[1], out_len)
-        with streaming_to(on_chunk):
-            res = self._gen(self.state, self.twig_state, self.weights, tokens, lengths, pv, active,
-                            jax.random.key(seed), budgets, jnp.int32(min_new_tokens),
-                            out_len=out_len, sampling=sampling,
+        put = self.placement.rows
+        with streaming_to(on_chunk), self.placement.context():
+            res = self._gen(self.state, self.twig_state, self.weights, put(tokens), put(lengths), put(pv),
+                            put(active), self.placement.replicated_key(jax.random.key(seed)), put(budgets),
+                            jnp.int32(min_new_tokens), out_len=out_len, sampling=sampling,
                             eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
                             on_step=None if on_chunk is None else dispatch)
-            out, count, rounds, drafted, accepted, deepest, keep = (np.asarray(x) for x in res)
+            out, count, rounds, drafted, accepted, deepest, keep = (self.placement.to_host(x) for x in res)
         n = len(prompts)
         stats = ssd_stats(count[:n], rounds[:n], drafted[:n], accepted[:n], deepest[:n]) if self.ssd else {}
         return TwigGenerationOutput([out[i, :count[i]].tolist() for i in range(n)], count[:n], stats, keep[:n])
@@ -305,9 +339,12 @@ class TwigGenerator(Batcher):
                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Pruning scores [B, N] over the visual tokens and the kept indices [B, R] (for pictures)."""
         tokens, lengths, _, pv, _ = self.prepare(prompts, pixel_values, 1)
-        scores, keep = self._score(self.state, self.twig_state, self.weights, tokens, lengths, pv, jax.random.key(seed))
+        put = self.placement.rows
+        with self.placement.context():
+            scores, keep = self._score(self.state, self.twig_state, self.weights, put(tokens), put(lengths), put(pv),
+                                       self.placement.replicated_key(jax.random.key(seed)))
         n = len(prompts)
-        return np.asarray(scores)[:n], np.asarray(keep)[:n]
+        return self.placement.to_host(scores)[:n], self.placement.to_host(keep)[:n]
 
     def prefill_only(self, prompts: Sequence[Sequence[int]], pixel_values, max_new_tokens: int = 128,
                      seed: int = 0):
@@ -315,8 +352,10 @@ class TwigGenerator(Batcher):
         time it on its own); returns (TwigCaches, target next-token logits [B, V])."""
         tokens, lengths, _, pv, out_len = self.prepare(prompts, pixel_values, max_new_tokens)
         extra = self.decoding.extra_slots(self.plan, out_len)
-        return self._prefill_only(self.state, self.twig_state, self.weights, tokens, lengths, pv,
-                                  jax.random.key(seed), extra=extra)
+        put = self.placement.rows
+        with self.placement.context():
+            return self._prefill_only(self.state, self.twig_state, self.weights, put(tokens), put(lengths), put(pv),
+                                      self.placement.replicated_key(jax.random.key(seed)), extra=extra)
 
     def kv_bytes_per_sequence(self, prompt_len: int | None = None, max_new_tokens: int | None = None) -> dict[str, int]:
         """KV-cache bytes per sequence per group ("trunk", "twig", "mid", "tail") and "total".

@@ -16,6 +16,7 @@ import jax
 import jax.experimental
 import jax.numpy as jnp
 
+from twig_jax.decode.placement import constrain_cache
 from twig_jax.model.cache import KVCache
 from twig_jax.model.llama import run_layers
 from twig_jax.model.llava import Llava
@@ -45,8 +46,8 @@ def prefill(model: Llava, tokens: jax.Array, lengths: jax.Array, pixel_values: j
     x = model.embed(tokens, feats)  # [B, S, D]
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
     layers = model.text.layers.stacked() if layer_weights is None else layer_weights
-    cache = KVCache.zeros(tc.num_hidden_layers, b, tc.num_key_value_heads, capacity, tc.head_dim, x.dtype,
-                          per_layer=layers.per_layer_caches)
+    cache = constrain_cache(KVCache.zeros(tc.num_hidden_layers, b, tc.num_key_value_heads, capacity, tc.head_dim,
+                                          x.dtype, per_layer=layers.per_layer_caches))
     out = run_layers(tc, layers, x, positions, cache.k, cache.v,
                      jnp.zeros((b,), jnp.int32), fresh=True)
     last = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]

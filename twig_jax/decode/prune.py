@@ -33,6 +33,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from twig_jax.decode.placement import constrain_cache
 from twig_jax.model.cache import KVCache
 from twig_jax.model.config import LlavaConfig
 from twig_jax.decode.plain import token_loop
@@ -206,7 +207,8 @@ class TTPPrefill(NamedTuple):
 
 
 def _new_cache(tc, layers: int, b: int, capacity: int, dtype, per_layer: bool) -> KVCache:
-    return KVCache.zeros(layers, b, tc.num_key_value_heads, capacity, tc.head_dim, dtype, per_layer=per_layer)
+    return constrain_cache(KVCache.zeros(layers, b, tc.num_key_value_heads, capacity, tc.head_dim, dtype,
+                                         per_layer=per_layer))
 
 
 def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Array, lengths: jax.Array,

@@ -26,6 +26,10 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "length": None,
     "act_embed": None,
     "act_vocab": "tensor",
+    "act_heads": "tensor",  # attention heads of activations
+    # KV caches ([L, B, Hkv, Dh, S] keys, [L, B, Hkv, S, Dh] values): batch as above, kv heads on "tensor"
+    "kv_heads": "tensor",
+    "head_dim": None,
     # parameters
     "layers": None,  # stacked layer axis: scanned over, never split
     "embed": "fsdp",  # model width: ZeRO-3 style parameter sharding
@@ -69,6 +73,18 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
 )
 
 BATCH_AXES = ("batch",)
+
+# KV-cache logical axes: keys are stored transposed ([..., Dh, S]); a per-layer buffer drops "layers".
+CACHE_KEY_AXES = ("layers", "batch", "kv_heads", "head_dim", "length")
+CACHE_VALUE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
+
+
+def cache_axes(ndim: int, keys: bool) -> tuple[str | None, ...]:
+    """Logical axes of a key (keys=True) or value cache buffer: stacked (5-d) or one layer's (4-d)."""
+    axes = CACHE_KEY_AXES if keys else CACHE_VALUE_AXES
+    if ndim not in (4, 5):
+        raise ValueError(f"a KV-cache buffer is 4-d or 5-d, got {ndim}-d")
+    return axes[5 - ndim:]
 
 
 def parse_mesh(spec: str | None) -> dict[str, int]:
@@ -184,6 +200,17 @@ def activation_constraint(x: jax.Array, mesh: Mesh | None, axes: Sequence[str | 
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh)))
 
 
+def context_constraint(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """with_sharding_constraint by logical axes on the mesh set with `jax.set_mesh` (no-op without one).
+
+    Decoding code deep inside a jitted function uses this: the generator sets the mesh around its
+    calls, so the same code runs on one device and on a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
+
+
 def shard_to(tree, shardings):
     """device_put a host / single-device tree onto the given shardings."""
     return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
@@ -191,4 +218,5 @@ def shard_to(tree, shardings):
 
 __all__ = ["MESH_AXES", "LOGICAL_AXIS_RULES", "PARAM_AXES", "parse_mesh", "make_mesh", "logical_to_spec",
            "param_logical_axes", "param_shardings", "batch_sharding", "batch_shardings", "replicated",
-           "activation_constraint", "shard_to", "path_str"]
+           "activation_constraint", "context_constraint", "shard_to", "path_str", "cache_axes",
+           "CACHE_KEY_AXES", "CACHE_VALUE_AXES"]
