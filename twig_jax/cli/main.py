@@ -635,6 +635,12 @@ def _train_phead(argv) -> int:
     return main(argv) or 0
 
 
+def _plan(argv) -> int:
+    from twig_jax.cli.plan import main
+
+    return main(argv)
+
+
 @dataclasses.dataclass(frozen=True)
 class Command:
     run: Callable[[list[str]], int]
@@ -652,6 +658,7 @@ COMMANDS = {
     "bench-twig": Command(_bench_twig, "TwigVLM methods side by side: plain, FastV, TTP, SSD, TTP+SSD, P-head"),
     "prune-viz": Command(_prune_viz, "picture which visual tokens a pruning method keeps"),
     "data": Command(_data, "generate the shapes-world data set (images, questions, answers)"),
+    "plan": Command(_plan, "per-device memory of generation on a mesh (parameters, KV cache, activations)"),
 }
 
 
