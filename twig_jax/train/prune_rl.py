@@ -11,6 +11,8 @@ the budgets ordered from the most aggressive (smallest R) up, so the run ends on
   python -m train.prune_rl --base W/base --twig W/twig --data W/data/train.json \\
       --images W/data/images --out W/twig-phead --steps 300 --batch 8 --group 8 --R 16,32,48
 
+On several devices, --mesh data=2,fsdp=2,tensor=2 lays them out as twig-jax train does (OnMesh).
+
 The result is the twig with its P-head (TwigConfig p_head=True) in --out; prune with it through
 `--method phead` (twig-jax eval / generate, research.accuracy_table).
 """
@@ -18,6 +20,7 @@ The result is the twig with its P-head (TwigConfig p_head=True) in --out; prune 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -67,7 +70,7 @@ class _Prelude(NamedTuple):
 
 
 class FrozenModels:
-    """The frozen pieces both jitted functions close over, and the shared forward prelude."""
+    """The frozen pieces every objective reads, and the shared forward prelude."""
 
     def __init__(self, base, twig, kf: int):
         self.base, self.tc, self.kf = base, base.cfg.text, kf
@@ -142,20 +145,96 @@ class FrozenModels:
         return jnp.log(jnp.maximum(phead_scores(self.tc, self.last_w, params, h_t, pos, query, img_pos), 1e-30))
 
 
+BATCH_FIELDS = {"tokens": 2, "label_mask": 2, "pixel_values": 4}  # what a step reads: field -> ndim
+
+
+@dataclasses.dataclass(frozen=True)
+class OnMesh:
+    """The frozen base and twig placed on a ("data", "fsdp", "tensor") mesh by the rule table (as
+    Trainer.frozen), and the shardings of the P-head's train state (init_train_state's tree: its
+    gates and Adam moments, replicated where no rule matches) and of a batch of global examples."""
+
+    mesh: Any
+    graphdefs: tuple  # (base, twig): the modules are rebuilt from them inside each jitted function
+    p_head_shapes: Any  # the rebuilt twig's P-head is only shapes: its gates are the train state's
+    frozen: Any  # {"base": nnx.State, "twig": nnx.State without the P-head}
+    frozen_sh: Any
+    state_sh: Any
+    batch_sh: dict
+
+    def models(self, frozen, kf: int) -> FrozenModels:
+        from flax import nnx
+
+        base_def, twig_def = self.graphdefs
+        return FrozenModels(nnx.merge(base_def, frozen["base"]),
+                            nnx.merge(twig_def, self.p_head_shapes, frozen["twig"]), kf)
+
+    def rows(self, x):
+        """x with its leading axis (examples, or examples x keep-sets) split like the batch."""
+        from twig_jax.parallel.sharding import activation_constraint
+
+        return activation_constraint(x, self.mesh, ("batch",) + (None,) * (x.ndim - 1))
+
+    def put(self, batch: dict) -> dict:
+        """This process's rows of a host batch -> global arrays with batch on ("data", "fsdp")."""
+        from twig_jax.train.trainer import device_batch_keys, put_batch
+
+        return put_batch(device_batch_keys(batch), self.batch_sh)
+
+    def jit(self, step):
+        """step(state, frozen, batch) -> (state, metrics), jitted on the mesh, the state donated."""
+        from twig_jax.train.trainer import jit_train_step
+
+        return jit_train_step(step, self.state_sh, self.frozen_sh, self.batch_sh, self.mesh)
+
+
+def place_on_mesh(base, twig, tx, mesh, batch_size: int) -> tuple[OnMesh, dict]:
+    """(OnMesh, the P-head's train state on it) for a twig with a P-head; batch_size: global
+    examples per batch."""
+    import jax
+    from flax import nnx
+
+    from twig_jax.parallel import sharding as shd
+    from twig_jax.train.trainer import init_train_state, train_state_shardings
+    from twig_jax.twig.phead import p_head_weights
+
+    base_def, base_state = nnx.split(base)
+    twig_def, p_head_state, twig_state = nnx.split(twig, nnx.PathContains("p_head"), ...)
+    frozen = {"base": base_state, "twig": twig_state}
+    frozen_sh = shd.param_shardings(frozen, mesh)
+    params = jax.device_get(p_head_weights(twig.p_head))  # host copies: the donated state owns its buffers
+    state_sh = train_state_shardings(jax.eval_shape(lambda p: init_train_state(p, tx), params), mesh)
+    batch_sh = {k: shd.batch_sharding(mesh, n, batch_size) for k, n in BATCH_FIELDS.items()}
+    on = OnMesh(mesh, (base_def, twig_def), jax.eval_shape(lambda: p_head_state), shd.shard_to(frozen, frozen_sh),
+                frozen_sh, state_sh, batch_sh)
+    init = jax.jit(lambda p: init_train_state(p, tx), out_shardings=state_sh)
+    return on, init(shd.shard_to(params, state_sh["params"]))
+
+
+def apply_gradients(tx, state: dict, grads) -> dict:
+    import optax
+
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
+
+
 POLICIES = ("plackett-luce", "cover")
 ADVANTAGES = ("std", "mean")  # phead.group_advantage with scale=True / scale=False
 
 
-def make_rl_step(base, twig, kf: int, tx, group: int, policy: str = "plackett-luce", cover_sharpness: float = 1.0,
-                 advantage: str = "std"):
-    """rl_step(p_head_params, opt_state, batch, key, R) -> (params, opt_state, metrics), jitted; R static.
+def make_rl_step(on: OnMesh, kf: int, tx, group: int, policy: str = "plackett-luce", cover_sharpness: float = 1.0,
+                 advantage: str = "std", seed: int = 0):
+    """rl_step(state, batch, R) -> (state, metrics): one REINFORCE step on on.mesh (state: the
+    P-head's train state, donated; batch: this process's rows of host arrays; one compiled step per
+    budget R). The keep-sets of step t are drawn with fold_in(key(seed), t).
 
     policy: how keep-sets are drawn from the scores s: "plackett-luce" (Gumbel-top-R: the paper;
     its mode is top R) or "cover" (phead.sample_cover: its mode is the coverage keep-set,
     select="cover"; cover_sharpness > 1 draws closer to that mode). advantage: "std" (r - mean) /
-    std over each example's group, or "mean" (r - mean). Everything frozen (base, twig layers) is
-    closed over as constants of the jitted function.
+    std over each example's group, or "mean" (r - mean).
     """
+    import functools
+
     import jax
     import jax.numpy as jnp
     import optax
@@ -170,9 +249,10 @@ def make_rl_step(base, twig, kf: int, tx, group: int, policy: str = "plackett-lu
         raise ValueError(f"policy={policy!r} must be one of {POLICIES}")
     if advantage not in ADVANTAGES:
         raise ValueError(f"advantage={advantage!r} must be one of {ADVANTAGES}")
-    fz = FrozenModels(base, twig, kf)
 
-    def step(params, opt_state, batch, key, R):
+    def step(state, frozen, batch, R):
+        fz, params = on.models(frozen, kf), state["params"]
+        key = jax.random.fold_in(jax.random.key(seed), state["step"])
         b = batch["tokens"].shape[0]
         _, h_k, h_t, pos, query, img_pos, is_image = fz.prelude(batch)
         ls = fz.log_scores(params, h_t, pos, query, img_pos)
@@ -183,8 +263,10 @@ def make_rl_step(base, twig, kf: int, tx, group: int, policy: str = "plackett-lu
         else:
             order = gumbel_top_k(key, jax.lax.stop_gradient(ls), R, group)  # [B, G, R]
             logprob = lambda log_s: plackett_luce_logprob(log_s, order)
-        rep = lambda a: jnp.repeat(a, group, axis=0)  # [B*G, ...]
-        reward = fz.reward(rep(h_k), {k: rep(v) for k, v in batch.items()}, rep(is_image), order.reshape(b * group, R))
+        # [B*G, ...]: an example's G copies sit next to it, on its device
+        rep = lambda a: on.rows(jnp.repeat(a, group, axis=0))
+        reward = fz.reward(rep(h_k), {k: rep(v) for k, v in batch.items()}, rep(is_image),
+                           on.rows(order.reshape(b * group, R)))
         reward = jax.lax.stop_gradient(reward.reshape(b, group))
         adv = group_advantage(reward, scale=advantage == "std")
 
@@ -192,19 +274,18 @@ def make_rl_step(base, twig, kf: int, tx, group: int, policy: str = "plackett-lu
             return -jnp.mean(adv * logprob(fz.log_scores(p, h_t, pos, query, img_pos)))
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
         entropy = -jnp.mean(jnp.sum(jnp.exp(ls) * ls, axis=1))
-        return params, opt_state, {"loss": loss, "reward": jnp.mean(reward), "entropy": entropy,
-                                   "grad_norm": optax.tree.norm(grads)}
+        return apply_gradients(tx, state, grads), {"loss": loss, "reward": jnp.mean(reward), "entropy": entropy,
+                                                   "grad_norm": optax.tree.norm(grads)}
 
-    return jax.jit(step, static_argnames=("R",), donate_argnums=(0, 1))
+    compiled = functools.cache(lambda R: on.jit(functools.partial(step, R=R)))  # one per budget
+    return lambda state, batch, R: compiled(R)(state, on.frozen, on.put(batch))
 
 
-def make_attn_step(base, twig, kf: int, tx, layer: int, rows: str):
-    """TwigVLM++ stage 1 for the P-head alone: attn_step(params, opt_state, batch) -> (params,
-    opt_state, metrics) minimising KL(a_base || s), a_base = base layer `layer`'s head-averaged
-    attention over the visual tokens from the query rows `rows` (phead.attention_rows), jitted."""
+def make_attn_step(on: OnMesh, kf: int, tx, layer: int, rows: str):
+    """TwigVLM++ stage 1 for the P-head alone: attn_step(state, batch) -> (state, metrics) on
+    on.mesh (as make_rl_step's) minimising KL(a_base || s), a_base = base layer `layer`'s
+    head-averaged attention over the visual tokens from the query rows `rows` (phead.attention_rows)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -213,9 +294,8 @@ def make_attn_step(base, twig, kf: int, tx, layer: int, rows: str):
     from twig_jax.train.phead_objectives import attention_rows, attention_over_visual
     from twig_jax.model.llama import scan_layers
 
-    fz = FrozenModels(base, twig, kf)
-
-    def step(params, opt_state, batch):
+    def step(state, frozen, batch):
+        fz = on.models(frozen, kf)
         x, h_k, h_t, pos, query, img_pos, is_image = fz.prelude(batch)
         h_l = (scan_layers(fz.tc, fz.base_w, h_k, pos, fz.K, layer) if layer >= fz.K
                else scan_layers(fz.tc, fz.base_w, x, pos, 0, layer))
@@ -225,20 +305,30 @@ def make_attn_step(base, twig, kf: int, tx, layer: int, rows: str):
         def loss_fn(p):
             return jnp.mean(attn_kl(target, jnp.exp(fz.log_scores(p, h_t, pos, query, img_pos))))
 
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, {"attn_kl": loss, "grad_norm": optax.tree.norm(grads)}
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        return apply_gradients(tx, state, grads), {"attn_kl": loss, "grad_norm": optax.tree.norm(grads)}
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    jitted = on.jit(step)
+    return lambda state, batch: jitted(state, on.frozen, on.put(batch))
 
 
-def make_rl_eval(base, twig, kf: int):
-    """rl_eval(params, batch, key, R) -> per-example rewards [B] of each keep rule (FrozenModels.rule_rewards), jitted."""
+def make_rl_eval(on: OnMesh, kf: int):
+    """rl_eval(params, batch, key, R) -> per-example rewards [B] of each keep rule
+    (FrozenModels.rule_rewards), replicated; params: the train state's, batch as make_rl_step's."""
+    import functools
+
     import jax
 
-    fz = FrozenModels(base, twig, kf)
-    return jax.jit(lambda params, batch, key, R: fz.rule_rewards(params, fz.prelude(batch), batch, key, R),
-                   static_argnames=("R",))
+    from twig_jax.parallel.sharding import replicated
+
+    def rewards(params, frozen, batch, key, R):
+        fz = on.models(frozen, kf)
+        return fz.rule_rewards(params, fz.prelude(batch), batch, key, R)
+
+    compiled = functools.cache(lambda R: jax.jit(
+        functools.partial(rewards, R=R), out_shardings=replicated(on.mesh),
+        in_shardings=(on.state_sh["params"], on.frozen_sh, on.batch_sh, replicated(on.mesh))))
+    return lambda params, batch, key, R: compiled(R)(params, on.frozen, on.put(batch), key)
 
 
 LONG_ANSWER_TOKENS = 8  # an answer this long or longer counts as long (descriptions)
@@ -303,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-records", type=int, default=24, help="records held out for the reward eval (0: none)")
     p.add_argument("--eval-every", type=int, default=100, help="held-out eval at the smallest R every N steps")
+    p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=2,tensor=2, as twig-jax train (default: all "
+                   "devices on data); --batch must divide over data x fsdp")
+    p.add_argument("--distributed", choices=["auto", "on", "off"], default="auto",
+                   help="jax.distributed.initialize() for multi-process runs, as twig-jax train")
     return p
 
 
@@ -354,12 +448,15 @@ def run(args, argv: list[str]) -> int:
     import optax
 
     from twig_jax.data.llava_data import DataConfig, build_dataset
-    from twig_jax.twig.phead import p_head_weights, with_p_head
+    from twig_jax.twig.phead import with_p_head
     from twig_jax.pipeline import image_preprocessor_for
     from twig_jax.train.outputs import check_output, report, training_record
-    from twig_jax.train.trainer import StopRequest
+    from twig_jax.train.trainer import StopRequest, wants_distributed
     from twig_jax.twig.io import TRAINING_RECORD_FILE, save_twig
 
+    if wants_distributed(args.distributed, os.environ):
+        jax.distributed.initialize()  # coordinator, process count and id from the environment
+    mesh = mesh_for(args.mesh, args.batch)
     # The output replaces a directory as a whole: never an input, never something else without --force.
     check_output(args.out, {"--base": args.base, "--twig": args.twig, "--data": args.data, "--images": args.images},
                  force=args.force)
@@ -396,31 +493,30 @@ def run(args, argv: list[str]) -> int:
     eval_recs = single_turn_records(all_records[cut:])
     size = base.cfg.vision.image_size
 
-    def dataset(recs, batch, shuffle, epochs):
+    def dataset(recs, batch, shuffle, epochs, shard):
         cfg = DataConfig(json_path=args.data, image_dir=args.images, max_len=args.max_len, batch_size=batch,
                          seed=args.seed, on_too_long="skip", shuffle=shuffle, num_epochs=epochs)
         return build_dataset(cfg, tokenizer, image_token_index=base.cfg.image_token_index,
                              num_image_tokens=N, image_preprocessor=image_preprocessor_for(base, args.base),
                              pixel_shape=(base.cfg.vision.num_channels, size, size), records=recs,
-                             shard=single_shard())
+                             shard=shard)
 
-    ds, bad_report = dataset(records, args.batch, True, None)
+    ds, bad_report = dataset(records, args.batch, True, None, None)  # None: this process's rows
     data = iter(ds)
-    held_out = eval_batches(list(dataset(eval_recs, 1, False, 1)[0]) if eval_recs else [], args.batch)
-    eval_fn = make_rl_eval(base, twig, kf)
-
+    # every process holds every held-out example and feeds its own rows of each batch
+    held_out = eval_batches(list(dataset(eval_recs, 1, False, 1, single_shard())[0]) if eval_recs else [],
+                            args.batch)
     tx = optax.adam(optax.cosine_decay_schedule(args.lr, args.steps, alpha=0.1))
-    params = p_head_weights(twig.p_head)
-    opt_state = tx.init(params)
+    on, state = place_on_mesh(base, twig, tx, mesh, args.batch)
+    eval_fn = make_rl_eval(on, kf)
     attn_layer = args.attn_layer if args.attn_layer is not None else round(19 / 32 * L)
     if not 0 <= attn_layer < L:
         return report(PROG, f"--attn-layer {attn_layer} must be in [0, {L})")
     if args.objective == "rl":
-        step_fn = make_rl_step(base, twig, kf, tx, args.group, args.policy, args.cover_sharpness, args.advantage)
+        step_fn = make_rl_step(on, kf, tx, args.group, args.policy, args.cover_sharpness, args.advantage, args.seed)
     else:
-        step_fn = make_attn_step(base, twig, kf, tx, attn_layer, args.attn_rows)
+        step_fn = make_attn_step(on, kf, tx, attn_layer, args.attn_rows)
     rng = np.random.default_rng(args.seed)
-    key = jax.random.key(args.seed)
     # The logs live in memory and are written with each save: the output directory is replaced as a
     # whole, so what it holds always belongs together.
     log_lines: list[str] = []
@@ -436,8 +532,8 @@ def run(args, argv: list[str]) -> int:
         for r in Rs:
             acc: dict = {}
             for i, b in enumerate(held_out):
-                feed = {k: jnp.asarray(b[k]) for k in ("tokens", "label_mask", "pixel_values")}
-                accumulate(acc, eval_fn(params, feed, jax.random.key(1000 + i), R=r), b)
+                rewards = eval_fn(state["params"], process_rows(b, args.batch), jax.random.key(1000 + i), R=r)
+                accumulate(acc, rewards, b)
             out[r] = {f"{k}/{c}": float(np.mean(v[c])) if v[c] else float("nan") for k, v in acc.items() for c in v}
             line = "  ".join(f"{cat}: " + " ".join(f"{m} {out[r][f'{m}/{cat}']:.3f}"
                                                    for m in ("unpruned", "phead", "phead-sample", "phead-cover", "twig",
@@ -448,8 +544,11 @@ def run(args, argv: list[str]) -> int:
         return out
 
     def save(step):
-        twig.p_head.gate_q.set_value(params["gate_q"])
-        twig.p_head.gate_k.set_value(params["gate_k"])
+        if jax.process_index():
+            return  # one writer
+        params = jax.device_get(state["params"])
+        twig.p_head.gate_q.set_value(jnp.asarray(params["gate_q"]))
+        twig.p_head.gate_k.set_value(jnp.asarray(params["gate_k"]))
         rl_config = json.dumps({"step": step, "objective": args.objective, "policy": args.policy,
                                 "cover_sharpness": args.cover_sharpness, "advantage": args.advantage,
                                 "attn_layer": attn_layer, "attn_rows": args.attn_rows,
@@ -472,12 +571,10 @@ def run(args, argv: list[str]) -> int:
         for step in range(1, args.steps + 1):
             batch = next(data)
             r = int(R_values[rng.choice(len(R_values), p=curriculum_probs(step - 1, args.steps, len(R_values)))])
-            key, sub = jax.random.split(key)
-            feed = {k: jnp.asarray(batch[k]) for k in ("tokens", "label_mask", "pixel_values")}
             if args.objective == "rl":
-                params, opt_state, m = step_fn(params, opt_state, feed, sub, R=r)
+                state, m = step_fn(state, batch, R=r)
             else:
-                params, opt_state, m = step_fn(params, opt_state, feed)
+                state, m = step_fn(state, batch)
                 r = 0  # no budget: the target is a distribution over every visual token
             m = {k: float(v) for k, v in m.items()}
             if not all(math.isfinite(v) for v in m.values()):
@@ -521,6 +618,34 @@ def eval_batches(examples: list[dict], batch: int) -> list[dict]:
         b = {k: np.concatenate([c[k] for c in chunk]) for k in ("tokens", "label_mask", "pixel_values")}
         out.append(dict(b, valid=valid))
     return out
+
+
+def mesh_for(spec: str | None, batch: int):
+    """The mesh of --mesh (None: every device on "data", as twig-jax train); UsageError for a bad
+    one, or a --batch that the processes or the batch's mesh axes do not divide."""
+    import jax
+
+    from twig_jax.parallel.sharding import LOGICAL_AXIS_RULES, make_mesh
+    from twig_jax.train.outputs import UsageError
+
+    try:
+        mesh = make_mesh(spec)
+    except ValueError as e:
+        raise UsageError(f"--mesh {spec}: {e}") from None
+    axes = LOGICAL_AXIS_RULES["batch"]  # each device on these takes whole examples
+    for ways, what in ((jax.process_count(), "processes"),
+                       (math.prod(mesh.shape.get(a, 1) for a in axes), f"devices on the mesh's {' x '.join(axes)} axes")):
+        if batch % ways:
+            raise UsageError(f"--batch {batch} is not divisible by the {ways} {what}")
+    return mesh
+
+
+def process_rows(batch: dict, global_batch: int) -> dict:
+    """This process's rows of a batch every process holds whole."""
+    import jax
+
+    n = global_batch // jax.process_count()
+    return {k: v[jax.process_index() * n:(jax.process_index() + 1) * n] for k, v in batch.items()}
 
 
 def single_shard():

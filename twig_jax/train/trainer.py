@@ -359,6 +359,15 @@ def put_batch(batch: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[s
     return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
 
 
+def wants_distributed(mode: str, env) -> bool:
+    """Whether to join a multi-process run (--distributed auto|on|off): forced on / off, or
+    auto-detected from the environment (JAX_COORDINATOR_ADDRESS, a multi-host TPU slice)."""
+    if mode != "auto":
+        return mode == "on"
+    multi_host_tpu = "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    return bool(env.get("JAX_COORDINATOR_ADDRESS")) or multi_host_tpu
+
+
 STEP_METRICS = ("ce", "pred_kl", "attn_kl", "loss", "grad_norm", "lr", "tokens")  # an auxiliary loss adds its own
 
 
@@ -891,6 +900,7 @@ def _train(base, cfg, data_iter, *, twig, bad_report, log, identity, allow_confi
 
 __all__ = ["OptimConfig", "TrainConfig", "scan_layers", "twig_forward", "base_forward", "base_forward_with_probs",
            "TrainModel", "split_model", "training_twig_config", "make_loss_fn", "make_optimizer", "init_train_state",
-           "train_state_shardings", "make_train_step", "jit_train_step", "STEP_METRICS", "device_batch_keys", "Trainer",
+           "train_state_shardings", "make_train_step", "jit_train_step", "wants_distributed", "STEP_METRICS",
+           "device_batch_keys", "Trainer",
            "Checkpointer", "measure_matmul_flops", "model_flops_per_step", "plot_loss", "LineGuard", "StopRequest",
            "TrainingInterrupted", "NoTrainingData", "train"]
