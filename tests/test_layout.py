@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBRARY = os.path.join(ROOT, "twig_jax")
 
 # Each package may import its own modules and those of lower rank only.
-RANK = {"assets": 0, "progress": 0, "model": 1, "data": 1, "parallel": 1, "twig": 2, "convert": 2, "decode": 3,
+RANK = {"assets": 0, "progress": 0, "files": 0, "model": 1, "data": 1, "parallel": 1, "twig": 2, "convert": 2, "decode": 3,
         "pipeline": 4, "eval": 5, "train": 5, "bench": 4.5, "cli": 6}
 OUTSIDE = ("infer", "train", "research", "tests", "scripts")
 

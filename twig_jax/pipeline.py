@@ -201,8 +201,9 @@ class Bundle:
         return None if self.twig is None else self.twig.twig_cfg
 
 
-def load_bundle(path: str = BUNDLE_DIR, dtype=RUN_DTYPE, twig_path: str | None = None) -> Bundle:
-    """A bundle dir (base/ + twig/), or a plain model dir (with twig_path, or none)."""
+def load_bundle(path: str = BUNDLE_DIR, dtype=RUN_DTYPE, twig_path: str | None = None, mesh=None) -> Bundle:
+    """A bundle dir (base/ + twig/), or a plain model dir (with twig_path, or none). mesh: the
+    weights are restored straight into their shards (parallel/sharding.py's rule table)."""
     import jax.numpy as jnp
 
     from twig_jax.convert.llava import load_model
@@ -214,8 +215,8 @@ def load_bundle(path: str = BUNDLE_DIR, dtype=RUN_DTYPE, twig_path: str | None =
         base = path  # a model dir itself
     if twig_path is None and os.path.isdir(os.path.join(path, TWIG_SUBDIR)):
         twig_path = os.path.join(path, TWIG_SUBDIR)
-    model = load_model(base, dtype=None if dtype is None else jnp.dtype(dtype))
+    model = load_model(base, dtype=None if dtype is None else jnp.dtype(dtype), mesh=mesh)
     twig = None
     if twig_path is not None:
-        twig, _ = load_twig_any(twig_path, model.cfg.text, dtype=model.text.embed[...].dtype)
+        twig, _ = load_twig_any(twig_path, model.cfg.text, dtype=model.text.embed[...].dtype, mesh=mesh)
     return Bundle(model, load_tokenizer(base), image_preprocessor_for(model, base), twig, path)

@@ -3,7 +3,7 @@
 import sys
 import types
 
-from twig_jax.cli.train import wants_distributed
+from twig_jax.train.trainer import wants_distributed
 from twig_jax.train.trainer import tensorboard_writer
 
 

@@ -43,7 +43,6 @@ Calibration rows (calibration=True; with random weights the twig's acceptance me
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -53,6 +52,8 @@ import time
 from typing import Callable, Sequence
 
 import numpy as np
+
+from twig_jax.files import write_json_atomic
 
 DEFAULT_VARIANTS = ("plain", "fastv", "twig", "ssd", "twig+ssd")  # decode/variants.py names
 PAPER_ACCEPTANCE = 0.574
@@ -84,6 +85,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="time with elapsed (wall) or process CPU time; cpu is steadier on a shared machine "
                         "(with XLA_FLAGS=--xla_cpu_multi_thread_eigen=false)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mesh", help="run every variant on a device mesh, e.g. data=2,tensor=4 (default: one device)")
     p.add_argument("--out", default="bench_results/bench_twig.json")
     args = p.parse_args(argv)
 
@@ -230,9 +232,10 @@ def expected_tokens_per_round(a: float, delta: int) -> float:
     return float(delta + 1) if a >= 1 else (1 - a ** (delta + 1)) / (1 - a)
 
 
-def make_generators(model, twig, twig_cfg, methods: Sequence[str], calibration: bool = True) -> dict:
+def make_generators(model, twig, twig_cfg, methods: Sequence[str], calibration: bool = True, mesh=None) -> dict:
     """{name: generator} for `methods` (+ "cal:perfect", "cal:round" with calibration), sharing one
-    per-layer copy of the base decoder weights. Variant "plain" is always built (the reference)."""
+    per-layer copy of the base decoder weights (on one device) or all on `mesh`. Variant "plain" is
+    always built (the reference)."""
     from twig_jax.decode.generator import Generator
     from twig_jax.twig.config import TwigConfigError
     from twig_jax.twig.module import init_twig_from_base
@@ -242,8 +245,8 @@ def make_generators(model, twig, twig_cfg, methods: Sequence[str], calibration: 
     from twig_jax.twig.config import needs_twig
 
     variants = {m: parse_variant(m) for m in methods}  # TwigConfigError names a bad one
-    plain = Generator(model)
-    shared = dict(layer_weights=plain.layer_weights)
+    plain = Generator(model, mesh=mesh)
+    shared = dict(mesh=mesh) if mesh is not None else dict(layer_weights=plain.layer_weights)
     gens = {"plain": plain}
     for m, v in variants.items():
         if m == "plain":
@@ -269,7 +272,8 @@ def bench_methods(model, twig, twig_cfg, prompts: Sequence[Sequence[int]], pixel
                   batch_sizes: Sequence[int] = (1, 8), answer_lengths: Sequence[int] = (8, 128),
                   repeats: int = 3, calibration: bool = True, calibration_batch_sizes: Sequence[int] | None = None,
                   eos_ids: Sequence[int] = (), sampling=None, clock: str = "wall",
-                  log: Callable[[str], None] | None = _log, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+                  log: Callable[[str], None] | None = _log, on_row: Callable[[dict], None] | None = None,
+                  mesh=None) -> list[dict]:
     """Time every method on the same weights and return one dict per (batch, length, method).
 
     model: a twig_jax Llava; twig: a Twig (None is fine for methods none / fastv); twig_cfg: its
@@ -282,7 +286,7 @@ def bench_methods(model, twig, twig_cfg, prompts: Sequence[Sequence[int]], pixel
     plain's), decode_speed_vs_plain, round_vs_plain_step (SSD methods). calibration adds
     "cal:perfect" (and "cal:round" when a twig is given) rows; calibration_batch_sizes limits them
     to those batch sizes (default: all). clock: "wall" or "cpu" (see time_method). on_row(row) is
-    called as each row completes.
+    called as each row completes. mesh: every generator runs on it (decode/placement.py).
     """
     if clock not in CLOCKS:
         raise ValueError(f"clock {clock!r}: have {list(CLOCKS)}")
@@ -290,7 +294,7 @@ def bench_methods(model, twig, twig_cfg, prompts: Sequence[Sequence[int]], pixel
     methods = list(methods)
     if "plain" not in methods:
         methods = ["plain"] + methods  # the reference for relative speed
-    gens = make_generators(model, twig, twig_cfg, methods, calibration)
+    gens = make_generators(model, twig, twig_cfg, methods, calibration, mesh)
     n_have = len(prompts)
     if n_have == 0 or np.asarray(pixels).shape[0] != n_have:
         raise ValueError(f"need one image per prompt: {n_have} prompts, {np.asarray(pixels).shape[0]} images")
@@ -331,9 +335,7 @@ def bench_methods(model, twig, twig_cfg, prompts: Sequence[Sequence[int]], pixel
 
 def _write(res: dict, path: str | None) -> None:
     if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json_atomic(path, res)
 
 
 def run(args) -> dict:
@@ -350,19 +352,22 @@ def run(args) -> dict:
     cfg = load_preset(args.config)
     L, N = cfg.text.num_hidden_layers, cfg.num_image_tokens
     dtype = getattr(jnp, args.dtype)
+    from twig_jax.parallel.sharding import make_mesh, parse_mesh
+
+    mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
     _log(f"config {args.config}: L={L}, N={N}, hidden={cfg.text.hidden_size}; building random weights")
-    model = Llava(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype)
+    model = random_model(lambda: Llava(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype), mesh)
     tc = TwigConfig(K=args.K, T=args.T, Kf=args.Kf, R=args.R, draft_len=args.draft_len, theta=args.theta,
                     tree_width=args.tree_width, tree_depth=args.tree_depth, tree_nodes=args.tree_nodes)
     tc.validate(L, N)
-    twig = Twig(cfg.text, tc, rngs=nnx.Rngs(args.seed + 1), dtype=dtype)
+    twig = random_model(lambda: Twig(cfg.text, tc, rngs=nnx.Rngs(args.seed + 1), dtype=dtype), mesh)
     prompts, pixels = make_prompts(cfg, max(args.batch_sizes), args.text_tokens, args.seed)
 
     rows = []
     res = {
         "config": args.config, "methods": args.methods, "twig": dict(K=args.K, T=args.T, Kf=args.Kf, R=args.R,
                                                                      draft_len=args.draft_len, theta=args.theta),
-        "dtype": args.dtype, "repeats": args.repeats, "clock": args.clock,
+        "dtype": args.dtype, "repeats": args.repeats, "clock": args.clock, "mesh": args.mesh,
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch_sizes": args.batch_sizes,
         "answer_lengths": args.answer_lengths, "text_tokens": args.text_tokens,
         "device": str(jax.devices()[0]), "platform": platform.platform(), "cpu_count": os.cpu_count(),
@@ -377,10 +382,25 @@ def run(args) -> dict:
 
     bench_methods(model, twig, tc, prompts, pixels, methods=args.methods, batch_sizes=args.batch_sizes,
                   answer_lengths=args.answer_lengths, repeats=args.repeats, calibration=not args.no_calibration,
-                  calibration_batch_sizes=args.calibration_batch_sizes, clock=args.clock, on_row=on_row)
+                  calibration_batch_sizes=args.calibration_batch_sizes, clock=args.clock, on_row=on_row, mesh=mesh)
     res["load_avg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     res["complete"] = True
     return res
+
+
+def random_model(build, mesh=None):
+    """The module `build()` makes, its random weights made straight into their shards on `mesh`
+    (a 7B model never sits whole on one device)."""
+    import jax
+    from flax import nnx
+
+    from twig_jax.parallel.sharding import param_shardings
+
+    if mesh is None:
+        return build()
+    graphdef, abstract = nnx.split(nnx.eval_shape(build))
+    state = jax.jit(lambda: nnx.state(build()), out_shardings=param_shardings(abstract, mesh))()
+    return nnx.merge(graphdef, state)
 
 
 def _fmt(v, spec):

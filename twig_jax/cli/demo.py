@@ -30,6 +30,7 @@ import time
 
 
 from twig_jax.assets import BUNDLE_DIR as BUNDLE
+from twig_jax.cli.mesh_args import add_mesh_args, mesh_from_args
 from twig_jax.assets import DEMO_DIR
 
 DEMO_IMAGES = os.path.join(DEMO_DIR, "images")
@@ -155,6 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the TTP + SSD (or plain) answers as LLaVA answer JSONL here")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed calls per configuration; each category's median counts (default %(default)s)")
+    add_mesh_args(p)
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats {args.repeats}: give at least one timed call")
@@ -183,21 +185,22 @@ def main(argv=None) -> int:
     from twig_jax.twig.io import load_twig_any
     from twig_jax.decode.generator import make_generator
 
+    mesh = mesh_from_args(args)
     t0 = time.perf_counter()
     dtype = jnp.dtype(args.dtype)
     if args.model:
         from twig_jax.convert.llava import load_model
 
-        model = load_model(args.model, dtype=dtype)
+        model = load_model(args.model, dtype=dtype, mesh=mesh)
         tokenizer, processor = load_tokenizer(args.model), image_preprocessor_for(model, args.model)
         twig = None
         if args.twig:
-            twig = load_twig_any(args.twig, model.cfg.text, dtype=dtype, K=args.K, Kf=args.Kf, R=args.R)[0]
+            twig = load_twig_any(args.twig, model.cfg.text, dtype=dtype, K=args.K, Kf=args.Kf, R=args.R, mesh=mesh)[0]
         what = args.model + (f" + twig {args.twig}" if twig is not None else " (no --twig: plain decoding only)")
     elif os.path.isdir(os.path.join(args.bundle, "base")):
         from twig_jax.pipeline import load_bundle
 
-        b = load_bundle(args.bundle, dtype=dtype)
+        b = load_bundle(args.bundle, dtype=dtype, mesh=mesh)
         model, tokenizer, processor, twig = b.model, b.tokenizer, b.image_processor, b.twig
         what = f"bundled shapes-world LLaVA {_rel(args.bundle)} (run in {args.dtype})"
     else:
@@ -237,7 +240,7 @@ def main(argv=None) -> int:
     results, cache, kws = {}, {}, {}
     for label, method, ssd in runs:
         gen = make_generator(model, twig if ssd or method in ("twig", "phead") else None, twig_cfg, method=method,
-                             ssd=ssd)
+                             ssd=ssd, mesh=mesh)
         kws[label] = dict(twig=twig, twig_cfg=twig_cfg, method=method, ssd=ssd, max_new_tokens=max_new, generator=gen,
                           image_cache=cache)
         t0 = time.perf_counter()

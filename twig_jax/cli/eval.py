@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from twig_jax.cli.mesh_args import add_mesh_args, mesh_from_args
 from twig_jax.assets import DEFAULT_MODEL, DEFAULT_TWIG  # noqa: F401  (the bundled model, for help texts)
 from twig_jax.eval.evaluate import (DEFAULT_MAX_NEW_OTHER, DEFAULT_MAX_NEW_TOKENS, DESCRIPTION, SHORT, EvalConfig,
                                     EvalFileError, attach_categories, check_images, json_safe, metrics_table,
@@ -65,6 +66,7 @@ def eval_main(argv=None) -> int:
     p.add_argument("--metrics-json", help="write the metrics here")
     p.add_argument("--predictions", help="score this existing answer JSONL instead of running a model")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_mesh_args(p)
     args = p.parse_args(argv)
     if args.batch < 1:
         p.error("--batch must be >= 1")
@@ -134,7 +136,8 @@ def eval_main(argv=None) -> int:
 
         if not os.path.exists(args.model):
             p.error(f"model dir not found: {args.model}")
-        model = load_model(args.model, dtype=getattr(jnp, args.dtype))
+        mesh = mesh_from_args(args)
+        model = load_model(args.model, dtype=getattr(jnp, args.dtype), mesh=mesh)
         method = args.method or "none"
         twig = None
         if args.twig is None and not args.no_twig and os.path.abspath(args.model) == DEFAULT_MODEL \
@@ -144,7 +147,7 @@ def eval_main(argv=None) -> int:
             # an official MILVLG checkpoint takes K and the budget from the flags; SSD alone prunes nothing
             budget = model.cfg.num_image_tokens if method == "none" else args.R
             twig, _ = load_twig_any(args.twig, model.cfg.text, dtype=model.text.embed[...].dtype, K=args.K,
-                                    Kf=args.Kf, R=budget)
+                                    Kf=args.Kf, R=budget, mesh=mesh)
         cfg = EvalConfig(method=method, R=args.R, K=args.K, Kf=args.Kf, score_rows=args.score_rows,
                          select=args.select, ssd=args.ssd, spec=args.spec, tree_width=args.tree_width,
                          tree_depth=args.tree_depth, tree_nodes=args.tree_nodes, batch_size=args.batch,
@@ -157,7 +160,7 @@ def eval_main(argv=None) -> int:
         _, metrics = run_eval(model, load_tokenizer(args.model), questions, cfg, images_dir=args.images, twig=twig,
                               image_processor=image_preprocessor_for(model, args.model), answers=subset,
                               model_id=os.path.basename(os.path.normpath(args.model)), out_path=args.out,
-                              log=sys.stderr)
+                              log=sys.stderr, mesh=mesh)
     print(metrics_table(metrics))
     if args.metrics_json:
         with open(args.metrics_json, "w") as f:

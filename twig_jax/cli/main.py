@@ -17,6 +17,7 @@ import sys
 import tempfile
 from typing import Any, Callable
 
+from twig_jax.cli.mesh_args import add_mesh_args, mesh_from_args
 from twig_jax.cli.twig_args import FLAGS, TWIG_FIELDS, add_twig_args, unused_settings  # noqa: F401
 
 
@@ -37,6 +38,7 @@ INPUT_ERRORS = (
     ("twig_jax.eval.evaluate", "EvalFileError"),
     ("twig_jax.model.config", "ConfigError"),
     ("twig_jax.data.llava_data", "NoUsableSamples"),
+    ("twig_jax.parallel.sharding", "MeshError"),
 )
 MAX_MESSAGE = 1000  # characters of an error message shown (--debug shows all of it)
 
@@ -79,7 +81,7 @@ def _given_twig_settings(args) -> dict:
     return {k: getattr(args, k) for k in TWIG_FIELDS if getattr(args, k, None) is not None}
 
 
-def _twig_setup(p: argparse.ArgumentParser, args, model):
+def _twig_setup(p: argparse.ArgumentParser, args, model, mesh=None):
     """(twig or None, TwigConfig or None) from --twig and the override flags; p.error on misuse
     (twig.config.resolve_twig_config decides what a run uses)."""
     from twig_jax.twig.config import TwigConfigError, TwigOverrides, resolve_twig_config
@@ -93,7 +95,7 @@ def _twig_setup(p: argparse.ArgumentParser, args, model):
         # flags. SSD alone (method none) prunes nothing, so it needs no budget.
         budget = {"R": N} if args.method == "none" else {k: given.get(k) for k in ("R", "R_bar")}
         twig, _ = load_twig_any(args.twig, model.cfg.text, dtype=model.text.embed[...].dtype, K=given.get("K"),
-                                Kf=given.get("Kf"), **budget)
+                                Kf=given.get("Kf"), mesh=mesh, **budget)
     method = args.method or (("phead" if twig.p_head is not None else "twig") if twig is not None else "none")
     ssd = (twig is not None) if args.ssd is None else args.ssd
     problem = unused_settings(given, method=method, ssd=ssd, twig_given=bool(args.twig))
@@ -427,6 +429,7 @@ def _generate(argv) -> int:
     p.add_argument("--warmup", action="store_true",
                    help="run the first batch once untimed first (else its timing includes compilation)")
     add_twig_args(p)
+    add_mesh_args(p)
     args = p.parse_args(argv)
     _check_generate_flags(p, args)
     sampling = _sampling(p, args)
@@ -461,9 +464,10 @@ def _run_generate(p, args, prog: str, rows: list[Row], sampling, out, counts: di
     from twig_jax.pipeline import Pipeline, image_preprocessor_for, load_tokenizer, run_settings
     from twig_jax.progress import Progress
 
-    model = load_model(args.model, dtype=getattr(jnp, args.dtype), vision_dir=args.vision_dir)
-    twig, twig_cfg = _twig_setup(p, args, model)
-    gen = make_generator(model, twig, twig_cfg, args.method, args.ssd, force_twig_generator=args.stream)
+    mesh = mesh_from_args(args)
+    model = load_model(args.model, dtype=getattr(jnp, args.dtype), vision_dir=args.vision_dir, mesh=mesh)
+    twig, twig_cfg = _twig_setup(p, args, model, mesh)
+    gen = make_generator(model, twig, twig_cfg, args.method, args.ssd, force_twig_generator=args.stream, mesh=mesh)
     pipe = Pipeline(model, load_tokenizer(args.model), image_preprocessor_for(model, args.model), generator=gen)
     ran = run_settings(gen, model.cfg.num_image_tokens)
     kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
@@ -635,6 +639,12 @@ def _train_phead(argv) -> int:
     return main(argv) or 0
 
 
+def _bench_mesh(argv) -> int:
+    from twig_jax.bench.mesh import main
+
+    return main(argv)
+
+
 def _plan(argv) -> int:
     from twig_jax.cli.plan import main
 
@@ -656,6 +666,8 @@ COMMANDS = {
     "train-phead": Command(_train_phead, "train a twig's P-head (attention distillation, then REINFORCE)"),
     "bench": Command(_bench, "decode speed against Hugging Face transformers on the same weights"),
     "bench-twig": Command(_bench_twig, "TwigVLM methods side by side: plain, FastV, TTP, SSD, TTP+SSD, P-head"),
+    "bench-mesh": Command(_bench_mesh, "decoding on device meshes beside one device: compile time, memory, "
+                                       "tokens equal"),
     "prune-viz": Command(_prune_viz, "picture which visual tokens a pruning method keeps"),
     "data": Command(_data, "generate the shapes-world data set (images, questions, answers)"),
     "plan": Command(_plan, "per-device memory of generation on a mesh (parameters, KV cache, activations)"),

@@ -23,6 +23,7 @@ import sys
 from typing import TYPE_CHECKING, Sequence
 
 from twig_jax.train.outputs import OneLineArgumentParser, UsageError, report
+from twig_jax.train.trainer import wants_distributed
 
 if TYPE_CHECKING:
     from twig_jax.data import SampleExtension
@@ -120,14 +121,6 @@ def load_tokenizer_from(path: str, flag: str):
 
         hint = " (give --tokenizer)" if flag == "--base" else ""
         raise UsageError(f"{flag} {path}: no usable tokenizer{hint} ({short_reason(e)})") from None
-
-
-def wants_distributed(mode: str, env) -> bool:
-    """Whether to join a multi-process run: forced on/off, or auto-detected from the environment."""
-    if mode != "auto":
-        return mode == "on"
-    multi_host_tpu = "," in env.get("TPU_WORKER_HOSTNAMES", "")
-    return bool(env.get("JAX_COORDINATOR_ADDRESS")) or multi_host_tpu
 
 
 def read_records(path: str) -> tuple[list, str]:

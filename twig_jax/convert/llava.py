@@ -43,6 +43,7 @@ from flax import nnx
 
 from twig_jax.model.config import ConfigError, LlavaConfig, load_config, load_hf_config, save_config
 from twig_jax.model.llava import Llava
+from twig_jax.parallel import sharding as shd
 from twig_jax.progress import Progress
 
 MARKER_FILE = "twig_jax.json"
@@ -348,14 +349,15 @@ def _has_weights(directory: str | None) -> bool:
 
 
 def load_hf_llava(model_dir: str, vision_dir: str | None = None, dtype=jnp.float32, *,
-                  progress: bool = False) -> Llava:
+                  progress: bool = False, mesh=None) -> Llava:
     """A `Llava` with the weights of the HF checkpoint in `model_dir` (llava-hf or liuhaotian).
 
     `vision_dir`: CLIP checkpoint for the liuhaotian layout (config, and weights if it has any;
     otherwise the tower embedded in the main checkpoint is used).
     Raises ConversionError (one line) naming a config that is not LLaVA-1.5, or listing every
     missing, unexpected and wrongly shaped tensor. progress: a progress line of tensors read on
-    stderr (twig_jax.progress).
+    stderr (twig_jax.progress). mesh: each parameter goes straight into its shards by the rule
+    table (parallel/sharding.py) as it is read; it is never whole on one device.
     """
     dtype = _as_dtype(dtype)
     if is_converted(model_dir):
@@ -417,6 +419,7 @@ def load_hf_llava(model_dir: str, vision_dir: str | None = None, dtype=jnp.float
         # Check everything against the plan, by shape only, before reading any data.
         plan = _plan(cfg, n_vision)
         params = dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+        targets = dict(nnx.to_flat_state(shd.load_shardings(nnx.state(abstract, nnx.Param), mesh)))
         unplanned = sorted(set(params) - set(plan))
         if unplanned:  # a model parameter this converter does not know: a bug here, not in the checkpoint
             raise ConversionError(f"no checkpoint mapping for model parameters {unplanned}")
@@ -461,7 +464,7 @@ def load_hf_llava(model_dir: str, vision_dir: str | None = None, dtype=jnp.float
                         buf[...] = x
                     del x
                     bar.advance()
-                var.set_value(jax.device_put(buf))
+                var.set_value(jax.device_put(buf, _leaf(targets[path])))
                 del buf
     return abstract
 
@@ -623,7 +626,12 @@ def convert(src: str, dst: str, dtype="float32", vision_dir: str | None = None, 
     return dst
 
 
-def _load_converted(path: str, dtype=None) -> Llava:
+def _leaf(x):
+    """The value of a flat-state entry (a Variable or the bare leaf)."""
+    return x.get_value() if hasattr(x, "get_value") else x
+
+
+def _load_converted(path: str, dtype=None, mesh=None) -> Llava:
     marker = _read_json(os.path.join(path, MARKER_FILE))
     if marker.get("format") != MARKER_FORMAT:
         raise ConversionError(f"{path}: {MARKER_FILE} is not a twig_jax checkpoint marker")
@@ -640,8 +648,8 @@ def _load_converted(path: str, dtype=None) -> Llava:
     dt = stored if dtype is None else _as_dtype(dtype)
     abstract = nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0), dtype=dt))
     graphdef, abstract_state = nnx.split(abstract)
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
+                          shd.load_shardings(abstract_state, mesh))
 
     import orbax.checkpoint as ocp
 
@@ -661,20 +669,21 @@ def _load_converted(path: str, dtype=None) -> Llava:
     return nnx.merge(graphdef, state)
 
 
-def load_model(path: str, dtype=None, vision_dir: str | None = None) -> Llava:
+def load_model(path: str, dtype=None, vision_dir: str | None = None, mesh=None) -> Llava:
     """A `Llava` from a converted twig_jax dir or a HF checkpoint dir (detected).
 
     dtype: None keeps the converted dtype (float32 for HF checkpoints). vision_dir only matters
-    for HF checkpoints in the liuhaotian layout.
+    for HF checkpoints in the liuhaotian layout. mesh: restore every parameter straight into its
+    shards by the rule table (orbax with target shardings, or placed as the HF tensors are read).
     """
     if not os.path.isdir(path):
         raise ConversionError(f"{path}: no such checkpoint directory")
     if is_converted(path):
-        return _load_converted(path, dtype)
+        return _load_converted(path, dtype, mesh)
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
         raise ConversionError(f"{path}: has {PARAMS_DIR}/ but no {MARKER_FILE}: incomplete converted checkpoint")
     if os.path.isfile(os.path.join(path, "config.json")):
-        return load_hf_llava(path, vision_dir, jnp.float32 if dtype is None else dtype)
+        return load_hf_llava(path, vision_dir, jnp.float32 if dtype is None else dtype, mesh=mesh)
     raise ConversionError(f"{path}: neither a converted twig_jax checkpoint nor a HF checkpoint (no config.json)")
 
 

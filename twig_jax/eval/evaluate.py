@@ -382,8 +382,10 @@ def resolve_twig_config(model, twig=None, cfg: EvalConfig = EvalConfig()):
                    has_p_head=twig is not None and twig.p_head is not None, overrides=over)
 
 
-def build_generator(model, twig=None, cfg: EvalConfig = EvalConfig(), batch_buckets: Sequence[int] | None = None):
-    """make_generator for cfg (twig passed only where it is used: the twig method or SSD)."""
+def build_generator(model, twig=None, cfg: EvalConfig = EvalConfig(), batch_buckets: Sequence[int] | None = None,
+                    mesh=None):
+    """make_generator for cfg (twig passed only where it is used: the twig method or SSD), on
+    `mesh` when one is given."""
     from twig_jax.decode.generator import make_generator
 
     tc = resolve_twig_config(model, twig, cfg)
@@ -391,7 +393,7 @@ def build_generator(model, twig=None, cfg: EvalConfig = EvalConfig(), batch_buck
 
     use_twig = twig if (needs_twig(cfg.method) or cfg.ssd) else None
     kw = {} if batch_buckets is None else {"batch_buckets": tuple(batch_buckets)}
-    return make_generator(model, use_twig, tc, method=cfg.method, ssd=cfg.ssd, **kw)
+    return make_generator(model, use_twig, tc, method=cfg.method, ssd=cfg.ssd, mesh=mesh, **kw)
 
 
 def _answer_id(*parts: Any) -> str:
@@ -432,7 +434,8 @@ def write_jsonl_atomic(path: str, records: Iterable[dict]) -> None:
 def run_eval(model, tokenizer, questions: Sequence[Question], cfg: EvalConfig = EvalConfig(), *,
              images_dir: str = "", twig=None, image_processor=None, answers: Mapping[str, Reference] | None = None,
              parser: Parser | None = None, model_id: str = "model", out_path: str | None = None,
-             generator=None, image_cache: dict | None = None, log: Any = None) -> tuple[list[dict], dict]:
+             generator=None, image_cache: dict | None = None, log: Any = None,
+             mesh=None) -> tuple[list[dict], dict]:
     """Answer `questions` greedily in batches grouped by category (any category, or none: see
     attach_categories); write LLaVA answer JSONL to out_path (if given, atomically); return
     (records, metrics).
@@ -440,7 +443,8 @@ def run_eval(model, tokenizer, questions: Sequence[Question], cfg: EvalConfig = 
     metrics = score(...) (when `answers` is given) plus run figures: categories (questions per
     category), what ran (pipeline.run_settings: method, R, ssd, K, Kf, score_rows, select, ...),
     generated_tokens, seconds (generate calls, compilation included), wall_seconds, batches.
-    `generator`: reuse an already built (compiled) generator for cfg; `image_cache`: a dict
+    `generator`: reuse an already built (compiled) generator for cfg (else one is built, on
+    `mesh` when given); `image_cache`: a dict
     path -> PIL image shared across runs, so images are read once; `log`: a stream for a progress
     line (twig_jax.progress).
     """
@@ -458,7 +462,7 @@ def run_eval(model, tokenizer, questions: Sequence[Question], cfg: EvalConfig = 
         raise EvalFileError("no questions to run")
     if generator is None:
         b = min(cfg.batch_size, max(len(g) for g in groups.values()))
-        generator = build_generator(model, twig, cfg, batch_buckets=(b,) if cfg.fixed_batch else None)
+        generator = build_generator(model, twig, cfg, batch_buckets=(b,) if cfg.fixed_batch else None, mesh=mesh)
     pipe = Pipeline(model, tokenizer, image_processor, generator=generator)
     ran = run_settings(generator, model.cfg.num_image_tokens)
     meta_run = {k: ran.get(k) for k in ("method", "R", "ssd", "K", "Kf", "score_rows", "select")}

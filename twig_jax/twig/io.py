@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from twig_jax.model.config import TextConfig
+from twig_jax.parallel import sharding as shd
 from twig_jax.twig.module import Twig
 from twig_jax.twig.config import TwigConfig
 
@@ -300,8 +301,9 @@ def save_twig(twig: Twig, directory: str, *, overwrite: bool = False, force: boo
     return replace_with_staged(directory, write)
 
 
-def load_twig(directory: str, text_cfg: TextConfig | None = None, dtype=None) -> Twig:
-    """Load a twig saved by save_twig; if text_cfg (the base's) is given it must match."""
+def load_twig(directory: str, text_cfg: TextConfig | None = None, dtype=None, mesh=None) -> Twig:
+    """Load a twig saved by save_twig; if text_cfg (the base's) is given it must match. mesh:
+    restore straight into the shards the rule table gives."""
     import orbax.checkpoint as ocp
 
     cfg_path = os.path.join(directory, TWIG_CONFIG_FILE)
@@ -318,8 +320,8 @@ def load_twig(directory: str, text_cfg: TextConfig | None = None, dtype=None) ->
     dt = jnp.dtype(d.get("dtype", "float32")) if dtype is None else jnp.dtype(dtype)
     abstract = nnx.eval_shape(lambda: Twig(saved_text, twig_cfg, rngs=nnx.Rngs(0), dtype=dt))
     graphdef, abstract_state = nnx.split(abstract)
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
+                          shd.load_shardings(abstract_state, mesh))
     with ocp.StandardCheckpointer() as ckptr:
         state = ckptr.restore(os.path.join(os.path.abspath(directory), TWIG_PARAMS_DIR), target)
     return nnx.merge(graphdef, state)
@@ -330,7 +332,7 @@ __all__ = ["TwigFormatError", "twig_to_milvlg", "expected_milvlg_shapes", "expor
 
 
 def load_twig_any(path: str, text_cfg, dtype=None, *, K: int | None = None, Kf: int | None = None,
-                  R: int | None = None, R_bar: float | None = None):
+                  R: int | None = None, R_bar: float | None = None, mesh=None):
     """(Twig, TwigConfig) from an orbax twig dir (save_twig), MILVLG safetensors written by
     export_milvlg (its metadata carries the TwigConfig), or an official MILVLG checkpoint (bare
     safetensors, no TwigConfig): T is read from its keys, K and R or R_bar must be given, and Kf
@@ -343,7 +345,7 @@ def load_twig_any(path: str, text_cfg, dtype=None, *, K: int | None = None, Kf: 
     if not os.path.exists(path):
         raise TwigFormatError(f"{path}: no such twig checkpoint (file or directory)")
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, TWIG_CONFIG_FILE)):
-        twig = load_twig(path, text_cfg, dtype=dtype)
+        twig = load_twig(path, text_cfg, dtype=dtype, mesh=mesh)
         return twig, twig.twig_cfg
     files = [path] if os.path.isfile(path) else sorted(
         os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -379,4 +381,7 @@ def load_twig_any(path: str, text_cfg, dtype=None, *, K: int | None = None, Kf: 
     import jax.numpy as jnp
 
     twig = import_milvlg(path, text_cfg, twig_cfg, dtype=jnp.float32 if dtype is None else dtype)
+    if mesh is not None:
+        state = nnx.state(twig)
+        nnx.update(twig, jax.tree.map(jax.device_put, state, shd.param_shardings(state, mesh)))
     return twig, twig_cfg
