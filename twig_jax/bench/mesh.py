@@ -125,8 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = load_preset(args.config)
     model = random_model(lambda: Llava(cfg, rngs=nnx.Rngs(0)))
     L, N = cfg.text.num_hidden_layers, cfg.num_image_tokens
-    kf, r = default_pruning(L, N, 1)
-    twig = with_p_head(init_twig_from_base(model, TwigConfig(K=1, T=1, Kf=kf, R=r)), seed=1)
+    twig = with_p_head(init_twig_from_base(model, TwigConfig(K=1, T=1, **default_pruning(L, N, 1))), seed=1)
     prompts, pixels = make_prompts(cfg, args.batch, 24, 0)
     meshes = [None] + [m.replace("+", ",") for m in args.meshes.split(",") if m]
     rows = bench_mesh(model, twig, prompts, np.asarray(pixels), meshes, args.variants.split(","), args.new_tokens)
