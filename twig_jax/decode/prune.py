@@ -37,12 +37,13 @@ from twig_jax.decode.placement import constrain_cache
 from twig_jax.model.cache import KVCache
 from twig_jax.model.config import LlavaConfig
 from twig_jax.decode.plain import token_loop
+from twig_jax.decode.prompt_layout import PromptLayout
 from twig_jax.model.layers import gather_rows
 from twig_jax.model.llama import LayerCopies, StackedLayers, run_layers, unstack_layers
 from twig_jax.model.llava import Llava
 from twig_jax.decode.sampling import SamplingConfig
 from twig_jax.decode.scorers import SCORERS, Scorer, ScoreInputs
-from twig_jax.twig.keep import KEEP_RULES, pruned_indices, score_query, text_in_pruned, visual_positions
+from twig_jax.twig.keep import pruned_indices, score_query, text_in_pruned, visual_positions
 from twig_jax.twig.phead import p_head_weights, phead_scores
 from twig_jax.twig.module import Twig
 from twig_jax.twig.config import METHODS, TwigConfig, TwigConfigError
@@ -220,6 +221,9 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
     padding); lengths: [B]; pixel_values: [B, C, H, W]; extra: slots per group beyond the
     prompt (new tokens + drafting headroom); key: only for method "random"; weights: per-layer
     weights (then every cache group is per layer) or None (stacked).
+
+    Traced under a mesh with a "sequence" axis above 1 (`jax.set_mesh`), the trunk and the twig
+    run sequence-sharded (decode/prompt_layout.py); the results are those of the unsharded prefill.
     """
     tc = model.cfg.text
     b, s = tokens.shape
@@ -227,13 +231,19 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
     lengths = lengths.astype(jnp.int32)
     base_w = base_layers(model, weights)
     base_pl = base_w.per_layer_caches
-    x = model.embed(tokens, model.image_features(pixel_values))  # [B, S, D]
+    # The prompt's length split over the mesh's "sequence" axis (the trunk and twig run on it padded
+    # to a multiple of the shards; nothing reads the padding), or whole.
+    layout = PromptLayout.of_mesh()
+    tokens = layout.pad_prompt(tokens, model.cfg.image_token_index)  # [B, S_run]
+    s_run = tokens.shape[1]
+    x = layout.prompt(model.embed(tokens, model.image_features(pixel_values)))  # [B, S_run, D]
     dtype = x.dtype
-    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
+    positions = jnp.broadcast_to(jnp.arange(s_run, dtype=jnp.int32)[None], (b, s_run))  # original RoPE positions
     zeros = jnp.zeros((b,), jnp.int32)
     caps = group_capacities(plan, s, extra)
-    is_image = tokens == model.cfg.image_token_index  # [B, S]
-    query = score_query(lengths, is_image, plan.score_rows)  # the attention rows the scores read
+    caps["trunk"] = caps["twig"] = max(caps["trunk"], s_run)  # the padded prompt's entries fit
+    is_image = tokens == model.cfg.image_token_index  # [B, S_run]
+    query = layout.probs_query(score_query(lengths, is_image, plan.score_rows), s_run)  # rows the scores read
     scorer = plan.scorer
 
     # Trunk: base layers 0..K-1 on the full prompt.
@@ -241,7 +251,7 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
     out = run_layers(tc, base_w, x, positions, trunk.k, trunk.v, zeros, start=0, stop=plan.K, fresh=True,
                      return_last_probs=scorer.trunk_attention, probs_query=query)
     trunk = KVCache(out.k, out.v, lengths)
-    h_k = out.hidden  # [B, S, D] hidden state entering base layer K
+    h_k = layout.prompt(out.hidden)  # [B, S_run, D] hidden state entering base layer K
 
     # Twig: T layers on the trunk output (full prompt), for scores and the draft cache.
     twig_cache, draft_logits = None, None
@@ -258,7 +268,7 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
         if scorer.p_head:  # stop before the last twig layer: the P-head reads its input
             tout = run_layers(tc, twig_w, h_k, positions, twig_cache.k, twig_cache.v, zeros, stop=plan.T - 1,
                               fresh=True)
-            twig_cache, h_t = KVCache(tout.k, tout.v, lengths), tout.hidden
+            twig_cache, h_t = KVCache(tout.k, tout.v, lengths), layout.prompt(tout.hidden)
             phead_s = phead_scores(tc, twig_w.layer(plan.T - 1), p_head_weights(twig.p_head), h_t, positions, lengths - 1, img_pos)
         tout = run_layers(tc, twig_w, h_t, positions, twig_cache.k, twig_cache.v, zeros,
                           start=plan.T - 1 if scorer.p_head else 0, stop=plan.T,
@@ -270,13 +280,14 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
 
     # Scores and the kept set.
     scores = scorer.scores(ScoreInputs(img_pos, out.attn_probs, twig_probs, phead_s, key))  # [B, N]
-    keep = KEEP_RULES[plan.keep_rule].keep(scores, gather_rows(h_k, img_pos), r, key)  # [B, R] ascending
+    keep_rule = layout.keep_rule(plan.keep_rule)  # sharded: exact across the "sequence" shards
+    keep = keep_rule.keep(scores, gather_rows(h_k, img_pos), r, key)  # [B, R] ascending
 
     # Middle: base layers K..Kf-1 on text + kept visual tokens, original positions.
     m = plan.mid_len(s)
     idx = pruned_indices(is_image, img_pos, keep, m)  # [B, M]
     mid = _new_cache(tc, plan.Kf - plan.K, b, caps["mid"], dtype, base_pl)
-    mout = run_layers(tc, base_w, gather_rows(h_k, idx), idx, mid.k, mid.v, zeros,
+    mout = run_layers(tc, base_w, layout.pruned(gather_rows(h_k, idx)), idx, mid.k, mid.v, zeros,
                       start=plan.K, stop=plan.Kf, cache_offset=plan.K, fresh=True)
     mid = KVCache(mout.k, mout.v, lengths - n + r)
 

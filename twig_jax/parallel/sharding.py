@@ -1,10 +1,14 @@
-"""One device mesh ("data", "fsdp", "tensor") and ONE table of logical-axis rules (docs/design.md, "Sharding").
+"""One device mesh ("data", "fsdp", "sequence", "tensor") and ONE table of logical-axis rules (docs/design.md,
+"Sharding").
 
 Every array is described by logical axis names ("batch", "embed", "heads", ...); LOGICAL_AXIS_RULES
 maps each logical name to mesh axes. Parameter logical axes come from PARAM_AXES, matched on the
 parameter's path ("text/layers/wq"). A mesh axis is dropped from a dimension when the dimension is
 not divisible by it or the axis is already used by an earlier dimension, so every model (down to
 the tiny test presets) gets a valid sharding from the same table.
+
+"sequence" is the mesh axis of a sequence-sharded prefill (decode/prune.py): size 1 everywhere
+else, so training and decoding ignore it.
 """
 
 from __future__ import annotations
@@ -17,13 +21,19 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+TRAINING_AXES = ("data", "fsdp", "tensor")  # parse_mesh always reports these; "sequence" when named
+
+
+class MeshError(ValueError):
+    """A mesh that cannot be built: a bad spec, or one that does not match the devices."""
 
 # logical axis -> mesh axis / axes (None = replicated). The single source of truth.
 LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     # activations
     "batch": ("data", "fsdp"),
     "length": None,
+    "sequence": "sequence",  # a prompt's length during a sequence-sharded prefill (decode/prune.py)
     "act_embed": None,
     "act_vocab": "tensor",
     "act_heads": "tensor",  # attention heads of activations
@@ -74,6 +84,9 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
 
 BATCH_AXES = ("batch",)
 
+# A sequence-sharded prefill's activations: batch as everywhere, the prompt's length on "sequence".
+SEQUENCE_ACT_AXES = ("batch", "sequence", "act_embed")
+
 # KV-cache logical axes: keys are stored transposed ([..., Dh, S]); a per-layer buffer drops "layers".
 CACHE_KEY_AXES = ("layers", "batch", "kv_heads", "head_dim", "length")
 CACHE_VALUE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
@@ -88,9 +101,10 @@ def cache_axes(ndim: int, keys: bool) -> tuple[str | None, ...]:
 
 
 def parse_mesh(spec: str | None) -> dict[str, int]:
-    """"data=2,fsdp=2,tensor=2" -> {"data": 2, "fsdp": 2, "tensor": 2}; missing axes are 1.
-    None / "" -> all devices on "data"."""
-    sizes = {a: 1 for a in MESH_AXES}
+    """"data=2,fsdp=2,tensor=2" -> {"data": 2, "fsdp": 2, "tensor": 2}; missing training axes are 1,
+    "sequence" is reported when named ("data=2,sequence=4" -> {..., "sequence": 4}; make_mesh
+    gives it size 1 otherwise). None / "" -> all devices on "data"."""
+    sizes = {a: 1 for a in TRAINING_AXES}
     if not spec:
         sizes["data"] = jax.device_count()
         return sizes
@@ -100,22 +114,27 @@ def parse_mesh(spec: str | None) -> dict[str, int]:
             continue
         name, _, value = part.partition("=")
         name = name.strip()
-        if name not in sizes or not value.strip().lstrip("-").isdigit():
-            raise ValueError(f"bad mesh entry {part!r} in {spec!r}: expected AXIS=N with AXIS in {MESH_AXES}")
+        if name not in MESH_AXES or not value.strip().lstrip("-").isdigit():
+            raise MeshError(f"bad mesh entry {part!r} in {spec!r}: expected AXIS=N with AXIS in {MESH_AXES}")
         sizes[name] = int(value)
         if sizes[name] < 1:
-            raise ValueError(f"mesh axis {name} must be >= 1, got {sizes[name]}")
+            raise MeshError(f"mesh axis {name} must be >= 1, got {sizes[name]}")
     return sizes
 
 
 def make_mesh(spec: str | dict[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
-    """The ("data", "fsdp", "tensor") mesh, built with jax.make_mesh (Auto axes: jit propagates)."""
-    sizes = parse_mesh(spec) if not isinstance(spec, dict) else {a: spec.get(a, 1) for a in MESH_AXES}
-    shape = tuple(sizes[a] for a in MESH_AXES)
+    """The ("data", "fsdp", "sequence", "tensor") mesh, built with jax.make_mesh (Auto axes: jit
+    propagates). Axes not given are 1. "sequence" sits next to "tensor": a sequence-sharded
+    prefill gathers keys and values over it in every layer."""
+    sizes = parse_mesh(spec) if not isinstance(spec, dict) else spec
+    unknown = set(sizes) - set(MESH_AXES)
+    if unknown:
+        raise MeshError(f"unknown mesh axes {sorted(unknown)}: expected axes in {MESH_AXES}")
+    shape = tuple(sizes.get(a, 1) for a in MESH_AXES)
     n = math.prod(shape)
     avail = len(devices) if devices is not None else jax.device_count()
     if n != avail:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {n} devices; {avail} available")
+        raise MeshError(f"mesh {dict(zip(MESH_AXES, shape))} needs {n} devices; {avail} available")
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
@@ -136,7 +155,7 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
         keep = []
         size = 1
         for ax in cand:
-            n = mesh.shape[ax]
+            n = mesh.shape.get(ax, 1)  # a mesh made elsewhere may lack an axis: it counts as 1
             if ax in used or n == 1 or dim % (size * n):
                 continue
             keep.append(ax)
@@ -172,10 +191,19 @@ def param_shardings(tree, mesh: Mesh, prefix: str = ""):
     """A tree of NamedShardings for a parameter tree (nnx.State or nested dict), by path."""
     def one(kp, x):
         path = (prefix + "/" if prefix else "") + path_str(kp)
-        shape = np.shape(x)
+        shape = tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
         spec = logical_to_spec(param_logical_axes(path, len(shape)), shape, mesh)
         return NamedSharding(mesh, spec)
     return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def load_shardings(tree, mesh: Mesh | None):
+    """Where a loader puts each parameter of `tree` (abstract or concrete): its shard by the rule
+    table on a mesh, else the first local device."""
+    if mesh is None:
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda _: one, tree)
+    return param_shardings(tree, mesh)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_size: int | None = None) -> NamedSharding:
@@ -211,12 +239,23 @@ def context_constraint(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
 
 
+def sequence_shards(mesh: Mesh | None = None) -> int:
+    """Devices a prompt's length splits over in a prefill: the "sequence" axis of `mesh`, else of
+    the mesh set with `jax.set_mesh` (1 without one, or without that axis)."""
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return 1
+    return int(mesh.shape.get("sequence", 1))
+
+
 def shard_to(tree, shardings):
     """device_put a host / single-device tree onto the given shardings."""
     return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
 
 
-__all__ = ["MESH_AXES", "LOGICAL_AXIS_RULES", "PARAM_AXES", "parse_mesh", "make_mesh", "logical_to_spec",
-           "param_logical_axes", "param_shardings", "batch_sharding", "batch_shardings", "replicated",
-           "activation_constraint", "context_constraint", "shard_to", "path_str", "cache_axes",
-           "CACHE_KEY_AXES", "CACHE_VALUE_AXES"]
+__all__ = ["MeshError", "MESH_AXES", "TRAINING_AXES", "SEQUENCE_ACT_AXES", "LOGICAL_AXIS_RULES", "PARAM_AXES",
+           "parse_mesh", "make_mesh", "logical_to_spec", "param_logical_axes", "param_shardings",
+           "load_shardings", "batch_sharding", "batch_shardings", "replicated", "activation_constraint",
+           "context_constraint", "sequence_shards", "shard_to", "path_str", "cache_axes", "CACHE_KEY_AXES",
+           "CACHE_VALUE_AXES"]
