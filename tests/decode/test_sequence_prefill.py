@@ -23,6 +23,8 @@ MESHES = ("data=2,sequence=2,tensor=2", "data=2,sequence=4", "sequence=8")
 # prefill case -> (world, method, score_rows, select); world "n16": 16 visual tokens, "n17": 17
 PREFILL_CASES = {"twig": ("n16", "twig", "last", "top"), "twig-n17": ("n17", "twig", "last", "top"),
                  "phead-sample": ("n16", "phead", "last", "sample"), "fastv-text-cover": ("n17", "fastv", "text", "cover")}
+# the local keep rule (each of S shards keeps R / S of its block): TTP at R = 4 on sequence=4
+LOCAL_CASE, LOCAL_MESH, LOCAL_R = "twig-local", "data=2,sequence=4", 4
 # generator case -> (world, method, ssd, spec)
 GENERATOR_CASES = {"ttp+chain": ("n17", "twig", True, "chain")}
 # Which cases run on which mesh (each is a compile, so TTP runs on every mesh and the rest are
@@ -60,8 +62,9 @@ def _world(strategy: str):
     return model, twig, prompts, pixels
 
 
-def _prefill_case(model, twig, prompts, pixels, method, score_rows, select, mesh):
-    """ttp_prefill on the padded batch (PROMPT_LEN tokens), jitted, under `mesh` (None: no mesh)."""
+def _prefill_case(model, twig, prompts, pixels, method, score_rows, select, mesh, **settings):
+    """ttp_prefill on the padded batch (PROMPT_LEN tokens), jitted, under `mesh` (None: no mesh);
+    settings: other TwigConfig fields (R, shard_keep)."""
     import contextlib
     import dataclasses
 
@@ -70,7 +73,8 @@ def _prefill_case(model, twig, prompts, pixels, method, score_rows, select, mesh
 
     from twig_jax.decode.prune import make_plan, ttp_prefill
 
-    plan = make_plan(model.cfg, dataclasses.replace(twig.twig_cfg, score_rows=score_rows, select=select), method)
+    plan = make_plan(model.cfg, dataclasses.replace(twig.twig_cfg, score_rows=score_rows, select=select, **settings),
+                     method)
     s = max(len(p) for p in prompts)
     tokens = np.zeros((len(prompts), s), np.int32)
     for i, p in enumerate(prompts):
@@ -131,6 +135,8 @@ def sequence_cases(path: str) -> None:
     for mesh_spec, names in ON_MESH.items():
         mesh = make_mesh(mesh_spec)
         results[mesh_spec] = {name: run(name, mesh) for name in names}
+    results[LOCAL_MESH][LOCAL_CASE] = _prefill_case(*worlds["n16"], "twig", "last", "top", make_mesh(LOCAL_MESH),
+                                                    R=LOCAL_R, shard_keep="local")
     with open(path, "w") as f:
         json.dump(results, f)
 
@@ -194,3 +200,19 @@ def test_sharded_generator_equals_unsharded(results, mesh, case):
     assert sharded["tokens"] == one["tokens"]
     assert sharded["keep"] == one["keep"]
     assert sharded["stats"] == one["stats"]  # same rounds, drafts, acceptances
+
+
+def test_local_keep_takes_r_over_s_from_each_shard(results):
+    """shard_keep="local": each of the S shards keeps the top R / S of its own block of visual tokens
+    (lower index first), read against numpy on the unsharded run's scores (the scores do not
+    depend on R)."""
+    scores = np.array(results["one"]["twig"]["scores"])  # [B, N]
+    shards = 4
+    blocks = scores.reshape(scores.shape[0], shards, -1)  # N = 16: four blocks of 4
+    per = LOCAL_R // shards
+    top = np.argsort(-blocks, axis=-1, kind="stable")[..., :per]  # [B, S, R / S]
+    want = np.sort((top + np.arange(shards)[None, :, None] * blocks.shape[-1]).reshape(scores.shape[0], -1), axis=1)
+    got = np.array(results[LOCAL_MESH][LOCAL_CASE]["keep"])
+    assert got.tolist() == want.tolist()
+    global_top = np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :LOCAL_R], axis=1)
+    assert (global_top != want).any()  # the local set is not the global one here: the rule is seen

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 from twig_jax.parallel.sharding import SEQUENCE_ACT_AXES, context_constraint, sequence_shards
 from twig_jax.twig.keep import KEEP_RULES
-from twig_jax.twig.keep_sharded import exact_keep
+from twig_jax.twig.config import TwigConfigError
+from twig_jax.twig.keep_sharded import exact_keep, local_keep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,25 @@ class SequenceShardedKeep:
         feats = feats if self.rule_name == "cover" else None  # only coverage reads the features
         return exact_keep(self.rule_name, scores, feats, r, key, mesh=jax.sharding.get_abstract_mesh(),
                           axis="sequence")
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalShardKeep:
+    """Each "sequence" shard keeps the top R / S of its own visual tokens (twig/keep_sharded.local_keep):
+    no communication, an approximation of the global top R whose cost in accuracy
+    research/shard_prune.py measures. Only for the top-R rule."""
+
+    rule_name: str
+
+    def keep(self, scores: jax.Array, feats: jax.Array, r: int, key: jax.Array | None) -> jax.Array:  # [B, R]
+        if self.rule_name != "top":
+            raise TwigConfigError(f"shard_keep='local' keeps the top R / S of each shard; the keep rule "
+                                  f"{self.rule_name!r} has no local form (use shard_keep='exact')")
+        keep = local_keep(scores, r, mesh=jax.sharding.get_abstract_mesh(), axis="sequence")
+        return context_constraint(keep, ("batch", None))  # every device reads the whole kept set
+
+
+SHARD_KEEP_RULES = {"exact": SequenceShardedKeep, "local": LocalShardKeep}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +102,7 @@ class PromptLayout:
             return query
         return (jnp.arange(length)[None] == query[:, None]).astype(jnp.float32)
 
-    def keep_rule(self, rule_name: str):
-        """The keep rule this layout runs, chosen once per prefill: .keep(scores, feats, r, key)."""
-        return SequenceShardedKeep(rule_name) if self.sharded else KEEP_RULES[rule_name]
+    def keep_rule(self, rule_name: str, shard_keep: str = "exact"):
+        """The keep rule this layout runs, chosen once per prefill: .keep(scores, feats, r, key).
+        shard_keep ("exact" / "local") picks the rule across shards; unsharded, the rule itself."""
+        return SHARD_KEEP_RULES[shard_keep](rule_name) if self.sharded else KEEP_RULES[rule_name]

@@ -68,6 +68,7 @@ class PrunePlan:
     # a Gumbel-top-R draw from its scores; needs the key)
     draft_len: int = 5  # delta (SSD)
     theta: float = 0.6  # SSD early-stop threshold on the draft's top probability
+    shard_keep: str = "exact"  # sequence-sharded prefill: "exact" or "local" keep set (prompt_layout.py)
 
     @property
     def scorer(self) -> Scorer:
@@ -107,7 +108,7 @@ def make_plan(cfg: LlavaConfig, twig_cfg: TwigConfig, method: str = "twig") -> P
     twig_cfg.validate(L, N)
     return PrunePlan(method=method, L=L, N=N, K=twig_cfg.K, T=twig_cfg.T, Kf=twig_cfg.Kf,
                      R=twig_cfg.kept_count(L, N), score_rows=twig_cfg.score_rows, select=twig_cfg.select,
-                     draft_len=twig_cfg.draft_len, theta=float(twig_cfg.theta))
+                     draft_len=twig_cfg.draft_len, theta=float(twig_cfg.theta), shard_keep=twig_cfg.shard_keep)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +281,7 @@ def ttp_prefill(model: Llava, twig: Twig | None, plan: PrunePlan, tokens: jax.Ar
 
     # Scores and the kept set.
     scores = scorer.scores(ScoreInputs(img_pos, out.attn_probs, twig_probs, phead_s, key))  # [B, N]
-    keep_rule = layout.keep_rule(plan.keep_rule)  # sharded: exact across the "sequence" shards
+    keep_rule = layout.keep_rule(plan.keep_rule, plan.shard_keep)  # sharded: exact across the "sequence" shards
     keep = keep_rule.keep(scores, gather_rows(h_k, img_pos), r, key)  # [B, R] ascending
 
     # Middle: base layers K..Kf-1 on text + kept visual tokens, original positions.

@@ -11,6 +11,7 @@ import math
 
 SELECT_RULES = ("top", "cover", "sample")
 SPECS = ("chain", "tree")  # speculative draft shapes  # keep-set rules of TwigConfig.select (importable without jax)
+SHARD_KEEPS = ("exact", "local")  # how a sequence-sharded prefill chooses its kept tokens
 
 
 class TwigConfigError(ValueError):
@@ -68,6 +69,8 @@ class TwigConfig:
     tree_width: int = 10  # E: children per expanded node and frontier size (the TwigVLM++ setting)
     tree_depth: int = 4  # D: levels below the root
     tree_nodes: int = 60  # N: nodes verified per round
+    shard_keep: str = "exact"  # with the prompt split over a "sequence" mesh axis: "exact" (the unsharded
+    # keep set, candidates gathered across shards) or "local" (each shard keeps R / S of its own tokens)
 
     @property
     def tree_shape(self) -> "TreeShape":
@@ -108,6 +111,8 @@ class TwigConfig:
             raise TwigConfigError(f"select={self.select!r} must be one of {SELECT_RULES}")
         if self.spec not in SPECS:
             raise TwigConfigError(f"spec={self.spec!r} must be one of {SPECS}")
+        if self.shard_keep not in SHARD_KEEPS:
+            raise TwigConfigError(f"shard_keep={self.shard_keep!r} must be one of {SHARD_KEEPS}")
         if self.spec == "tree":
             self.tree_shape  # noqa: B018 (validates the shape)
         self.kept_count(num_layers, num_visual)
