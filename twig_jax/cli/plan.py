@@ -13,10 +13,10 @@ budget. Nothing is allocated (twig_jax/bench/memory_plan.py), so a 64-device pla
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
+
+from twig_jax.files import write_json_atomic
 
 DEFAULT_DEVICES = ("tpu-v5e", "h100")
 
@@ -34,19 +34,6 @@ def resolve_config(name: str):
                 raise ConfigError(f"{name}: bad config.json in converted checkpoint ({e})") from None
         return load_hf_config(name)
     return load_preset(name)
-
-
-def write_json_atomic(path: str, data: dict) -> None:
-    directory, base = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".partial", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
 
 
 def mesh_label(mesh: dict[str, int]) -> str:
