@@ -163,3 +163,14 @@ def test_bare_milvlg_twig_loads_with_flags(saved, reference, tmp_path, capsys):
     line = _one_error_line(err)
     assert "--K" in line and "model.safetensors" in line
     assert os.path.isfile(twig_dir / "model.safetensors")
+
+
+@pytest.mark.parametrize("mesh, says", [("data=3", "needs 3 devices"), ("data=2,pipe=2", "bad mesh entry"),
+                                        ("tensor=0", "must be >= 1")])
+def test_bad_mesh_is_one_line(saved, mesh, says, capsys):
+    """--mesh that cannot be built on this machine's devices: one line naming it, exit 2."""
+    code, err = run_cli(["generate", "--model", saved["model_dir"], "--image", saved["images"][0], "--prompt", "hi",
+                         "--mesh", mesh], capsys)
+    assert code == 2
+    line = _one_error_line(err)
+    assert line.startswith("twig-jax generate: error:") and says in line
