@@ -4,8 +4,11 @@ Compiles `prune.ttp_prefill` for one prompt of thousands of visual tokens (llava
 image: --image-size 672 gives 2304 visual tokens) on 8 simulated CPU devices, from abstract
 weights (nothing allocated), for meshes "data=8" (a batch of 1 splits over nothing: every device
 holds the whole prompt) and "sequence=S", and prints XLA's temporary bytes per device and the
-all-gathers of the compiled program, and the temporary bytes of the vision tower alone (it runs
-whole on every device: the prompt is split after it).
+all-gathers of the compiled program with the bytes each device receives per prefill, and the
+temporary bytes of the vision tower alone (it runs whole on every device: the prompt is split after
+it). The program returns the logits and the kept set only, so its caches count as temporaries;
+research/shard_cost.py compiles the prefill as the generator runs it (caches as outputs) and
+tabulates memory and communication over keep rules and methods.
 
     python -m research.sequence_prefill_memory [--image-size 672] [--text 40] [--shards 2,4,8]
 """
@@ -13,7 +16,6 @@ whole on every device: the prompt is split after it).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time
@@ -34,16 +36,14 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     from flax import nnx
 
+    from research.shard_cost import MIB, hlo_collectives, hlo_comm_bytes, long_prompt_config, vision_temp
     from twig_jax.decode.prune import make_plan, ttp_prefill
-    from twig_jax.model.config import load_preset
     from twig_jax.model.llava import Llava
     from twig_jax.parallel.sharding import make_mesh
     from twig_jax.twig.config import TwigConfig
     from twig_jax.twig.module import Twig
 
-    base = load_preset("llava-mini")
-    cfg = dataclasses.replace(base, vision=dataclasses.replace(base.vision, image_size=args.image_size),
-                              text=dataclasses.replace(base.text, max_position_embeddings=8192))
+    cfg = long_prompt_config(args.image_size)
     n = cfg.num_image_tokens
     s = 1 + n + args.text
     tcfg = TwigConfig(K=2, T=3, Kf=8, R=args.R)
@@ -59,12 +59,8 @@ def main(argv=None) -> int:
                           pixels, extra=64)
         return pre.logits, pre.keep
 
-    def vision(state, pixels):
-        return nnx.merge(graph, state).image_features(pixels)
-
-    with jax.set_mesh(make_mesh("data=8")):
-        vision_mem = jax.jit(vision).lower(state, inputs[2]).compile().memory_analysis()
-    print(json.dumps({"vision_tower_alone_temp_MiB": round(vision_mem.temp_size_in_bytes / 2**20, 1)}), flush=True)
+    print(json.dumps({"vision_tower_alone_temp_MiB": round(vision_temp(cfg, mesh_spec="data=8", batch=1) / MIB, 1)}),
+          flush=True)
     rows = []
     for spec in ["data=8"] + [f"data={8 // int(k)},sequence={k}" for k in args.shards.split(",")]:
         t = time.perf_counter()
@@ -72,8 +68,9 @@ def main(argv=None) -> int:
             compiled = jax.jit(prefill).lower(state, twig_state, *inputs).compile()
         mem = compiled.memory_analysis()
         hlo = compiled.as_text()
-        rows.append({"mesh": spec, "prompt": s, "visual": n, "temp_MiB": round(mem.temp_size_in_bytes / 2**20, 1),
-                     "all_gathers": hlo.count(" all-gather(") + hlo.count(" all-gather-start("),
+        rows.append({"mesh": spec, "prompt": s, "visual": n, "temp_MiB": round(mem.temp_size_in_bytes / MIB, 1),
+                     "all_gathers": sum(c.kind == "all-gather" for c in hlo_collectives(hlo, 8)),
+                     "comm_MiB": round(hlo_comm_bytes(hlo, 8)["total"] / MIB, 2),
                      "compile_s": round(time.perf_counter() - t, 1)})
         print(json.dumps(rows[-1]), flush=True)
     return 0
