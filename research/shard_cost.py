@@ -214,14 +214,25 @@ def long_prompt_config(image_size: int = 672, preset: str = "llava-mini"):
 
 
 def long_prompt_twig_config(cfg, method: str):
-    """K = 2, T = 3 (fewer where the model is shallower), the default FinalWipe depth (twig.config.default_pruning) and R = N / 9 (the
-    budget of research/shard_prune.py's --ninths 1), rounded down to a multiple of 8 so that every
-    S in 1, 2, 4, 8 divides it (the local rule keeps R / S per shard); a P-head for "phead"."""
+    """K = 2, T = 3 (fewer where the model is shallower), the default FinalWipe depth
+    (twig.config.default_pruning) and R = N / 9 (research/shard_prune.py's --ninths 1) rounded
+    down to a multiple of 8, so that every S in 1, 2, 4, 8 divides it (the local rule keeps R / S
+    per shard); a P-head for "phead"."""
     from twig_jax.twig.config import TwigConfig, default_pruning
 
     L, N = cfg.text.num_hidden_layers, cfg.num_image_tokens
     return TwigConfig(K=2, T=max(1, min(3, L - 2)), Kf=default_pruning(L, N, 2)["Kf"], R=max(8, N // 9 // 8 * 8),
                       p_head=method == "phead").validate(L, N)
+
+
+def _abstract_params(tree, mesh):
+    """An abstract parameter tree with the rule table's shardings, as the generators place it."""
+    import jax
+
+    from twig_jax.parallel.sharding import param_shardings
+
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                        param_shardings(tree, mesh))
 
 
 def _sharded_bytes(info, sharding) -> int:  # one device's bytes of an array with `sharding`
@@ -239,7 +250,8 @@ def prefill_cost(cfg, twig_cfg, method: str, *, mesh_spec: str, batch: int, prom
     """Per-device cost of one TTP prefill of `batch` prompts of `prompt_len` tokens (N image
     placeholders included) on the mesh `mesh_spec` (`make_mesh`, over `devices`, all by default).
 
-    Compiled as `TwigGenerator(..., ssd=True, mesh=...).prefill_only` runs it: the stacked weights
+    Compiled as `TwigGenerator(..., ssd=True, mesh=...).prefill_only` runs it (chain drafting:
+    the twig runs and keeps its cache whatever the method): the stacked weights
     placed by the rule table, prompts with their batch on ("data", "fsdp"), chain-drafting
     headroom after `new_tokens` (the prompt is not rounded to a bucket), under `jax.set_mesh`;
     the weights are abstract (`nnx.eval_shape`), so nothing is allocated. Bytes are one
@@ -247,7 +259,8 @@ def prefill_cost(cfg, twig_cfg, method: str, *, mesh_spec: str, batch: int, prom
     total (the compiled outputs' shardings), "weights" (model and twig, the inputs' shardings),
     "xla_output" / "xla_arguments" (memory_analysis, the same with logits / inputs), "comm"
     (hlo_comm_bytes of the compiled program) and "keep_comm" (the keep rule's share,
-    keep_sharded.comm_bytes; 0 unsharded and for the local rule), and "compile_s"."""
+    keep_sharded.comm_bytes; 0 unsharded and for the local rule), "collectives" (each one of
+    hlo_collectives: kind, result bytes, group size, executions, op name) and "compile_s"."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -256,7 +269,7 @@ def prefill_cost(cfg, twig_cfg, method: str, *, mesh_spec: str, batch: int, prom
     from twig_jax.decode.prune import make_plan, ttp_prefill
     from twig_jax.decode.speculative import ssd_extra_slots
     from twig_jax.model.llava import Llava
-    from twig_jax.parallel.sharding import batch_sharding, make_mesh, param_shardings, replicated
+    from twig_jax.parallel.sharding import batch_sharding, make_mesh, replicated
     from twig_jax.twig.keep_sharded import comm_bytes
     from twig_jax.twig.module import Twig
 
@@ -266,16 +279,12 @@ def prefill_cost(cfg, twig_cfg, method: str, *, mesh_spec: str, batch: int, prom
     graph, state = nnx.split(nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0), dtype=dt)))
     twig_graph, twig_state = nnx.split(nnx.eval_shape(lambda: Twig(cfg.text, twig_cfg, rngs=nnx.Rngs(0), dtype=dt)))
 
-    def placed(tree):
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
-                            param_shardings(tree, mesh))
-
     def rows(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape), shape[0]))
 
     v = cfg.vision
     key = jax.eval_shape(lambda: jax.random.key(0))
-    args = (placed(state), placed(twig_state), rows((batch, prompt_len), jnp.int32), rows((batch,), jnp.int32),
+    args = (_abstract_params(state, mesh), _abstract_params(twig_state, mesh), rows((batch, prompt_len), jnp.int32), rows((batch,), jnp.int32),
             rows((batch, v.num_channels, v.image_size, v.image_size), jnp.float32),
             jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated(mesh)))
 
@@ -296,7 +305,7 @@ def prefill_cost(cfg, twig_cfg, method: str, *, mesh_spec: str, batch: int, prom
     hlo = compiled.as_text()
     s = mesh.shape["sequence"]
     keep = 0
-    if s > 1 and plan.shard_keep == "exact":
+    if s > 1 and plan.shard_keep == "exact":  # its shard_map holds every row: b is the whole batch
         keep = comm_bytes(batch, plan.N, plan.R, s, jnp.float32, feature_dim=cfg.text.hidden_size,
                           heads=cfg.text.num_attention_heads)[plan.keep_rule]
     return {
@@ -321,12 +330,11 @@ def vision_temp(cfg, *, mesh_spec: str, batch: int, dtype="float32", devices=Non
     from flax import nnx
 
     from twig_jax.model.llava import Llava
-    from twig_jax.parallel.sharding import batch_sharding, make_mesh, param_shardings
+    from twig_jax.parallel.sharding import batch_sharding, make_mesh
 
     mesh = make_mesh(mesh_spec, devices)
     graph, state = nnx.split(nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype))))
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
-                         param_shardings(state, mesh))
+    state = _abstract_params(state, mesh)
     v = cfg.vision
     shape = (batch, v.num_channels, v.image_size, v.image_size)
     pixels = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sharding(mesh, 4, batch))
@@ -397,12 +405,20 @@ def main(argv=None) -> int:
 
     if jax.device_count() < 8:
         p.error(f"{jax.device_count()} devices; set XLA_FLAGS=--xla_force_host_platform_device_count=8")
-    cfg = long_prompt_config(args.image_size, args.preset)
+    from twig_jax.model.config import ConfigError
+    from twig_jax.twig.config import METHODS, TwigConfigError
+
+    if set(methods) - set(METHODS):
+        p.error(f"--methods {args.methods!r}: each one of {', '.join(METHODS)}")
+    try:
+        cfg = long_prompt_config(args.image_size, args.preset)
+        twig_cfgs = {m: long_prompt_twig_config(cfg, m) for m in methods}
+    except (ConfigError, TwigConfigError) as e:
+        p.error(str(e))
     prompt = 1 + cfg.num_image_tokens + args.text
     vision: dict[str, int] = {}
     rows = []
-    for method in methods:
-        twig_cfg = long_prompt_twig_config(cfg, method)
+    for method, twig_cfg in twig_cfgs.items():
         for s in shards:
             for rule in rules if s > 1 else rules[:1]:  # one shard: both rules are the unsharded rule
                 spec, n_dev = mesh_for(s, args.batch)
