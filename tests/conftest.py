@@ -17,18 +17,52 @@ Helpers (also importable: `from conftest import make_llava_inputs, hf_logits, ja
   sharpened_tiny_llava(head_scale) -> twig_jax Llava of the "tiny" preset with 4x query / key
       weights and a head_scale x LM head (peaky attention and next-token distributions)
   (pixel_values may be None for text-only input in both)
+Several devices (the pytest process keeps one; a test module runs one subprocess for all its cases):
+  start_on_8_devices(code, fast_compile=False) -> Popen of `python -c code` on 8 simulated CPU devices
+  finish(proc, timeout) -> its output (asserts exit status 0, showing the output's end otherwise)
+  json_from_8_devices("module:function", path) -> the JSON that function(path) wrote on 8 devices
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import subprocess
+import sys
 from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start_on_8_devices(code: str, *, fast_compile: bool = False) -> subprocess.Popen:
+    """`python -c code` from the repository root on 8 simulated CPU devices, stdout and stderr
+    together. fast_compile: LLVM at -O0 (the same HLO, about half the compile time)."""
+    flags = "--xla_force_host_platform_device_count=8" + (" --xla_backend_optimization_level=0" if fast_compile else "")
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 900) -> str:
+    """The process's output once it exits with status 0."""
+    log, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, log[-5000:]
+    return log
+
+
+def json_from_8_devices(function: str, path: str, *, fast_compile: bool = False, timeout: float = 1200) -> Any:
+    """Call `function` ("package.module:name", importable from the repository root) with `path` on
+    8 simulated devices and return the JSON it wrote there."""
+    module, name = function.split(":")
+    finish(start_on_8_devices(f"from {module} import {name}; {name}({path!r})", fast_compile=fast_compile), timeout)
+    with open(path) as f:
+        return json.load(f)
 
 VOCAB = 200
 IMAGE_TOKEN = 199

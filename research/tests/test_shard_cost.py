@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from research.shard_cost import hlo_collectives, hlo_comm_bytes
+from tests.conftest import json_from_8_devices
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BATCH, PROMPT, NEW = 8, 24, 128  # tiny-gqa: 16 visual tokens, 8 text tokens
 K, T, KF, R = 1, 1, 3, 4
 
@@ -154,13 +152,7 @@ def device_cases(path: str) -> None:
 def results(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("shard_cost") / "results.json")
     # LLVM at -O0 shortens the compiles; the HLO passes, and so the collectives, are the same.
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
-               JAX_PLATFORMS="cpu")
-    code = f"from research.tests.test_shard_cost import device_cases; device_cases({path!r})"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    with open(path) as f:
-        res = json.load(f)
+    res = json_from_8_devices("research.tests.test_shard_cost:device_cases", path, fast_compile=True)
     assert res["devices"] == 8
     return res
 

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from research.bundle import BUNDLE_DIR, MINI_DIR
+from tests.conftest import finish, start_on_8_devices
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(BUNDLE_DIR), reason=f"no bundled model at {BUNDLE_DIR}")
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_shard_prune_table(tmp_path):
@@ -24,10 +22,7 @@ def test_shard_prune_table(tmp_path):
             "--answers", os.path.join(MINI_DIR, "answers.jsonl"), "--limit", "3", "--methods", "twig",
             "--shards", "1,2", "--batch", "8", "--bootstrap", "50", "--max-new-description", "24",
             "--out-json", str(out)]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "research.shard_prune", *argv], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    finish(start_on_8_devices(f"import sys; from research.shard_prune import main; sys.exit(main({argv!r}))"))
     res = json.loads(out.read_text())
     rows = {(r["rule"], r["shards"]): r for r in res["runs"]}
     assert set(rows) == {("exact", 1), ("exact", 2), ("local", 2)}

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import jax
@@ -22,6 +20,7 @@ from twig_jax.bench.memory_plan import GIB, plan_memory
 from twig_jax.cli.main import main as cli_main
 from twig_jax.decode.variants import parse_variant
 from twig_jax.model.config import load_preset
+from tests.conftest import finish, start_on_8_devices
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -104,13 +103,10 @@ def measured():
     this process measures the one-device cases (key "one device")."""
     code = (f"import sys, json; sys.path[:0] = [{HERE!r}, {ROOT!r}]; from test_memory_plan import measure, CASES; "
             "print('RESULT ' + json.dumps(measure(CASES)))")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = start_on_8_devices(code)
     assert jax.device_count() == 1  # the main pytest process keeps one device
     one = measure({None: ONE_DEVICE}, dtype="bfloat16")[None]
-    log, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, log[-5000:]
+    log = finish(proc)
     line = [x for x in log.splitlines() if x.startswith("RESULT ")][-1]
     return dict(json.loads(line[len("RESULT "):]), **{"one device": one})
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from tests.conftest import json_from_8_devices
 
 MESHES = ("data=8", "data=2,tensor=4", "fsdp=2,tensor=4", "data=2,fsdp=2,tensor=2")
 # (name, method, ssd, spec): each TwigGenerator case runs its pruned prefill and its decoding; the
@@ -23,7 +22,6 @@ TWIG_CASES = (("ttp+ssd", "twig", True, "chain"), ("phead+tree", "phead", True, 
               ("ttp", "twig", False, "chain"), ("fastv", "fastv", False, "chain"))
 EVERY_MESH = ("plain", "ttp+ssd", "phead+tree")
 BUNDLE_MESHES = ("data=2,fsdp=2,tensor=2",)
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _tiny_world():
@@ -141,13 +139,7 @@ def bundle_cases() -> dict:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("mesh") / "results.json")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    code = f"from tests.decode.test_mesh import mesh_cases; mesh_cases({path!r})"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    with open(path) as f:
-        return json.load(f)
+    return json_from_8_devices("tests.decode.test_mesh:mesh_cases", path)
 
 
 CASES = [(mesh, case) for mesh in MESHES for case in EVERY_MESH] + \

@@ -12,12 +12,10 @@ count divides either.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from tests.conftest import json_from_8_devices
 
 MESHES = ("data=2,sequence=2,tensor=2", "data=2,sequence=4", "sequence=8")
 # prefill case -> (world, method, score_rows, select); world "n16": 16 visual tokens, "n17": 17
@@ -34,7 +32,6 @@ ON_MESH = {"data=2,sequence=2,tensor=2": ("twig", "fastv-text-cover"),
            "sequence=8": ("twig", "twig-n17", "phead-sample")}
 NEW_TOKENS = 10
 PROMPT_LEN = 23  # no shard count divides it
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _world(strategy: str):
@@ -145,14 +142,7 @@ def sequence_cases(path: str) -> None:
 def results(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("sequence") / "results.json")
     # LLVM at -O0 halves the compile time of the ~20 executables; oracle and meshes share the flags.
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
-               JAX_PLATFORMS="cpu")
-    code = f"from tests.decode.test_sequence_prefill import sequence_cases; sequence_cases({path!r})"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    with open(path) as f:
-        return json.load(f)
+    return json_from_8_devices("tests.decode.test_sequence_prefill:sequence_cases", path, fast_compile=True)
 
 
 def _pairs(cases):

@@ -12,14 +12,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from tests.conftest import json_from_8_devices
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, BATCH, GROUP, R, KF, LR = 3, 8, 3, 4, 3, 1e-3
 
 
@@ -112,14 +109,7 @@ def main_in_subprocess(path: str) -> None:
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("phead_mesh") / "result.json")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    code = (f"import sys; sys.path.insert(0, {ROOT!r}); "
-            f"from tests.train.test_prune_rl_mesh import main_in_subprocess; main_in_subprocess({path!r})")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    with open(path) as f:
-        return json.load(f)
+    return json_from_8_devices("tests.train.test_prune_rl_mesh:main_in_subprocess", path)
 
 
 @pytest.mark.parametrize("objective", ["rl", "attn"])

@@ -19,6 +19,7 @@ from twig_jax.parallel import sharding as shd
 from twig_jax.model.config import load_preset
 from twig_jax.model.llava import Llava
 from twig_jax.train.trainer import OptimConfig, TrainConfig, Trainer
+from tests.conftest import finish, start_on_8_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TESTS = os.path.join(ROOT, "tests", "train")
@@ -173,15 +174,12 @@ def test_sharding_rules():
 
 def test_sharded_training_equals_single_device(tmp_path):
     out8 = str(tmp_path / "p8.npz")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    code = (f"import sys; sys.path.insert(0, {TESTS!r}); sys.path.insert(0, {ROOT!r}); "
+    code = (f"import sys; sys.path.insert(0, {TESTS!r}); "
             f"from test_train import run_three_steps; run_three_steps('data=2,fsdp=2,tensor=2', {out8!r})")
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = start_on_8_devices(code)
     assert jax.device_count() == 1  # the main pytest process keeps one device
     single = run_three_steps("data=1,fsdp=1,tensor=1")
-    log, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, log
+    finish(proc, timeout=600)
     sharded = dict(np.load(out8))
     with open(out8 + ".specs.json") as f:
         specs = json.load(f)

@@ -9,10 +9,7 @@ the compiled HLO for the bytes communicated.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +18,8 @@ import pytest
 
 from twig_jax.twig.keep import KEEP_RULES
 from twig_jax.twig.keep_sharded import comm_bytes
+from tests.conftest import finish, start_on_8_devices
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARDS = (2, 4, 8)
 KEYS = (7, 8)
 R = {32: {"top": 12, "sample": 12, "cover": 5}, 18: {"top": 5, "sample": 5, "cover": 5}}
@@ -149,14 +146,10 @@ def unsharded_keeps() -> dict:
 def runs() -> dict:
     """{"sharded": run_sharded() from the 8-device subprocess, "unsharded": unsharded_keeps() here,
     computed while the subprocess runs}."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    code = f"import json, sys; sys.path.insert(0, {ROOT!r}); from tests.twig.test_keep_sharded import run_sharded; " \
-           "print('RESULT', json.dumps(run_sharded()))"
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    code = "import json; from tests.twig.test_keep_sharded import run_sharded; print('RESULT', json.dumps(run_sharded()))"
+    proc = start_on_8_devices(code)
     unsharded = unsharded_keeps()
-    log, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, log
+    log = finish(proc)
     out = json.loads(log.split("RESULT ", 1)[1])
     assert out["devices"] == 8 and jax.device_count() == 1
     return {"sharded": out, "unsharded": unsharded}
