@@ -36,11 +36,13 @@ from twig_jax.files import write_json_atomic, write_text_atomic
 RULES = ("exact", "local")
 
 
-def mesh_for(shards: int):
-    """None for S = 1 (one device); else data = D / S, sequence = S over all D devices."""
+def mesh_for(shards: int, batch: int):
+    """None for S = 1 (one device); else research.shard_cost's layout, data = D / S, sequence = S
+    over all D devices."""
     import jax
 
-    from twig_jax.parallel.sharding import make_mesh
+    from research.shard_cost import mesh_for as layout
+    from twig_jax.parallel.sharding import make_mesh, parse_mesh
 
     if shards == 1:
         return None
@@ -48,7 +50,8 @@ def mesh_for(shards: int):
     if devices % shards:
         raise SystemExit(f"--shards {shards}: {devices} devices do not split into {shards} (set "
                          f"XLA_FLAGS=--xla_force_host_platform_device_count=8 on a CPU)")
-    return make_mesh({"data": devices // shards, "sequence": shards})
+    spec, _ = layout(shards, batch, devices)
+    return make_mesh(parse_mesh(spec))
 
 
 def _pct(x) -> str:
@@ -137,7 +140,7 @@ def main(argv=None) -> int:
             tc = resolve_twig_config(model, twig, cfg)
             tc = None if tc is None else dataclasses.replace(tc, shard_keep=rule)
             gen = make_generator(model, twig if needs_twig(method) else None, tc, method=method, ssd=False,
-                                 mesh=mesh_for(s), batch_buckets=(args.batch,))
+                                 mesh=mesh_for(s, args.batch), batch_buckets=(args.batch,))
             t0 = time.perf_counter()
             records, m = run_eval(model, tokenizer, questions, cfg, images_dir=images, twig=twig, image_processor=improc,
                                   answers=answers, generator=gen, image_cache=image_cache)
