@@ -451,6 +451,7 @@ def test_progress_line_ends_before_warnings_and_counts_real_tokens(monkeypatch):
     ({"--tokenizer": "missing_tokenizer.json"}, "missing_tokenizer.json"),
     ({"--base-preset": "no-such-preset"}, "no-such-preset"),
     ({"--mesh": "model=2"}, "model"),
+    ({"--mesh": "data=1,sequence=2"}, "sequence=2"),
     ({"--accum": "3"}, "3"),
     ({"--steps": "0"}, "--steps"),
     ({"--batch": "0"}, "--batch"),

@@ -173,10 +173,10 @@ def check_arguments(args, aux_loss) -> None:
         raise UsageError("neither --ckpt-dir nor --out is given: the run would save nothing (add one; --benchmark "
                          "runs only measure)")
     if args.mesh:
-        from twig_jax.parallel.sharding import parse_mesh
+        from twig_jax.parallel.sharding import check_training_mesh, parse_mesh
 
         try:
-            parse_mesh(args.mesh)
+            check_training_mesh(parse_mesh(args.mesh))
         except ValueError as e:
             raise UsageError(f"--mesh {args.mesh}: {e}") from None
     for flag, path, kind in (("--images", args.images, "dir"), ("--base", args.base, "dir"),

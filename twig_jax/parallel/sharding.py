@@ -122,6 +122,15 @@ def parse_mesh(spec: str | None) -> dict[str, int]:
     return sizes
 
 
+def check_training_mesh(sizes) -> None:
+    """MeshError for a training mesh with a "sequence" axis above 1 (`sizes`: axis -> size, a
+    parse_mesh dict or a Mesh's .shape): that axis splits a pruned prefill's prompt, and training
+    would only repeat the same work on its devices."""
+    if sizes.get("sequence", 1) > 1:
+        raise MeshError(f"sequence={sizes['sequence']}: the sequence axis splits a pruned prefill's prompt; "
+                        "training does not use it (lay the devices out over data, fsdp and tensor)")
+
+
 def make_mesh(spec: str | dict[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
     """The ("data", "fsdp", "sequence", "tensor") mesh, built with jax.make_mesh (Auto axes: jit
     propagates). Axes not given are 1. "sequence" sits next to "tensor": a sequence-sharded
@@ -254,7 +263,7 @@ def shard_to(tree, shardings):
     return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
 
 
-__all__ = ["MeshError", "MESH_AXES", "TRAINING_AXES", "SEQUENCE_ACT_AXES", "LOGICAL_AXIS_RULES", "PARAM_AXES",
+__all__ = ["MeshError", "check_training_mesh", "MESH_AXES", "TRAINING_AXES", "SEQUENCE_ACT_AXES", "LOGICAL_AXIS_RULES", "PARAM_AXES",
            "parse_mesh", "make_mesh", "logical_to_spec", "param_logical_axes", "param_shardings",
            "load_shardings", "batch_sharding", "batch_shardings", "replicated", "activation_constraint",
            "context_constraint", "sequence_shards", "shard_to", "path_str", "cache_axes", "CACHE_KEY_AXES",

@@ -625,11 +625,12 @@ def mesh_for(spec: str | None, batch: int):
     one, or a --batch that the processes or the batch's mesh axes do not divide."""
     import jax
 
-    from twig_jax.parallel.sharding import LOGICAL_AXIS_RULES, make_mesh
+    from twig_jax.parallel.sharding import LOGICAL_AXIS_RULES, check_training_mesh, make_mesh
     from twig_jax.train.outputs import UsageError
 
     try:
         mesh = make_mesh(spec)
+        check_training_mesh(mesh.shape)
     except ValueError as e:
         raise UsageError(f"--mesh {spec}: {e}") from None
     axes = LOGICAL_AXIS_RULES["batch"]  # each device on these takes whole examples

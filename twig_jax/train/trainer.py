@@ -392,6 +392,7 @@ class Trainer:
                 raise ValueError(f"the auxiliary loss's metric name {cfg.aux_loss.metric!r} is taken by a step metric "
                                  f"({list(STEP_METRICS)})")
         self.mesh = mesh if mesh is not None else shd.make_mesh(cfg.mesh)
+        shd.check_training_mesh(self.mesh.shape)
         if not cfg.train_all and twig is None:
             twig = init_twig_from_base(base, training_twig_config(base, cfg.twig_K, cfg.twig_T))
         self.model = split_model(base, twig, cfg.train_all, cfg.freeze)
