@@ -75,6 +75,7 @@ def mesh_cases(path: str) -> None:
     import jax
 
     from twig_jax.decode.generator import Generator, TwigGenerator
+    from twig_jax.decode.sampling import SamplingConfig
     from twig_jax.decode.stream import stream_generate
     from twig_jax.parallel.sharding import make_mesh
 
@@ -95,6 +96,15 @@ def mesh_cases(path: str) -> None:
             if name in EVERY_MESH or mesh_spec in (None, MESHES[-1]):
                 results[key][name] = _run(twig_gen(method, ssd, spec, mesh), prompts, pixels, 12,
                                           prefill=name == "ttp+ssd")
+    # sampling on a mesh: each row's draws come from its own key, so a padded batch of another
+    # size on the mesh samples what one device samples
+    sampled = SamplingConfig(temperature=1.0, top_p=0.9)
+    results["sampled"] = {
+        key: {"plain": Generator(model, mesh=mesh).generate(prompts, pixels, max_new_tokens=12, sampling=sampled,
+                                                           seed=5).tokens,
+              "ttp+ssd": twig_gen("twig", True, "chain", mesh).generate(prompts, pixels, max_new_tokens=12,
+                                                                       sampling=sampled, seed=5).tokens}
+        for key, mesh in (("one", None), ("mesh", make_mesh("data=8")))}
     # streaming on a mesh: the same loop with an ordered host callback per round
     chunks = []
     gen = twig_gen("twig", True, "chain", make_mesh("data=2,fsdp=2,tensor=2"))
@@ -188,6 +198,14 @@ def test_weights_and_caches_are_sharded(results, mesh):
     assert expected <= sharded["cache_bytes"] <= expected + lengths
     assert one["copies"] and not sharded["copies"]  # no per-layer duplicate on a mesh
     assert not results[mesh]["plain"]["copies"]
+
+
+def test_sampling_on_a_mesh(results):
+    """Sampled plain decoding and sampled SSD (rejection sampling) with the same seed: the mesh
+    (data=8, a batch bucket of 8 rows instead of 4) draws the single-device tokens."""
+    one, mesh = results["sampled"]["one"], results["sampled"]["mesh"]
+    assert mesh == one
+    assert one["plain"] != results["one"]["plain"]["tokens"]  # sampled, not greedy
 
 
 def test_streaming_on_a_mesh(results):
