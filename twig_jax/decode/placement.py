@@ -73,12 +73,6 @@ class Placement:
         sharding = self.row_sharding(x.ndim, x.shape[0])
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
-    def replicated(self, x):
-        if self.mesh is None:
-            return x
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, shd.replicated(self.mesh), lambda idx: x[idx])
-
     def replicated_key(self, key):
         """A PRNG key copied to every device of the mesh (unchanged without one)."""
         return key if self.mesh is None else jax.device_put(key, shd.replicated(self.mesh))
