@@ -75,19 +75,16 @@ def measure(cases: dict, dtype: str = "float32") -> dict:
             var = parse_variant(name)
             if name == "plain":
                 gen = Generator(model, mesh=mesh)
-                tokens, lengths, _, pv, _, capacity = gen.pad_inputs(prompts, pixels, NEW_TOKENS)
-                groups = {"cache": gen.run_prefill(tokens, lengths, pv, capacity)[0]}
-                twig_state = None
+                groups = {"cache": gen.prefill_only(prompts, pixels, NEW_TOKENS)[0]}
             else:
                 tcfg = default_twig_config(cfg, var)
                 twig = (random_init(lambda: Twig(cfg.text, tcfg, rngs=nnx.Rngs(1), dtype=dt), 1)
                         if var.ssd or needs_twig(var.method) else None)
                 gen = TwigGenerator(model, twig, tcfg, var.method, var.ssd, mesh=mesh)
                 groups = gen.prefill_only(prompts, pixels, NEW_TOKENS)[0].groups()
-                twig_state = gen.twig_state
             out.setdefault(mesh_spec, {})[name] = {
                 "params": per_device_bytes(gen.state),
-                "twig_params": 0 if twig_state is None else per_device_bytes(twig_state),
+                "twig_params": per_device_bytes(gen.twig_state),
                 "kv": {g: per_device_bytes(c) for g, c in groups.items()}}
     return out
 

@@ -49,7 +49,6 @@ def _tiny_world():
 def _run(gen, prompts, pixels, new_tokens, prefill: bool):
     """tokens, prefill logits [n, V] and per-device bytes of params and caches of one generator
     (prefill: also run the prefill alone, for its logits and caches)."""
-    from twig_jax.decode.generator import Generator
     from twig_jax.decode.placement import per_device_bytes
 
     out = gen.generate(prompts, pixels, max_new_tokens=new_tokens)
@@ -57,13 +56,8 @@ def _run(gen, prompts, pixels, new_tokens, prefill: bool):
     stats = {k: v for k, v in getattr(out, "stats", {}).items() if k != "per_row"}
     if not prefill:
         return {"tokens": out.tokens, "stats": stats}
-    if isinstance(gen, Generator):
-        tokens, lengths, _, pv, new, capacity = gen.pad_inputs(prompts, pixels, new_tokens)
-        caches, logits = gen.run_prefill(tokens, lengths, pv, capacity)
-        twig_bytes = 0
-    else:
-        caches, logits = gen.prefill_only(prompts, pixels, new_tokens)
-        twig_bytes = per_device_bytes(gen.twig_state)
+    caches, logits = gen.prefill_only(prompts, pixels, new_tokens)
+    twig_bytes = per_device_bytes(gen.twig_state)
     return {"tokens": out.tokens, "logits": np.asarray(logits)[:n].tolist(),
             "layer_bytes": per_device_bytes(gen.state["text"]["layers"]),
             "param_bytes": per_device_bytes(gen.state), "twig_bytes": twig_bytes,

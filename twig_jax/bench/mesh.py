@@ -36,21 +36,14 @@ def timed(call) -> tuple[float, object]:
 
 def bench_one(make, prompts, pixels, new_tokens: int) -> dict:
     """First and second call of the generator `make()` builds, with its per-device bytes."""
-    from twig_jax.decode.generator import Generator
     from twig_jax.decode.placement import per_device_bytes
 
     gen = make()
     first, out = timed(lambda: gen.generate(prompts, pixels, max_new_tokens=new_tokens))
     second, _ = timed(lambda: gen.generate(prompts, pixels, max_new_tokens=new_tokens))
-    if isinstance(gen, Generator):
-        tokens, lengths, _, pv, _, capacity = gen.pad_inputs(prompts, pixels, new_tokens)
-        caches, _ = gen.run_prefill(tokens, lengths, pv, capacity)
-        twig_state = None
-    else:
-        caches, _ = gen.prefill_only(prompts, pixels, new_tokens)
-        twig_state = gen.twig_state
+    caches, _ = gen.prefill_only(prompts, pixels, new_tokens)
     return {"tokens": out.tokens, "compile_s": max(first - second, 0.0), "run_s": second,
-            "param_bytes_per_device": per_device_bytes((gen.state, twig_state, gen.layer_weights)),
+            "param_bytes_per_device": per_device_bytes((gen.state, gen.twig_state, gen.layer_weights)),
             "cache_bytes_per_device": per_device_bytes(caches)}
 
 

@@ -144,17 +144,6 @@ def make_prompts(cfg, batch: int, text_tokens: int, seed: int):
 # Timed pieces
 
 
-def _prefill_call(gen) -> Callable:
-    """The method's prefill alone, with the caches its decode uses: f(prompts, pixels, new)."""
-    if hasattr(gen, "plan"):
-        return lambda prompts, pixels, new: gen.prefill_only(prompts, pixels, new)
-
-    def call(prompts, pixels, new):
-        tokens, lengths, _, pv, _, capacity = gen.pad_inputs(prompts, pixels, new)
-        return gen.run_prefill(tokens, lengths, pv, capacity)
-    return call
-
-
 def _block(x):
     import jax
 
@@ -182,7 +171,7 @@ def time_method(gen, prompts, pixels, new: int, repeats: int, eos_ids: Sequence[
     from twig_jax.decode.sampling import SamplingConfig
 
     now = CLOCKS[clock]
-    prefill_call = _prefill_call(gen)
+    prefill_call = gen.prefill_only  # the prefill alone, with the caches its decode uses
     kw = dict(max_new_tokens=new, eos_ids=tuple(eos_ids), sampling=sampling or SamplingConfig())
     t0 = now()
     out = gen.generate(prompts, pixels, **kw)

@@ -82,6 +82,8 @@ class Generator(Batcher):
     (decode/placement.py); the weights are then sharded by the rule table and never copied per layer.
     """
 
+    twig_state = None  # the plain model decodes without a twig
+
     def __init__(self, model: Llava, *, max_cache_len: int | None = None,
                  batch_buckets: Sequence[int] = BATCH_BUCKETS, prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
                  new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS,
@@ -119,6 +121,14 @@ class Generator(Batcher):
         with self.placement.context():
             return self._prefill(self.state, self.layer_weights, put(tokens), put(lengths),
                                  None if pixel_values is None else put(pixel_values), capacity=capacity)
+
+    def prefill_only(self, prompts: Sequence[Sequence[int]], pixel_values=None,
+                     max_new_tokens: int = 128) -> tuple[KVCache, jax.Array]:
+        """The compiled prefill alone on checked, padded prompts, with the cache generate() would decode
+        from: (KVCache, next-token logits [B, V]) (TwigGenerator.prefill_only's counterpart)."""
+        self.check_inputs(prompts, pixel_values, max_new_tokens)
+        tokens, lengths, _, pv, _, capacity = self.pad_inputs(prompts, pixel_values, max_new_tokens)
+        return self.run_prefill(tokens, lengths, pv, capacity)
 
     def run_decode(self, cache: KVCache, logits, active, key, max_new_tokens, *, out_len: int,
                    sampling: SamplingConfig = SamplingConfig(), eos_ids: tuple[int, ...] = (), pad_id: int = 0,
